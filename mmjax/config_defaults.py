@@ -1,0 +1,125 @@
+"""Default values for every knob in mmjax, in one place.
+
+Why a module and not a config file: `configs/*.py` files are loaded by path through
+`ml_collections.config_flags`, so they cannot import each other reliably. They import these
+builders instead and override only what differs (sizes, dataset, head). Every field a user may
+turn lives here with a comment; code never hides a magic number that belongs here.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def data_config() -> ml_collections.ConfigDict:
+    """Dataset, text tokenizer and loader settings."""
+    c = ml_collections.ConfigDict()
+    c.name = "shapes"  # "shapes" | "digits" (embedded) or any standard TFDS image dataset name.
+    c.data_dir = ""  # TFDS data dir; "" -> <workdir>/data for embedded sets, TFDS default otherwise.
+    c.image_size = 32  # Square image side in pixels (embedded sets are generated at this size).
+    c.num_train = 4096  # Embedded sets: examples generated for the train split.
+    c.num_validation = 512  # Embedded sets: examples in the validation split.
+    c.num_test = 512  # Embedded sets: examples in the test split.
+    c.max_objects = 3  # shapes: at most this many shapes per image (1..max_objects).
+    c.seed = 0  # Seed of the procedural generator (same seed -> identical dataset).
+    c.image_key = "image"  # Feature holding the image (for standard TFDS datasets).
+    c.caption_key = "caption"  # Feature holding the caption ("" -> caption from label names).
+    c.label_key = "label"  # Used to build captions for TFDS sets without captions.
+    c.shuffle_seed = 0  # Seed of the grain shuffle (part of the resumable iterator state).
+    c.worker_count = 0  # grain worker processes (0 = in-process; deterministic either way).
+    # SentencePiece text tokenizer.
+    c.sp_model_path = ""  # Path to a user .model file; "" -> train one from the captions.
+    c.sp_vocab_size = 256  # Vocabulary size when training SentencePiece from the captions.
+    return c
+
+
+def fsq_config() -> ml_collections.ConfigDict:
+    """FSQ autoencoder (image tokenizer) architecture and loss."""
+    c = ml_collections.ConfigDict()
+    c.levels = (8, 5, 5, 5)  # FSQ levels per latent channel; codebook size = prod(levels).
+    c.channels = (32, 64)  # Conv widths per resolution; len(channels) - 1 = number of 2x downsamples.
+    c.num_res_blocks = 1  # Residual blocks per resolution in encoder and decoder.
+    c.loss = "l2"  # Reconstruction loss: "l2" or "l1+l2".
+    c.l1_weight = 0.1  # Weight of the L1 term when loss = "l1+l2".
+    c.checkpoint_dir = ""  # Trained tokenizer checkpoint dir for the model stage; "" -> <workdir>/tokenizer.
+    return c
+
+
+def model_config() -> ml_collections.ConfigDict:
+    """Mixture-of-Transformers backbone and heads."""
+    c = ml_collections.ConfigDict()
+    c.num_modalities = 2  # 1 = dense transformer; 2 = text + image; 3 adds a third (e.g. speech).
+    c.num_layers = 4  # Transformer blocks.
+    c.d_model = 128  # Residual stream width.
+    c.num_heads = 4  # Attention heads; head_dim = d_model // num_heads.
+    c.mlp_dim = 384  # SwiGLU hidden width.
+    c.rope_theta = 10_000.0  # RoPE base frequency.
+    c.norm_eps = 1e-6  # RMSNorm epsilon.
+    c.max_seq_len = 128  # Packed sequence length (also the KV-cache length when sampling).
+    c.mot_impl = "ragged"  # Per-modality compute: "ragged" (sort + jax.lax.ragged_dot) | "masked" (reference only).
+    c.image_bidirectional_context = True  # Bidirectional attention inside an image that is context only.
+    c.image_head = "flow"  # "flow" (rectified flow on FSQ code vectors) | "discrete" (FSQ-index softmax).
+    c.discrete_factorized = False  # Discrete head: one softmax per FSQ dimension instead of prod(levels).
+    c.flow_depth = 3  # Flow head: AdaLN residual MLP blocks.
+    c.flow_width = 256  # Flow head: hidden width.
+    c.flow_t_samples = 4  # Flow head: t (and noise) samples per position per step, as MAR does.
+    c.noise_aug = 0.0  # CAM: max std of Gaussian noise on continuous input image tokens (train only).
+    c.dtype = "float32"  # Compute dtype ("bfloat16" on accelerators); params stay float32.
+    c.remat = "none"  # Activation checkpointing per block: "none" | "full" | "dots".
+    return c
+
+
+def objective_config() -> ml_collections.ConfigDict:
+    """Per-modality loss weights and sequence construction."""
+    c = ml_collections.ConfigDict()
+    c.text_weight = 1.0  # Weight of text cross-entropy.
+    c.image_weight = 1.0  # Weight of the image loss (flow MSE or discrete CE).
+    c.t2i_prob = 0.7  # Probability an example is text->image (else image->caption).
+    c.caption_dropout = 0.1  # Text->image examples whose caption is dropped (for CFG).
+    return c
+
+
+def train_config() -> ml_collections.ConfigDict:
+    """Optimisation, checkpointing and logging."""
+    c = ml_collections.ConfigDict()
+    c.steps = 1000  # Total optimizer steps.
+    c.batch_size = 32  # Global batch size (split over processes and the data/fsdp mesh axes).
+    c.grad_accum = 1  # Microbatches per step (gradient accumulation).
+    c.lr = 1e-3  # Peak learning rate.
+    c.warmup_steps = 100  # Linear warmup steps.
+    c.end_lr_ratio = 0.1  # Cosine decays to lr * end_lr_ratio.
+    c.weight_decay = 0.01  # AdamW decoupled weight decay.
+    c.b1 = 0.9  # AdamW beta1.
+    c.b2 = 0.99  # AdamW beta2.
+    c.grad_clip = 1.0  # Global-norm gradient clipping (0 disables).
+    c.checkpoint_every = 500  # Save a checkpoint every this many steps (and always at the end).
+    c.keep_checkpoints = 3  # Checkpoints kept on disk.
+    c.log_every = 50  # Write train metrics every this many steps.
+    c.eval_every = 0  # Run validation every this many steps (0: only at the end).
+    c.eval_batches = 8  # Validation batches per evaluation.
+    c.nan_policy = "stop"  # Non-finite loss: "stop" (raise, naming the step) | "skip" (drop the update).
+    c.progress_bar = True  # tqdm progress bar on process 0.
+    return c
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+    """Device mesh. Sizes multiply to the device count; -1 means 'all remaining devices'."""
+    c = ml_collections.ConfigDict()
+    c.data = -1  # Pure data parallelism (params replicated).
+    c.fsdp = 1  # ZeRO-3 style sharding of params and optimizer state (and the batch).
+    c.tensor = 1  # Tensor parallelism over heads / mlp.
+    return c
+
+
+def sample_config() -> ml_collections.ConfigDict:
+    """Sampling defaults."""
+    c = ml_collections.ConfigDict()
+    c.temperature = 1.0  # Text sampling temperature (0 -> greedy).
+    c.top_k = 0  # Text: keep the k most likely tokens (0 disables).
+    c.top_p = 1.0  # Text: nucleus sampling mass (1 disables).
+    c.max_text_len = 24  # Max tokens generated for a caption.
+    c.ode_solver = "euler"  # Flow head ODE solver: "euler" | "heun".
+    c.ode_steps = 16  # ODE integration steps per image token.
+    c.cfg_scale = 2.0  # Classifier-free guidance scale (1 = off).
+    c.num_samples = 16  # Images in the written text->image grid.
+    c.seed = 0  # Sampling seed.
+    return c
