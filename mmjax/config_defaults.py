@@ -107,6 +107,7 @@ def mesh_config() -> ml_collections.ConfigDict:
     c.data = -1  # Pure data parallelism (params replicated).
     c.fsdp = 1  # ZeRO-3 style sharding of params and optimizer state (and the batch).
     c.tensor = 1  # Tensor parallelism over heads / mlp.
+    c.dcn_data = 1  # Multi-slice: how many slices (over DCN) the data axis spans.
     return c
 
 
@@ -122,4 +123,31 @@ def sample_config() -> ml_collections.ConfigDict:
     c.cfg_scale = 2.0  # Classifier-free guidance scale (1 = off).
     c.num_samples = 16  # Images in the written text->image grid.
     c.seed = 0  # Sampling seed.
+    return c
+
+
+def tokenizer_train_config() -> ml_collections.ConfigDict:
+    """Training of the FSQ autoencoder (same fields as `train`, its own defaults)."""
+    c = train_config()
+    c.steps = 2000
+    c.batch_size = 64
+    c.lr = 2e-3
+    c.warmup_steps = 100
+    c.weight_decay = 0.0
+    c.checkpoint_every = 1000
+    return c
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All blocks with their defaults; `configs/*.py` start here and override sizes."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # Seed of parameter init and of the per-step RNG stream.
+    c.data = data_config()
+    c.fsq = fsq_config()
+    c.tokenizer_train = tokenizer_train_config()
+    c.model = model_config()
+    c.objective = objective_config()
+    c.train = train_config()
+    c.mesh = mesh_config()
+    c.sample = sample_config()
     return c

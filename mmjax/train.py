@@ -1,0 +1,327 @@
+"""The one training loop: tokenizer and multimodal model are both `Task`s plugged into it.
+
+Why one loop: checkpointing, resumption (with the data iterator's position), sharding, metrics,
+NaN handling and preemption are the hard parts; they are written once. A task only says how to
+build its data, initialise its parameters and compute its loss (see docs/INTERFACES.md).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import signal
+import time
+from typing import Any, Callable, Protocol
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import linen as nn
+
+from mmjax import checkpointing, parallel
+from mmjax.data.pipeline import batched_iterator
+from mmjax.metrics_writer import MetricsWriter
+
+
+class Task(Protocol):
+    """What the trainer needs from a (model, data) pair. See docs/INTERFACES.md."""
+
+    name: str
+
+    def train_config(self, config) -> ml_collections.ConfigDict: ...
+    def prepare(self, config, workdir: str) -> None: ...
+    def dataset(self, config, workdir: str, split: str, *, train: bool): ...
+    def init_params(self, config, rng, batch) -> Any: ...
+    def loss_fn(self, config, params, batch, rng, train: bool) -> tuple[jax.Array, dict]: ...
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when the loss or gradients became NaN/inf and nan_policy is 'stop'."""
+
+
+def make_schedule(tc) -> optax.Schedule:
+    """Linear warmup then cosine decay to lr * end_lr_ratio."""
+    warmup = min(int(tc.warmup_steps), max(int(tc.steps) - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=tc.lr, warmup_steps=warmup,
+        decay_steps=max(int(tc.steps), warmup + 1), end_value=tc.lr * tc.end_lr_ratio)
+
+
+def make_optimizer(tc) -> optax.GradientTransformation:
+    """AdamW (decay on matrices only) behind global-norm clipping."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    adamw = optax.adamw(make_schedule(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay,
+                        mask=decay_mask)
+    return optax.chain(optax.clip_by_global_norm(tc.grad_clip), adamw) if tc.grad_clip > 0 else adamw
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything `train` derives once from the config: mesh, shardings, jitted functions."""
+
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    state_shardings: Any
+    abstract_state: Any
+    init_fn: Callable
+    train_step: Callable
+    eval_step: Callable
+
+
+def _state_shardings(task, config, tx, example, mesh, rules):
+    """Shardings of {params, opt_state, step, rng} from the params' logical axis names."""
+    rng = jax.random.PRNGKey(0)
+    boxed = jax.eval_shape(lambda r: task.init_params(config, r, example), rng)
+    logical = nn.get_partition_spec(boxed)
+    param_sh = parallel.logical_to_sharding(logical, mesh, rules)
+    abstract_params = nn.unbox(boxed)
+    parallel.check_divisible(
+        (abstract_params, jax.tree.map(lambda s: s.spec, param_sh)), mesh, "params")
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    repl = parallel.replicated(mesh)
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
+                                   transform_non_params=lambda _: repl)
+    shardings = {"params": param_sh, "opt_state": opt_sh, "step": repl, "rng": repl}
+    abstract = {"params": abstract_params, "opt_state": abstract_opt,
+                "step": jax.ShapeDtypeStruct((), jnp.int32),
+                "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0))}
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+    return shardings, abstract
+
+
+def _grads(task, config, params, batch, rng, grad_accum: int):
+    """Loss, metrics and gradients, averaged over `grad_accum` microbatches (lax.scan)."""
+    loss_fn = lambda p, b, r: task.loss_fn(config, p, b, r, True)  # noqa: E731
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if grad_accum == 1:
+        (loss, metrics), grads = grad_fn(params, batch, rng)
+        return loss, metrics, grads
+    # [B, ...] -> [A, B/A, ...] taking every A-th example so each microbatch stays spread over
+    # the batch-sharded devices.
+    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, grad_accum, *x.shape[1:]), 0, 1),
+                         batch)
+
+    def body(carry, xs):
+        mb, i = xs
+        (loss, metrics), grads = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        acc = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
+        return acc, None
+
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+        lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng)))
+    zeros = (zeros[0][0], zeros[0][1], zeros[1])
+    total, _ = jax.lax.scan(body, zeros, (micro, jnp.arange(grad_accum)))
+    return jax.tree.map(lambda x: x / grad_accum, total)
+
+
+def build_setup(task, config, tc, example, mesh, rules) -> Setup:
+    """Jits init / train step / eval step with shardings derived from the rules table."""
+    tx = make_optimizer(tc)
+    schedule = make_schedule(tc)
+    shardings, abstract = _state_shardings(task, config, tx, example, mesh, rules)
+    batch_sh = {k: parallel.batch_sharding(mesh, np.ndim(v)) for k, v in example.items()}
+    repl = parallel.replicated(mesh)
+
+    def init(rng):
+        init_rng, state_rng = jax.random.split(rng)
+        params = nn.unbox(task.init_params(config, init_rng, example))
+        return {"params": params, "opt_state": tx.init(params),
+                "step": jnp.zeros((), jnp.int32), "rng": state_rng}
+
+    def step(state, batch):
+        rng = jax.random.fold_in(state["rng"], state["step"])
+        loss, metrics, grads = _grads(task, config, state["params"], batch, rng, tc.grad_accum)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A non-finite step never reaches the params (or a checkpoint); nan_policy only decides
+        # whether the host then stops the run or carries on.
+        keep = lambda new, old: jax.tree.map(  # noqa: E731
+            lambda n, o: jnp.where(finite, n, o), new, old)
+        params, opt_state = keep(params, state["params"]), keep(opt_state, state["opt_state"])
+        new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
+                     "rng": state["rng"]}
+        metrics = {**metrics, "loss": loss, "grad_norm": grad_norm,
+                   "lr": schedule(state["step"]), "finite": finite.astype(jnp.float32)}
+        return new_state, metrics
+
+    def eval_step(params, batch):
+        _, metrics = task.loss_fn(config, params, batch, jax.random.PRNGKey(0), False)
+        return metrics
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        init_fn = jax.jit(init, out_shardings=shardings)
+        train_step = jax.jit(step, in_shardings=(shardings, batch_sh),
+                             out_shardings=(shardings, repl), donate_argnums=0)
+        eval_fn = jax.jit(eval_step, in_shardings=(shardings["params"], batch_sh),
+                          out_shardings=repl)
+    return Setup(mesh, rules, shardings, abstract, init_fn, train_step, eval_fn)
+
+
+def _check_batch(tc, mesh) -> int:
+    """Per-process batch size, or a clear error naming train.batch_size / train.grad_accum."""
+    bs, procs, accum = int(tc.batch_size), jax.process_count(), int(tc.grad_accum)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if bs <= 0 or accum <= 0:
+        raise ValueError(f"train.batch_size={bs} and train.grad_accum={accum} must be positive.")
+    if bs % (shards * accum) or bs % procs:
+        raise ValueError(
+            f"train.batch_size={bs} must be divisible by mesh.data*mesh.fsdp*train.grad_accum = "
+            f"{shards}*{accum} and by the {procs} processes.")
+    return bs // procs
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks at step boundaries (save, then exit)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: checkpointing and stopping at the next step boundary")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def evaluate_loss(setup: Setup, params, iterator, num_batches: int) -> dict[str, float]:
+    """Mean of the task's metrics over `num_batches` validation batches."""
+    sums: dict[str, float] = {}
+    count = 0
+    for batch in iterator:
+        if count >= num_batches:
+            break
+        metrics = jax.device_get(setup.eval_step(params, parallel.shard_batch(batch, setup.mesh)))
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        count += 1
+    return {k: v / max(count, 1) for k, v in sums.items()}
+
+
+def train(config, workdir: str, task: Task, *, mesh=None, stop_at_step: int | None = None) -> dict:
+    """Trains `task` to `train.steps`, resuming from <workdir>/<task.name>/checkpoints.
+
+    `stop_at_step` ends this invocation early after checkpointing, as a preemption would (used by
+    resumption tests). Returns a summary dict (final step, last metrics, validation metrics).
+    """
+    tc = task.train_config(config)
+    mesh = mesh or parallel.create_mesh(config.mesh)
+    rules = parallel.logical_rules()
+    run_dir = f"{workdir}/{task.name}"
+    task.prepare(config, workdir)
+    local_bs = _check_batch(tc, mesh)
+    pid, nproc = jax.process_index(), jax.process_count()
+    train_ds = task.dataset(config, workdir, "train", train=True)
+    iterator = iter(batched_iterator(train_ds, local_bs, seed=config.data.shuffle_seed,
+                                     shuffle=True, process_index=pid, process_count=nproc))
+    example = _local_example(train_ds, local_bs)
+    setup = build_setup(task, config, tc, example, mesh, rules)
+    manager = checkpointing.make_manager(f"{run_dir}/checkpoints", tc.keep_checkpoints)
+    start, state = checkpointing.restore_latest(manager, setup.abstract_state, iterator)
+    if state is None:
+        state = setup.init_fn(jax.random.PRNGKey(config.seed))
+        start = 0
+    else:
+        logging.info("resumed %s from step %d", task.name, start)
+    writer = MetricsWriter(run_dir)
+    summary = _loop(config, tc, task, setup, state, start, iterator, manager, writer, run_dir,
+                    stop_at_step)
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    return summary
+
+
+def _local_example(ds, local_bs: int) -> dict:
+    """A batch used only for shapes (param init, shardings); does not touch the train iterator."""
+    batch = next(iter(batched_iterator(ds, local_bs, seed=0, shuffle=False)))
+    return {k: v for k, v in batch.items() if np.asarray(v).dtype != object}
+
+
+def _loop(config, tc, task, setup, state, start, iterator, manager, writer, run_dir,
+          stop_at_step) -> dict:
+    last_metrics: dict[str, float] = {}
+    cfg_json = _config_json(config)
+    total = int(tc.steps)
+    bar = _progress(tc, start, total, task.name)
+    t0, s0 = time.perf_counter(), start
+    step = start
+    with _Preemption() as preempt, jax.set_mesh(setup.mesh), \
+            nn.logical_axis_rules(setup.rules):
+        while step < total:
+            batch = parallel.shard_batch(next(iterator), setup.mesh)
+            state, metrics = setup.train_step(state, batch)
+            step += 1
+            stopping = preempt.requested or step == stop_at_step or step == total
+            due_ckpt = step % tc.checkpoint_every == 0 or stopping
+            if step % tc.log_every == 0 or due_ckpt:
+                last_metrics = _host_metrics(metrics, tc, step)
+                elapsed = time.perf_counter() - t0
+                last_metrics["steps_per_sec"] = (step - s0) / max(elapsed, 1e-9)
+                writer.write(step, last_metrics)
+                t0, s0 = time.perf_counter(), step
+            if tc.eval_every and step % tc.eval_every == 0 and step != total:
+                writer.write(step, _validation(config, task, setup, state, tc, run_dir))
+            if due_ckpt:
+                checkpointing.save(manager, step, state, iterator, cfg_json)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_metrics.get('loss', float('nan')):.4f}")
+            if stopping and step != total:
+                logging.warning("%s stopped at step %d (checkpoint saved)", task.name, step)
+                return {"step": step, "train": last_metrics, "preempted": True}
+    if bar is not None:
+        bar.close()
+    val = _validation(config, task, setup, state, tc, run_dir)
+    writer.write(step, val)
+    return {"step": step, "train": last_metrics, "validation": val, "preempted": False,
+            "state": state}
+
+
+def _host_metrics(metrics, tc, step: int) -> dict[str, float]:
+    """Pulls metrics to the host; under nan_policy='stop' a skipped step ends the run."""
+    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if host.get("finite", 1.0) < 1.0 or not math.isfinite(host.get("loss", 0.0)):
+        if tc.nan_policy == "stop":
+            raise NonFiniteLossError(
+                f"non-finite loss or gradient at step {step} (loss={host.get('loss')}, "
+                f"grad_norm={host.get('grad_norm')}); the update was not applied and no "
+                "checkpoint was written. Set train.nan_policy='skip' to skip such steps.")
+        logging.warning("step %d: non-finite loss/gradient, update skipped", step)
+    return host
+
+
+def _validation(config, task, setup, state, tc, run_dir) -> dict[str, float]:
+    ds = task.dataset(config, run_dir.rsplit("/", 1)[0], "validation", train=False)
+    local_bs = int(tc.batch_size) // jax.process_count()
+    it = batched_iterator(ds, local_bs, seed=0, shuffle=False, num_epochs=1,
+                          process_index=jax.process_index(), process_count=jax.process_count())
+    metrics = evaluate_loss(setup, state["params"], iter(it), int(tc.eval_batches))
+    return {f"val_{k}": v for k, v in metrics.items()}
+
+
+def _progress(tc, start: int, total: int, name: str):
+    if not tc.progress_bar or jax.process_index() != 0:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=start, desc=name, dynamic_ncols=True)
+
+
+def _config_json(config) -> dict:
+    """The config as plain JSON (stored beside each checkpoint; never pickled)."""
+    import json
+    return json.loads(config.to_json_best_effort())
