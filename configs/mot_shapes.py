@@ -1,0 +1,80 @@
+"""Text <-> image Mixture-of-Transformers on the embedded shapes data (the README demo).
+
+Usage: python -m mmjax.main --config=configs/mot_shapes.py:ARG --workdir=DIR [--mode=pipeline]
+ARG = SIZE[,OPTION...]
+  SIZE:    smoke (seconds; tests) | demo (README; ~15 min on 2 CPU cores) | small | base
+           | 300m | 1b (accelerators; bf16, remat)
+  OPTIONS: discrete (FSQ-index head instead of the flow head) | dense (one modality)
+           | mot3 (three modalities: the third is unused by this data, for FLOPs/overhead studies)
+           | digits (the digits dataset instead of shapes)
+"""
+from mmjax import config_defaults
+
+# Backbone sizes. seq = packed sequence length; 32x32 images -> 64 image tokens + caption.
+MODEL_SIZES = {
+    "smoke": dict(num_layers=2, d_model=32, num_heads=2, mlp_dim=64, flow_width=32, flow_depth=1),
+    "demo": dict(num_layers=4, d_model=128, num_heads=4, mlp_dim=384, flow_width=256, flow_depth=3),
+    "small": dict(num_layers=8, d_model=256, num_heads=4, mlp_dim=768, flow_width=512, flow_depth=3),
+    "base": dict(num_layers=12, d_model=768, num_heads=12, mlp_dim=2048, flow_width=1024,
+                 flow_depth=3),
+    "300m": dict(num_layers=24, d_model=1024, num_heads=16, mlp_dim=2816, flow_width=1024,
+                 flow_depth=3),
+    "1b": dict(num_layers=24, d_model=2048, num_heads=16, mlp_dim=5632, flow_width=1536,
+               flow_depth=3),
+}
+# Training budgets: (model steps, batch, tokenizer steps, tokenizer widths, examples).
+TRAIN_SIZES = {
+    "smoke": dict(steps=3, batch_size=4, tok_steps=3, channels=(8, 16, 16), num_train=64),
+    "demo": dict(steps=1200, batch_size=32, tok_steps=600, channels=(32, 64, 64), num_train=4096),
+    "small": dict(steps=5000, batch_size=64, tok_steps=2000, channels=(32, 64, 64),
+                  num_train=16384),
+    "base": dict(steps=20000, batch_size=256, tok_steps=4000, channels=(64, 128, 128),
+                 num_train=65536),
+    "300m": dict(steps=50000, batch_size=256, tok_steps=4000, channels=(64, 128, 128),
+                 num_train=65536),
+    "1b": dict(steps=100000, batch_size=512, tok_steps=4000, channels=(64, 128, 128),
+               num_train=65536),
+}
+OPTIONS = ("discrete", "dense", "mot3", "digits")
+
+
+def get_config(arg: str = "demo"):
+    parts = [p for p in (arg or "demo").split(",") if p]
+    size, options = (parts[0] if parts else "demo"), set(parts[1:])
+    if size not in MODEL_SIZES:
+        raise ValueError(f"configs/mot_shapes.py: unknown size {size!r}; "
+                         f"choose from {list(MODEL_SIZES)}")
+    if options - set(OPTIONS):
+        raise ValueError(f"configs/mot_shapes.py: unknown option(s) {sorted(options - set(OPTIONS))}"
+                         f"; choose from {OPTIONS}")
+    t = TRAIN_SIZES[size]
+    c = config_defaults.base_config()
+    c.data.name = "digits" if "digits" in options else "shapes"
+    c.data.num_train = t["num_train"]
+    c.data.num_validation = 64 if size == "smoke" else 512
+    c.data.num_test = 64 if size == "smoke" else 512
+    c.fsq.channels = t["channels"]
+    c.tokenizer_train.steps = t["tok_steps"]
+    c.tokenizer_train.batch_size = min(t["batch_size"], 64)
+    c.tokenizer_train.warmup_steps = min(100, t["tok_steps"] // 10)
+    c.tokenizer_train.checkpoint_every = max(t["tok_steps"] // 2, 1)
+    c.tokenizer_train.log_every = max(min(50, t["tok_steps"] // 4), 1)
+    c.model.update(MODEL_SIZES[size])
+    c.model.num_modalities = 1 if "dense" in options else (3 if "mot3" in options else 2)
+    c.model.image_head = "discrete" if "discrete" in options else "flow"
+    c.model.max_seq_len = 96
+    if size in ("base", "300m", "1b"):
+        c.model.dtype = "bfloat16"
+        c.model.remat = "dots"
+        c.model.max_seq_len = 1024
+        c.data.image_size = 64
+    c.train.steps = t["steps"]
+    c.train.batch_size = t["batch_size"]
+    c.train.warmup_steps = min(200, t["steps"] // 10)
+    c.train.checkpoint_every = max(t["steps"] // 4, 1)
+    c.train.log_every = max(min(50, t["steps"] // 4), 1)
+    c.train.eval_batches = 2 if size == "smoke" else 8
+    c.sample.num_samples = 4 if size == "smoke" else 16
+    c.sample.ode_steps = 4 if size == "smoke" else 16
+    c.sample.max_text_len = 8 if size == "smoke" else 24
+    return c
