@@ -1,0 +1,129 @@
+"""Reconstruction metrics for the image tokenizer, computed from arrays only (no model imports).
+
+- `psnr`: peak signal-to-noise ratio of the *pooled* MSE (all pixels of all images together), so
+  evaluating in batches gives the same number as evaluating at once.
+- `codebook_stats`: how much of the implicit FSQ codebook a set of tokens uses (fraction of codes
+  seen at least once) and the perplexity of the code histogram (exp of its entropy, in codes:
+  equals codebook_size for a perfectly uniform use, 1 when one code takes everything).
+- `evaluate_autoencoder`: both over a stream of batches, accumulating a histogram.
+- `save_reconstruction_grid`: a PNG of originals above their reconstructions (the only I/O here).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable, Iterable
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def psnr(a, b, max_val):
+    """PSNR in dB of the mean squared error over all elements of a and b (jittable).
+
+    `max_val` is the peak-to-peak signal range: 255 for uint8 pixels, 2.0 for images in [-1, 1].
+    Identical inputs give +inf (MSE is 0): no cap, so a perfect reconstruction is never mistaken
+    for a merely good one.
+    """
+    a = jnp.asarray(a, jnp.float32)
+    b = jnp.asarray(b, jnp.float32)
+    if a.shape != b.shape:
+        raise ValueError(f"psnr: shapes differ, {a.shape} vs {b.shape}.")
+    return psnr_from_mse(jnp.mean(jnp.square(a - b)), max_val)
+
+
+def psnr_from_mse(mse, max_val):
+    """10 log10(max_val^2 / mse); +inf where mse == 0."""
+    return 10.0 * jnp.log10(jnp.square(jnp.asarray(max_val, jnp.float32)) / mse)
+
+
+def code_histogram(indices, codebook_size: int) -> np.ndarray:
+    """Counts (int64 [codebook_size]) of each code in an integer array of any shape."""
+    indices = np.asarray(indices)
+    if not np.issubdtype(indices.dtype, np.integer):
+        raise ValueError(f"code_histogram: indices must be integers, got dtype {indices.dtype}.")
+    if indices.size and (indices.min() < 0 or indices.max() >= codebook_size):
+        raise ValueError(f"code_histogram: indices span [{indices.min()}, {indices.max()}], outside "
+                         f"[0, codebook_size={codebook_size}).")
+    return np.bincount(indices.reshape(-1), minlength=codebook_size).astype(np.int64)
+
+
+def histogram_stats(histogram) -> dict[str, float]:
+    """usage (fraction of codes seen) and perplexity (exp entropy, nats) of a code histogram."""
+    histogram = np.asarray(histogram, np.float64)
+    total = histogram.sum()
+    if total <= 0:
+        raise ValueError("histogram_stats: the histogram is empty (no tokens were counted).")
+    p = histogram[histogram > 0] / total
+    return {"usage": float((histogram > 0).mean()),
+            "perplexity": float(np.exp(-np.sum(p * np.log(p))))}
+
+
+def codebook_stats(indices, codebook_size: int) -> dict[str, float]:
+    """Codebook usage and perplexity of the tokens in `indices` (any integer array)."""
+    return histogram_stats(code_histogram(indices, codebook_size))
+
+
+def evaluate_autoencoder(apply_fn: Callable[[np.ndarray], tuple[Any, Any]],
+                         batches: Iterable[Any], codebook_size: int,
+                         max_val: float = 255.0) -> dict[str, float]:
+    """PSNR, usage and perplexity of a tokenizer over a stream of batches.
+
+    `batches` yields image arrays or dicts with an "image" entry; `apply_fn(images)` returns
+    `(recon, indices)` with recon in the same pixel scale as `images` (uint8 -> `max_val` 255).
+    PSNR is of the pooled MSE over every pixel seen; the histogram is pooled over every token.
+    """
+    sq_err, count, histogram = 0.0, 0, np.zeros(codebook_size, np.int64)
+    for batch in batches:
+        images = np.asarray(batch["image"] if isinstance(batch, dict) else batch)
+        recon, indices = apply_fn(images)
+        recon = np.asarray(recon)
+        if recon.shape != images.shape:
+            raise ValueError(f"evaluate_autoencoder: apply_fn returned recon of shape {recon.shape} "
+                             f"for images of shape {images.shape}.")
+        diff = recon.astype(np.float64) - images.astype(np.float64)
+        sq_err += float(np.sum(diff * diff))
+        count += diff.size
+        histogram += code_histogram(np.asarray(indices), codebook_size)
+    if count == 0:
+        raise ValueError("evaluate_autoencoder: `batches` yielded no images.")
+    mse = sq_err / count
+    value = math.inf if mse == 0 else 10.0 * math.log10(max_val**2 / mse)
+    return {"psnr": value, "mse": mse, **histogram_stats(histogram)}
+
+
+def make_grid(originals: np.ndarray, recons: np.ndarray, ncols: int, pad: int = 2,
+              pad_value: int = 255) -> np.ndarray:
+    """uint8 [rows*2*(H+pad)+pad, ncols*(W+pad)+pad, 3]: each row of originals above its recons."""
+    originals, recons = np.asarray(originals), np.asarray(recons)
+    for name, x in (("originals", originals), ("recons", recons)):
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
+            raise ValueError(f"save_reconstruction_grid: {name} must be uint8 [N, H, W, 1|3], got "
+                             f"{x.dtype} {x.shape}.")
+    if originals.shape != recons.shape:
+        raise ValueError(f"save_reconstruction_grid: originals {originals.shape} and recons "
+                         f"{recons.shape} differ in shape.")
+    if ncols < 1:
+        raise ValueError(f"save_reconstruction_grid: ncols={ncols} must be >= 1.")
+    if originals.shape[-1] == 1:
+        originals, recons = np.repeat(originals, 3, -1), np.repeat(recons, 3, -1)
+    n, h, w, _ = originals.shape
+    rows = max(1, math.ceil(n / ncols))
+    grid = np.full((rows * 2 * (h + pad) + pad, ncols * (w + pad) + pad, 3), pad_value, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, ncols)
+        x = pad + c * (w + pad)
+        y = pad + 2 * r * (h + pad)
+        grid[y:y + h, x:x + w] = originals[i]
+        grid[y + h + pad:y + 2 * h + pad, x:x + w] = recons[i]
+    return grid
+
+
+def save_reconstruction_grid(originals, recons, path: str, ncols: int = 8, pad: int = 2) -> np.ndarray:
+    """Writes the `make_grid` image as a PNG at `path` (folders created) and returns it."""
+    from PIL import Image  # Imported here: only this function does I/O.
+
+    grid = make_grid(originals, recons, ncols, pad)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(grid).save(path, format="PNG")
+    return grid
