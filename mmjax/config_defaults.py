@@ -38,6 +38,7 @@ def fsq_config() -> ml_collections.ConfigDict:
     c.levels = (8, 5, 5, 5)  # FSQ levels per latent channel; codebook size = prod(levels).
     c.channels = (32, 64)  # Conv widths per resolution; len(channels) - 1 = number of 2x downsamples.
     c.num_res_blocks = 1  # Residual blocks per resolution in encoder and decoder.
+    c.norm_groups = 8  # GroupNorm groups in encoder/decoder; must divide every entry of channels.
     c.loss = "l2"  # Reconstruction loss: "l2" or "l1+l2".
     c.l1_weight = 0.1  # Weight of the L1 term when loss = "l1+l2".
     c.checkpoint_dir = ""  # Trained tokenizer checkpoint dir for the model stage; "" -> <workdir>/tokenizer.
