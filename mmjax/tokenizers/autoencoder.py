@@ -1,0 +1,264 @@
+"""Conv autoencoder around FSQ: the image tokenizer (Flax Linen, pure, no I/O).
+
+encoder: conv stem -> per resolution [2x strided-conv downsample (all but the first), residual
+blocks (GroupNorm + swish)] -> GroupNorm, swish, 1x1 conv to `dim = len(levels)` channels.
+FSQ: bound + round with a straight-through gradient (`mmjax.tokenizers.fsq`).
+decoder: the mirror image, upsampling by nearest-neighbour resize + 3x3 conv.
+
+Each entry of `channels` beyond the first halves the resolution, so a 32x32 image with
+`channels=(32, 64, 64)` becomes an 8x8 grid of FSQ codes (64 image tokens).
+
+Pixels are float in [-1, 1] inside the model (`images_to_float` / `float_to_images` convert from
+and to uint8). The decoder's last conv is linear: `__call__` returns the *unclipped* output so
+the loss still has gradients on saturated pixels (flat black/white backgrounds); `decode` clips
+to [-1, 1], the pixel range.
+
+Every parameter carries logical axis names (`conv_h`, `conv_w`, `conv_in`, `conv_out`; the
+code-width output of the encoder is `code` and the RGB output of the decoder is `pixel`), so
+placement is decided by the rules table in `mmjax.parallel` alone. There is no codebook or
+commitment loss: FSQ has nothing to learn.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.evals.recon import psnr
+from mmjax.tokenizers.fsq import FSQ
+
+LOSS_TYPES = ("l2", "l1+l2")
+
+
+# ---- pixel conversion ------------------------------------------------------------------------
+def images_to_float(images):
+    """uint8 [..., H, W, C] in [0, 255] -> float32 in [-1, 1] (numpy in, numpy out; jax likewise)."""
+    xp = jnp if isinstance(images, jax.Array) else np
+    images = xp.asarray(images)
+    if images.dtype != xp.uint8:
+        raise ValueError(f"images_to_float: images must be uint8, got dtype {images.dtype}.")
+    return images.astype(xp.float32) / xp.float32(127.5) - xp.float32(1.0)
+
+
+def float_to_images(x):
+    """float in [-1, 1] (values outside are clipped) -> uint8 [0, 255], rounded to nearest."""
+    xp = jnp if isinstance(x, jax.Array) else np
+    x = xp.clip(xp.asarray(x, xp.float32), -1.0, 1.0)
+    return xp.round((x + 1.0) * 127.5).astype(xp.uint8)
+
+
+# ---- layers with logical axis names ------------------------------------------------------------
+def _conv(features: int, kernel: int, strides: int = 1, *, in_name: str = "conv_in",
+          out_name: str = "conv_out", zero_init: bool = False, name: str | None = None) -> nn.Conv:
+    kernel_init = nn.initializers.zeros_init() if zero_init else nn.initializers.lecun_normal()
+    return nn.Conv(
+        features, (kernel, kernel), strides=(strides, strides), padding="SAME",
+        kernel_init=nn.with_logical_partitioning(kernel_init, ("conv_h", "conv_w", in_name, out_name)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (out_name,)),
+        name=name)
+
+
+def _norm(groups: int, name: str | None = None) -> nn.GroupNorm:
+    return nn.GroupNorm(
+        num_groups=groups,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("conv_out",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+        name=name)
+
+
+class ResBlock(nn.Module):
+    """x + conv(swish(norm(conv(swish(norm(x)))))); the second conv starts at zero (identity block)."""
+
+    features: int
+    groups: int
+
+    @nn.compact
+    def __call__(self, x):
+        h = _conv(self.features, 3)(nn.swish(_norm(self.groups)(x)))
+        h = _conv(self.features, 3, zero_init=True)(nn.swish(_norm(self.groups)(h)))
+        if x.shape[-1] != self.features:
+            x = _conv(self.features, 1, name="skip")(x)
+        return x + h
+
+
+class Encoder(nn.Module):
+    """float images [B, H, W, 3] -> pre-quantisation latents [B, H/f, W/f, dim], f = 2**(len(channels)-1)."""
+
+    channels: Sequence[int]
+    num_res_blocks: int
+    dim: int
+    groups: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = _conv(self.channels[0], 3, in_name="pixel", name="stem")(x)
+        for level, width in enumerate(self.channels):
+            if level > 0:
+                x = _conv(width, 3, strides=2, name=f"down_{level}")(x)
+            for i in range(self.num_res_blocks):
+                x = ResBlock(width, self.groups, name=f"res_{level}_{i}")(x)
+        x = nn.swish(_norm(self.groups, name="norm_out")(x))
+        return _conv(self.dim, 1, out_name="code", name="to_code")(x)
+
+
+class Decoder(nn.Module):
+    """FSQ codes [B, h, w, dim] -> unclipped float images [B, h*f, w*f, 3]."""
+
+    channels: Sequence[int]
+    num_res_blocks: int
+    groups: int
+
+    @nn.compact
+    def __call__(self, z):
+        x = _conv(self.channels[-1], 3, in_name="code", name="from_code")(z)
+        for level in reversed(range(len(self.channels))):
+            for i in range(self.num_res_blocks):
+                x = ResBlock(self.channels[level], self.groups, name=f"res_{level}_{i}")(x)
+            if level > 0:
+                x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest-neighbour 2x
+                x = _conv(self.channels[level - 1], 3, name=f"up_{level}")(x)
+        x = nn.swish(_norm(self.groups, name="norm_out")(x))
+        return _conv(3, 3, out_name="pixel", name="to_pixel")(x)
+
+
+class FSQAutoencoder(nn.Module):
+    """Image tokenizer: encode -> FSQ codes on a grid, decode -> images in [-1, 1]."""
+
+    levels: tuple[int, ...]
+    channels: tuple[int, ...]
+    num_res_blocks: int = 1
+    norm_groups: int = 8
+
+    def setup(self):
+        _check_architecture(self.levels, self.channels, self.num_res_blocks, self.norm_groups)
+        self.encoder = Encoder(self.channels, self.num_res_blocks, len(self.levels), self.norm_groups)
+        self.decoder = Decoder(self.channels, self.num_res_blocks, self.norm_groups)
+
+    @property
+    def quantizer(self) -> FSQ:
+        return FSQ(self.levels)
+
+    @property
+    def downsample(self) -> int:
+        """Pixels per token side, 2**(len(channels) - 1)."""
+        return 2 ** (len(self.channels) - 1)
+
+    def encode(self, images):
+        """images (uint8, or float in [-1, 1]) [B, H, W, 3] -> codes [B, H/f, W/f, dim] on the FSQ grid."""
+        images = _as_float_images(images, self.downsample)
+        return self.quantizer.quantize(self.encoder(images))
+
+    def decode(self, codes, clip: bool = True):
+        """codes [B, h, w, dim] -> images [B, h*f, w*f, 3] in [-1, 1] (unclipped if clip=False)."""
+        if codes.ndim != 4 or codes.shape[-1] != len(self.levels):
+            raise ValueError(f"decode: codes must be [B, h, w, dim={len(self.levels)}], got {codes.shape}.")
+        out = self.decoder(codes)
+        return jnp.clip(out, -1.0, 1.0) if clip else out
+
+    def __call__(self, images):
+        """(unclipped reconstruction [B, H, W, 3], codes [B, h, w, dim])."""
+        codes = self.encode(images)
+        return self.decode(codes, clip=False), codes
+
+
+def _check_architecture(levels, channels, num_res_blocks, norm_groups) -> None:
+    FSQ(levels)  # validates levels
+    if len(channels) < 1 or any(int(c) < 1 for c in channels):
+        raise ValueError(f"fsq.channels={tuple(channels)}: need at least one positive width.")
+    if num_res_blocks < 0:
+        raise ValueError(f"fsq.num_res_blocks={num_res_blocks}: must be >= 0.")
+    if norm_groups < 1 or any(c % norm_groups for c in channels):
+        raise ValueError(f"fsq.norm_groups={norm_groups} must divide every width in "
+                         f"fsq.channels={tuple(channels)}.")
+
+
+def _as_float_images(images, factor: int):
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be [B, H, W, 3], got shape {images.shape}.")
+    if images.shape[1] % factor or images.shape[2] % factor:
+        raise ValueError(f"image size {images.shape[1]}x{images.shape[2]} is not divisible by the "
+                         f"tokenizer's downsampling factor {factor} (2**(len(fsq.channels)-1)).")
+    if images.dtype == jnp.uint8:
+        return images_to_float(jnp.asarray(images))
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise ValueError(f"images must be uint8 or float in [-1, 1], got dtype {images.dtype}.")
+    return images
+
+
+# ---- construction and pure helpers -----------------------------------------------------------
+def _fsq_block(cfg):
+    """Accepts the `fsq` config block or a full config that holds one."""
+    return cfg.fsq if "fsq" in cfg else cfg
+
+
+def autoencoder_from_config(cfg) -> FSQAutoencoder:
+    """Builds the tokenizer from `config.fsq` (or the full config)."""
+    f = _fsq_block(cfg)
+    return FSQAutoencoder(levels=tuple(int(v) for v in f.levels),
+                          channels=tuple(int(v) for v in f.channels),
+                          num_res_blocks=int(f.num_res_blocks),
+                          norm_groups=int(f.get("norm_groups", 8)))
+
+
+def init_params(model: FSQAutoencoder, rng, image_size: int, batch_size: int = 1):
+    """Params boxed with their logical axis names (nn.unbox them for optax / apply)."""
+    images = jnp.zeros((batch_size, image_size, image_size, 3), jnp.float32)
+    return model.init(rng, images)["params"]
+
+
+def tokenize(model: FSQAutoencoder, params, images) -> jax.Array:
+    """images [B, H, W, 3] -> int32 FSQ indices [B, (H/f)*(W/f)], row-major over the token grid."""
+    codes = model.apply({"params": params}, images, method=FSQAutoencoder.encode)
+    return model.quantizer.codes_to_indices(codes).reshape(codes.shape[0], -1)
+
+
+def detokenize(model: FSQAutoencoder, params, indices, grid_hw: tuple[int, int]) -> jax.Array:
+    """int indices [B, h*w] (row-major) -> float images [B, h*f, w*f, 3] in [-1, 1]."""
+    h, w = grid_hw
+    if indices.ndim != 2 or indices.shape[1] != h * w:
+        raise ValueError(f"detokenize: indices must be [B, {h}*{w}], got shape {indices.shape}.")
+    codes = model.quantizer.indices_to_codes(jnp.asarray(indices)).reshape(-1, h, w, len(model.levels))
+    return model.apply({"params": params}, codes, method=FSQAutoencoder.decode)
+
+
+def make_recon_fn(model: FSQAutoencoder, params):
+    """A jitted `images uint8 -> (recon uint8, indices [B, h*w])`, as evals.recon expects."""
+    @jax.jit
+    def recon_fn(images):
+        codes = model.apply({"params": params}, images, method=FSQAutoencoder.encode)
+        recon = model.apply({"params": params}, codes, method=FSQAutoencoder.decode)
+        indices = model.quantizer.codes_to_indices(codes).reshape(codes.shape[0], -1)
+        return float_to_images(recon), indices
+    return recon_fn
+
+
+# ---- loss --------------------------------------------------------------------------------------
+def reconstruction_loss(recon, target, loss_type: str = "l2", l1_weight: float = 0.1):
+    """Scalar: mean squared error, plus `l1_weight` * mean absolute error for "l1+l2"."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"fsq.loss={loss_type!r}: choose one of {LOSS_TYPES}.")
+    diff = recon.astype(jnp.float32) - target.astype(jnp.float32)
+    loss = jnp.mean(jnp.square(diff))
+    if loss_type == "l1+l2":
+        loss = loss + l1_weight * jnp.mean(jnp.abs(diff))
+    return loss
+
+
+def autoencoder_loss_fn(model: FSQAutoencoder, params, batch: dict[str, Any], rng, cfg):
+    """(loss, {loss, mse, psnr}) for batch["image"] uint8 [B, H, W, 3]; pure and jittable.
+
+    `cfg` is the `fsq` config block (or a full config holding one). `rng` is unused (the model
+    is deterministic) and kept so every task's loss has the same signature. PSNR is measured on
+    the clipped output in [-1, 1] (max_val 2), which equals PSNR in uint8 units up to rounding.
+    """
+    del rng
+    f = _fsq_block(cfg)
+    target = images_to_float(jnp.asarray(batch["image"]))
+    recon, _ = model.apply({"params": params}, target)
+    loss = reconstruction_loss(recon, target, f.loss, float(f.l1_weight))
+    clipped = jnp.clip(recon, -1.0, 1.0)
+    mse = jnp.mean(jnp.square(clipped - target))
+    return loss, {"loss": loss, "mse": mse, "psnr": psnr(clipped, target, 2.0)}
