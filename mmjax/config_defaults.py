@@ -60,6 +60,7 @@ def model_config() -> ml_collections.ConfigDict:
     c.image_bidirectional_context = True  # Bidirectional attention inside an image that is context only.
     c.image_head = "flow"  # "flow" (rectified flow on FSQ code vectors) | "discrete" (FSQ-index softmax).
     c.discrete_factorized = False  # Discrete head: one softmax per FSQ dimension instead of prod(levels).
+    c.tie_embeddings = False  # LM head reuses the text embedding matrix (transposed).
     c.flow_depth = 3  # Flow head: AdaLN residual MLP blocks.
     c.flow_width = 256  # Flow head: hidden width.
     c.flow_t_samples = 4  # Flow head: t (and noise) samples per position per step, as MAR does.
@@ -74,6 +75,8 @@ def objective_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.text_weight = 1.0  # Weight of text cross-entropy.
     c.image_weight = 1.0  # Weight of the image loss (flow MSE or discrete CE).
+    c.flow_t_dist = "uniform"  # Flow loss time sampling: "uniform" U(0,1) | "logit_normal" (SD3).
+    c.flow_logit_std = 1.0  # logit_normal: std of logit(t) (mean 0); larger puts more mass near 0 and 1.
     c.t2i_prob = 0.7  # Probability an example is text->image (else image->caption).
     c.caption_dropout = 0.1  # Text->image examples whose caption is dropped (for CFG).
     return c
