@@ -29,6 +29,7 @@ def data_config() -> ml_collections.ConfigDict:
     # SentencePiece text tokenizer.
     c.sp_model_path = ""  # Path to a user .model file; "" -> train one from the captions.
     c.sp_vocab_size = 256  # Vocabulary size when training SentencePiece from the captions.
+    c.sp_max_sentences = 100_000  # Captions (evenly strided over the train split) used to train SentencePiece.
     return c
 
 
