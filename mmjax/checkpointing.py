@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -36,7 +37,10 @@ def make_manager(directory: str, keep: int, *, read_only: bool = False) -> ocp.C
         enable_async_checkpointing=True)
     return ocp.CheckpointManager(
         path, options=options,
-        item_handlers={STATE: ocp.StandardCheckpointHandler(),
+        # Read-only managers read the state with the PyTree handler, which can restore a subset
+        # (just the params) of what StandardSave wrote.
+        item_handlers={STATE: ocp.PyTreeCheckpointHandler() if read_only
+                       else ocp.StandardCheckpointHandler(),
                        DATA: grain.checkpoint.CheckpointHandler(),
                        CONFIG: ocp.JsonCheckpointHandler()})
 
@@ -75,8 +79,12 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, iterator
     return None, None
 
 
-def restore_params(directory: str, abstract_state: Any | None = None) -> tuple[int, Any]:
-    """Loads the newest train state from a finished run's checkpoint dir (for sampling/evals)."""
+def restore_params(directory: str, abstract_params: Any) -> tuple[int, Any]:
+    """(step, params) of the newest readable checkpoint in a run's dir (for sampling/evals).
+
+    Only the params are read (not the optimizer state), placed as `abstract_params` says
+    (ShapeDtypeStructs, optionally with shardings: a different mesh than training is fine).
+    """
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no checkpoint directory at {directory}")
     manager = make_manager(directory, keep=1, read_only=True)
@@ -85,14 +93,30 @@ def restore_params(directory: str, abstract_state: Any | None = None) -> tuple[i
         raise FileNotFoundError(f"no checkpoint found in {directory}")
     for step in steps:
         try:
-            args = ocp.args.StandardRestore(abstract_state) if abstract_state is not None \
-                else ocp.args.StandardRestore()
+            target = {"params": jax.tree.map(_with_default_sharding, abstract_params)}
+            args = ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True)
             restored = manager.restore(step, args=ocp.args.Composite(**{STATE: args}))
-            return step, restored[STATE]
+            return step, restored[STATE]["params"]
         except Exception as e:  # noqa: BLE001
             logging.warning("checkpoint at step %d in %s is unreadable (%s); trying the previous "
                             "one", step, directory, e)
     raise FileNotFoundError(f"no readable checkpoint in {directory}")
+
+
+def latest_step(directory: str) -> int:
+    """Newest step saved in `directory` (an error when there is none)."""
+    step = make_manager(directory, keep=1, read_only=True).latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint found in {directory}")
+    return int(step)
+
+
+def _with_default_sharding(x):
+    """Unsharded targets land on the first device as jax.Arrays."""
+    sharding = getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
 def restore_config(directory: str) -> dict:

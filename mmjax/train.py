@@ -134,7 +134,7 @@ def build_setup(task, config, tc, example, mesh, rules) -> Setup:
     def step(state, batch):
         rng = jax.random.fold_in(state["rng"], state["step"])
         loss, metrics, grads = _grads(task, config, state["params"], batch, rng, tc.grad_accum)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -226,7 +226,7 @@ def train(config, workdir: str, task: Task, *, mesh=None, stop_at_step: int | No
     local_bs = _check_batch(tc, mesh)
     pid, nproc = jax.process_index(), jax.process_count()
     train_ds = task.dataset(config, workdir, "train", train=True)
-    iterator = iter(batched_iterator(train_ds, local_bs, seed=config.data.shuffle_seed,
+    iterator = iter(batched_iterator(train_ds, int(tc.batch_size), seed=config.data.shuffle_seed,
                                      shuffle=True, process_index=pid, process_count=nproc))
     example = _local_example(train_ds, local_bs)
     setup = build_setup(task, config, tc, example, mesh, rules)
@@ -307,8 +307,7 @@ def _host_metrics(metrics, tc, step: int) -> dict[str, float]:
 
 def _validation(config, task, setup, state, tc, run_dir) -> dict[str, float]:
     ds = task.dataset(config, run_dir.rsplit("/", 1)[0], "validation", train=False)
-    local_bs = int(tc.batch_size) // jax.process_count()
-    it = batched_iterator(ds, local_bs, seed=0, shuffle=False, num_epochs=1,
+    it = batched_iterator(ds, int(tc.batch_size), seed=0, shuffle=False, num_epochs=1,
                           process_index=jax.process_index(), process_count=jax.process_count())
     metrics = evaluate_loss(setup, state["params"], iter(it), int(tc.eval_batches))
     return {f"val_{k}": v for k, v in metrics.items()}

@@ -1,0 +1,1 @@
+"""Trainer tasks: each bundles a dataset, parameter init and a loss for `mmjax.train.train`."""
