@@ -1,0 +1,198 @@
+"""Sequence packer: captions + FSQ image tokens -> the packed multimodal batch of docs/INTERFACES.md.
+
+Pure numpy, no model imports: image tokens arrive as FSQ indices plus their code vectors (the caller
+passes a lookup table or an `index_to_code` callable, so this module never needs the FSQ code).
+
+Document layouts (position i predicts token i+1):
+    text -> image:  <bos> caption <boi> img_1 .. img_n <eoi> <eos>   (caption dropped: <bos> <boi> ...)
+    image -> text:  <bos> <boi> img_1 .. img_n <eoi> caption <eos>   (the image is context)
+Loss masks: text loss wherever the next token is text (caption, <boi>, <eoi>, <eos>); image loss
+only where the next token is an image token of a text->image document; nothing is predicted across
+documents, and the first token of a document is never a target. Context images (image->text) are
+flagged `image_block`, which packing turns into the document's segment id (unique in the row).
+
+`PackedDataset` packs a grain MapDataset of tokenized examples with random access: row r holds
+examples [r*k, (r+1)*k) where k = seq_len // (longest possible document), and each example's
+direction and caption dropout come from an RNG keyed by (seed, example index). Rows are therefore a
+pure function of their index, which keeps grain's iterator checkpoints exact. An example's direction
+is fixed by its index: pack a shuffled, repeated parent to redraw it every epoch.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import grain
+import numpy as np
+
+DIRECTIONS = ("t2i", "i2t")
+TEXT, IMAGE = 0, 1  # modality ids
+SPECIAL_TOKENS = 4  # <bos>, <boi>, <eoi>, <eos> in every document
+# Keys of build_document's output ([n] arrays, `codes`/`code_targets` [n, d]).
+DOC_KEYS = ("tokens", "codes", "modality", "positions", "text_targets", "text_mask", "code_targets",
+            "index_targets", "image_mask", "image_block")
+# Keys of a packed row (INTERFACES.md), all [seq_len] but codes/code_targets [seq_len, d].
+PACKED_KEYS = ("tokens", "codes", "modality", "positions", "segment_ids", "image_block", "text_targets",
+               "text_mask", "code_targets", "index_targets", "image_mask")
+
+
+class SpecialIds(NamedTuple):
+    """Text ids the layouts need (a TextTokenizer provides them via `special_ids`)."""
+
+    bos: int
+    eos: int
+    boi: int
+    eoi: int
+
+
+def special_ids(tokenizer) -> SpecialIds:
+    """SpecialIds of anything with bos_id / eos_id / boi_id / eoi_id (e.g. TextTokenizer)."""
+    return SpecialIds(tokenizer.bos_id, tokenizer.eos_id, tokenizer.boi_id, tokenizer.eoi_id)
+
+
+def document_length(caption_len: int, num_image_tokens: int) -> int:
+    """Tokens in one document (the same for both directions)."""
+    return caption_len + num_image_tokens + SPECIAL_TOKENS
+
+
+def build_document(caption_ids: Sequence[int], image_indices: np.ndarray, codes: np.ndarray, direction: str,
+                   special: SpecialIds, *, drop_caption: bool = False) -> dict[str, np.ndarray]:
+    """One document's [n] arrays (see DOC_KEYS); `image_block` is a 0/1 flag here."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if drop_caption and direction != "t2i":
+        raise ValueError("caption dropout applies to t2i documents only")
+    caption = np.asarray(caption_ids, dtype=np.int32).reshape(-1)
+    indices = np.asarray(image_indices, dtype=np.int32).reshape(-1)
+    codes = np.asarray(codes, dtype=np.float32)
+    if codes.ndim != 2 or codes.shape[0] != len(indices):
+        raise ValueError(f"codes must be [{len(indices)}, d] for {len(indices)} image tokens, got {codes.shape}")
+    if drop_caption:
+        caption = caption[:0]
+    s = special
+    if direction == "t2i":
+        parts = [([s.bos], 0), (caption, 0), ([s.boi], 0), (indices, 1), ([s.eoi, s.eos], 0)]
+    else:
+        parts = [([s.bos, s.boi], 0), (indices, 1), ([s.eoi], 0), (caption, 0), ([s.eos], 0)]
+    tokens = np.concatenate([np.asarray(p, np.int32) for p, _ in parts])
+    modality = np.concatenate([np.full(len(p), m, np.int32) for p, m in parts])
+    n, d = len(tokens), codes.shape[1]
+    doc_codes = np.zeros((n, d), np.float32)
+    doc_codes[modality == IMAGE] = codes
+    next_text = np.zeros(n, bool)
+    next_image = np.zeros(n, bool)
+    next_text[:-1] = modality[1:] == TEXT
+    next_image[:-1] = modality[1:] == IMAGE
+    shifted = np.append(tokens[1:], 0).astype(np.int32)
+    code_targets = np.zeros((n, d), np.float32)
+    code_targets[:-1] = np.where(next_image[:-1, None], doc_codes[1:], 0.0)
+    return {
+        "tokens": tokens,
+        "codes": doc_codes,
+        "modality": modality,
+        "positions": np.arange(n, dtype=np.int32),
+        "text_targets": np.where(next_text, shifted, 0).astype(np.int32),
+        "text_mask": next_text.astype(np.float32),
+        "code_targets": code_targets,
+        "index_targets": np.where(next_image, shifted, 0).astype(np.int32),
+        "image_mask": (next_image & (direction == "t2i")).astype(np.float32),
+        "image_block": ((modality == IMAGE) & (direction == "i2t")).astype(np.int32),
+    }
+
+
+def pack_documents(docs: Sequence[dict], seq_len: int, d: int) -> dict[str, np.ndarray]:
+    """Concatenate documents into one row of `seq_len` (segment ids 1.., 0 = padding)."""
+    row = {key: np.zeros((seq_len, d) if key in ("codes", "code_targets") else seq_len,
+                         np.float32 if key in ("codes", "code_targets", "text_mask", "image_mask") else np.int32)
+           for key in PACKED_KEYS}
+    start = 0
+    for segment, doc in enumerate(docs, start=1):
+        n = len(doc["tokens"])
+        if n > seq_len:
+            raise ValueError(f"document of {n} tokens is longer than seq_len={seq_len}")
+        if start + n > seq_len:
+            raise ValueError(f"documents need {start + n}+ tokens, more than seq_len={seq_len}")
+        if doc["codes"].shape[1] != d:
+            raise ValueError(f"document codes have dimension {doc['codes'].shape[1]}, expected d={d}")
+        span = slice(start, start + n)
+        for key in DOC_KEYS:
+            if key != "image_block":
+                row[key][span] = doc[key]
+        row["image_block"][span] = doc["image_block"] * segment
+        row["segment_ids"][span] = segment
+        start += n
+    return row
+
+
+def lookup_codes(index_to_code: Callable[[np.ndarray], np.ndarray] | np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """float32 [n, d] code vectors of `indices` from a table [codebook, d] or a callable."""
+    if callable(index_to_code):
+        codes = np.asarray(index_to_code(np.asarray(indices)), dtype=np.float32)
+    else:
+        codes = np.asarray(index_to_code, dtype=np.float32)[np.asarray(indices)]
+    return codes.reshape(len(indices), -1)
+
+
+def draw_direction(seed: int, example_index: int, t2i_prob: float, caption_dropout: float) -> tuple[str, bool]:
+    """(direction, drop_caption) of one example, a pure function of (seed, example index)."""
+    rng = np.random.default_rng([int(seed), int(example_index)])
+    direction = "t2i" if rng.random() < t2i_prob else "i2t"
+    drop = bool(rng.random() < caption_dropout) and direction == "t2i"
+    return direction, drop
+
+
+class PackedDataset(grain.MapDataset):
+    """Random-access packed rows of a MapDataset of tokenized examples.
+
+    Parent elements: {"caption_ids": int [max_caption_len] (padded), "caption_len": int,
+    "image_indices": int [n]}. Output rows: the PACKED_KEYS arrays of docs/INTERFACES.md.
+    """
+
+    def __init__(self, parent: grain.MapDataset, *, seq_len: int, special: SpecialIds,
+                 index_to_code: Callable[[np.ndarray], np.ndarray] | np.ndarray, t2i_prob: float,
+                 caption_dropout: float, seed: int):
+        super().__init__(parent)
+        if not 0.0 <= t2i_prob <= 1.0 or not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"t2i_prob={t2i_prob} and caption_dropout={caption_dropout} must be in [0, 1]")
+        if len(parent) == 0:
+            raise ValueError("cannot pack an empty dataset")
+        first = parent[0]
+        self._max_caption = int(np.asarray(first["caption_ids"]).shape[-1])
+        self._num_image = int(np.asarray(first["image_indices"]).reshape(-1).shape[0])
+        self.max_doc_len = document_length(self._max_caption, self._num_image)
+        if self.max_doc_len > seq_len:
+            raise ValueError(
+                f"one document ({self._max_caption} caption + {self._num_image} image + {SPECIAL_TOKENS} special "
+                f"tokens = {self.max_doc_len}) is longer than seq_len={seq_len}")
+        self.docs_per_row = seq_len // self.max_doc_len
+        self.code_dim = lookup_codes(index_to_code, np.zeros(1, np.int32)).shape[1]
+        self._seq_len, self._special, self._index_to_code = seq_len, special, index_to_code
+        self._t2i_prob, self._caption_dropout, self._seed = t2i_prob, caption_dropout, seed
+
+    def __len__(self) -> int:
+        return -(-len(self._parent) // self.docs_per_row)
+
+    def __str__(self) -> str:
+        return f"PackedDataset(seq_len={self._seq_len}, docs_per_row={self.docs_per_row})"
+
+    def document(self, example_index: int) -> dict[str, np.ndarray]:
+        """The document built from parent example `example_index`."""
+        example = self._parent[example_index]
+        caption = np.asarray(example["caption_ids"]).reshape(-1)
+        length = int(example["caption_len"])
+        indices = np.asarray(example["image_indices"]).reshape(-1)
+        if not 0 <= length <= len(caption) or len(caption) != self._max_caption or len(indices) != self._num_image:
+            raise ValueError(
+                f"example {example_index}: caption_len={length}, caption_ids {caption.shape}, image_indices "
+                f"{indices.shape}; expected caption_ids ({self._max_caption},), image_indices ({self._num_image},)")
+        direction, drop = draw_direction(self._seed, example_index, self._t2i_prob, self._caption_dropout)
+        codes = lookup_codes(self._index_to_code, indices)
+        return build_document(caption[:length], indices, codes, direction, self._special, drop_caption=drop)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        index = int(index) % len(self)
+        first = index * self.docs_per_row
+        last = min(first + self.docs_per_row, len(self._parent))
+        docs = [self.document(i) for i in range(first, last)]
+        return pack_documents(docs, self._seq_len, self.code_dim)

@@ -1,0 +1,143 @@
+"""Packer: exact layouts, next-token targets, loss masks, segments and random-access packing."""
+import grain
+import numpy as np
+import pytest
+
+from mmjax.data import packing
+
+SP = packing.SpecialIds(bos=2, eos=3, boi=4, eoi=5)
+D = 3
+TABLE = np.random.default_rng(0).uniform(-1, 1, (64, D)).astype(np.float32)  # stand-in FSQ codebook
+
+
+def _doc(direction, caption=(10, 11, 12), image=(7, 8), drop=False):
+    image = np.array(image)
+    return packing.build_document(list(caption), image, TABLE[image], direction, SP, drop_caption=drop)
+
+
+def test_layouts_exactly_as_specified():
+    assert _doc("t2i")["tokens"].tolist() == [2, 10, 11, 12, 4, 7, 8, 5, 3]
+    assert _doc("t2i")["modality"].tolist() == [0, 0, 0, 0, 0, 1, 1, 0, 0]
+    assert _doc("t2i", drop=True)["tokens"].tolist() == [2, 4, 7, 8, 5, 3]
+    assert _doc("i2t")["tokens"].tolist() == [2, 4, 7, 8, 5, 10, 11, 12, 3]
+    assert _doc("i2t")["modality"].tolist() == [0, 0, 1, 1, 0, 0, 0, 0, 0]
+    for direction in packing.DIRECTIONS:
+        doc = _doc(direction)
+        assert len(doc["tokens"]) == packing.document_length(3, 2)
+        assert doc["positions"].tolist() == list(range(9))
+        img = doc["modality"] == 1
+        np.testing.assert_array_equal(doc["codes"][img], TABLE[[7, 8]])
+        assert not doc["codes"][~img].any()
+    assert _doc("i2t")["image_block"].tolist() == [0, 0, 1, 1, 0, 0, 0, 0, 0]
+    assert not _doc("t2i")["image_block"].any()
+
+
+@pytest.mark.parametrize("direction,drop", [("t2i", False), ("t2i", True), ("i2t", False)])
+def test_targets_are_next_token_and_masks(direction, drop):
+    doc = _doc(direction, drop=drop)
+    tokens, modality = doc["tokens"], doc["modality"]
+    n = len(tokens)
+    for i in range(n - 1):
+        if modality[i + 1] == 0:
+            assert doc["text_targets"][i] == tokens[i + 1] and doc["text_mask"][i] == 1
+            assert doc["index_targets"][i] == 0 and doc["image_mask"][i] == 0 and not doc["code_targets"][i].any()
+        else:
+            assert doc["index_targets"][i] == tokens[i + 1] and doc["text_mask"][i] == 0
+            np.testing.assert_array_equal(doc["code_targets"][i], TABLE[tokens[i + 1]])
+            assert doc["image_mask"][i] == (direction == "t2i")
+    # The last token predicts nothing; text loss covers caption, <boi>, <eoi> and <eos>.
+    assert doc["text_mask"][-1] == 0 and doc["image_mask"][-1] == 0
+    assert doc["text_mask"].sum() == n - 1 - 2
+    targets = set(doc["text_targets"][doc["text_mask"] > 0].tolist())
+    assert {SP.eoi, SP.eos, SP.boi} <= targets and (drop or {10, 11, 12} <= targets)
+    assert doc["image_mask"].sum() == (2 if direction == "t2i" else 0)
+
+
+def test_pack_documents_segments_positions_padding():
+    docs = [_doc("t2i"), _doc("i2t", caption=(9,)), _doc("t2i", drop=True)]
+    row = packing.pack_documents(docs, 32, D)
+    assert set(row) == set(packing.PACKED_KEYS)
+    assert row["codes"].shape == (32, D) and row["code_targets"].shape == (32, D)
+    assert row["segment_ids"].tolist() == [1] * 9 + [2] * 7 + [3] * 6 + [0] * 10
+    assert row["positions"].tolist() == list(range(9)) + list(range(7)) + list(range(6)) + [0] * 10
+    assert row["image_block"].tolist() == [0] * 9 + [0, 0, 2, 2, 0, 0, 0] + [0] * 16
+    # Nothing is predicted across documents or from padding.
+    ends = [8, 15, 21]
+    for key in ("text_mask", "image_mask"):
+        assert row[key][ends].sum() == 0 and row[key][22:].sum() == 0
+    assert not row["tokens"][22:].any() and not row["modality"][22:].any() and not row["codes"][22:].any()
+    assert row["text_mask"].dtype == np.float32 and row["tokens"].dtype == np.int32
+    with pytest.raises(ValueError, match="longer than seq_len"):
+        packing.pack_documents([_doc("t2i")], 8, D)
+    with pytest.raises(ValueError, match="seq_len"):
+        packing.pack_documents(docs, 20, D)
+    with pytest.raises(ValueError, match="dimension"):
+        packing.pack_documents(docs, 32, D + 1)
+
+
+def test_bad_document_arguments():
+    with pytest.raises(ValueError, match="direction"):
+        _doc("x2y")
+    with pytest.raises(ValueError, match="t2i"):
+        _doc("i2t", drop=True)
+    with pytest.raises(ValueError, match="codes"):
+        packing.build_document([1], np.array([1, 2]), TABLE[:3], "t2i", SP)
+
+
+def _examples(n, max_caption=4, n_image=3):
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(n):
+        length = int(rng.integers(1, max_caption + 1))
+        ids = np.zeros(max_caption, np.int32)
+        ids[:length] = rng.integers(10, 30, length)
+        rows.append({"caption_ids": ids, "caption_len": np.int32(length),
+                     "image_indices": rng.integers(0, 64, n_image).astype(np.int32)})
+    return grain.MapDataset.source(rows)
+
+
+def test_packed_dataset_random_access_and_directions():
+    examples = _examples(11)
+    kwargs = dict(seq_len=24, special=SP, t2i_prob=0.5, caption_dropout=0.5, seed=7)
+    packed = packing.PackedDataset(examples, index_to_code=TABLE, **kwargs)
+    assert packed.max_doc_len == 4 + 3 + 4 and packed.docs_per_row == 2 and len(packed) == 6
+    row = packed[1]
+    assert row["tokens"].shape == (24,) and row["codes"].shape == (24, D)
+    assert set(row["segment_ids"].tolist()) <= {0, 1, 2} and packed[5]["segment_ids"].max() == 1  # last row: 1 doc
+    # Deterministic and random access; callable lookup gives the same rows as a table.
+    by_fn = packing.PackedDataset(examples, index_to_code=lambda idx: TABLE[idx], **kwargs)
+    for r in (4, 1, 0):
+        for key in packing.PACKED_KEYS:
+            np.testing.assert_array_equal(packed[r][key], by_fn[r][key])
+    # Each document carries its own example's tokens in the drawn direction.
+    for i in range(11):
+        direction, drop = packing.draw_direction(7, i, 0.5, 0.5)
+        example = examples[i]
+        expect = packing.build_document(example["caption_ids"][: example["caption_len"]], example["image_indices"],
+                                        TABLE[example["image_indices"]], direction, SP, drop_caption=drop)
+        row = packed[i // 2]
+        seg = row["segment_ids"] == i % 2 + 1
+        np.testing.assert_array_equal(row["tokens"][seg], expect["tokens"])
+    draws = [packing.draw_direction(7, i, 0.5, 0.5) for i in range(400)]
+    t2i = [d for d in draws if d[0] == "t2i"]
+    assert 150 < len(t2i) < 250 and 50 < sum(d[1] for d in t2i) < 150 and not any(d[1] for d in draws if d[0] == "i2t")
+    assert all(packing.draw_direction(0, i, 1.0, 0.0) == ("t2i", False) for i in range(20))
+    assert all(packing.draw_direction(0, i, 0.0, 1.0) == ("i2t", False) for i in range(20))
+
+
+def test_packed_dataset_errors_and_grain_batching():
+    with pytest.raises(ValueError, match="longer than seq_len=10"):
+        packing.PackedDataset(_examples(4), seq_len=10, special=SP, index_to_code=TABLE, t2i_prob=0.5,
+                              caption_dropout=0.1, seed=0)
+    with pytest.raises(ValueError, match="t2i_prob"):
+        packing.PackedDataset(_examples(4), seq_len=64, special=SP, index_to_code=TABLE, t2i_prob=1.5,
+                              caption_dropout=0.1, seed=0)
+    packed = packing.PackedDataset(_examples(12), seq_len=33, special=SP, index_to_code=TABLE, t2i_prob=0.7,
+                                   caption_dropout=0.1, seed=0)
+    it = iter(packed.shuffle(seed=0).repeat(None).batch(2).to_iter_dataset())
+    batch = next(it)
+    assert batch["tokens"].shape == (2, 33) and batch["code_targets"].shape == (2, 33, D)
+    state = it.get_state()
+    after = [next(it)["tokens"] for _ in range(3)]
+    it.set_state(state)
+    assert all(np.array_equal(a, next(it)["tokens"]) for a in after)
