@@ -183,3 +183,11 @@ def test_backbone_flops_match_xla_cost_analysis():
     f = flops.flops_per_token(c, VOCAB, LEVELS, seq, 1.0, causal=False)
     mine = f["backbone"] + f["attention"] + f["input_proj"]
     assert xla_per_token == pytest.approx(mine, rel=0.05)
+
+
+def test_summary_of_a_full_config():
+    c = config_defaults.base_config()
+    s = flops.summary(c, VOCAB, image_fraction=0.5)
+    assert s["params"] == flops.param_counts(c.model, VOCAB, c.fsq.levels)
+    assert s["flops"] == flops.flops_per_token(c.model, VOCAB, c.fsq.levels, c.model.max_seq_len,
+                                               0.5)
