@@ -1,0 +1,42 @@
+"""Two processes on 127.0.0.1 (jax.distributed, CPU) train and agree with one process."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_workers(nproc: int, workdir: str) -> list[float]:
+    address = f"127.0.0.1:{free_port()}"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    os.makedirs(workdir, exist_ok=True)
+    # Logs go to files: a full stderr pipe would block one process while the other waits for it.
+    logs = [open(os.path.join(workdir, f"process_{i}.log"), "w+") for i in range(nproc)]
+    procs = [subprocess.Popen([sys.executable, WORKER, address, str(nproc), str(i), workdir],
+                              stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+             for i, log in enumerate(logs)]
+    for p, log in zip(procs, logs):
+        p.wait(timeout=300)
+        log.seek(0)
+        text = log.read()
+        assert p.returncode == 0, text[-3000:]
+        if p is procs[0]:
+            result = json.loads(text.strip().splitlines()[-1])
+    return result
+
+
+def test_two_processes_match_one(tmp_path):
+    single = run_workers(1, str(tmp_path / "single"))  # 2 local devices
+    multi = run_workers(2, str(tmp_path / "multi"))  # 2 processes x 2 devices
+    assert len(single) == len(multi) == 5
+    np.testing.assert_allclose(multi, single, rtol=2e-5, atol=1e-6)
