@@ -7,7 +7,11 @@ couple of integers that the trainer stores next to the model checkpoint
 the interrupted one would have seen.
 
 Records follow docs/INTERFACES.md: image uint8 [S, S, 3], caption str, attributes int32
-[max_objects, 5] (-1 padding), label int32, index int64 (position in the split).
+[max_objects, 5] (-1 padding), label int32, index int64 (position in the split). For standard TFDS
+sets with a ClassLabel, `label` is the class id (-1 when there is none).
+
+Multi-host: preparing an embedded set writes files; call `image_caption_dataset` on one process
+first (or give each host its own data dir), then on all.
 """
 from __future__ import annotations
 
@@ -17,13 +21,13 @@ import logging
 import os
 from typing import Any, Sequence
 
+from absl import flags
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
 from mmjax.data import builders
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,5 +253,7 @@ def batched_iterator(
     options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size)
     out = batched.to_iter_dataset(options)
     if worker_count > 0:
+        if not flags.FLAGS.is_parsed():  # grain workers read absl flags; notebooks never parse them
+            flags.FLAGS.mark_as_parsed()
         out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return out
