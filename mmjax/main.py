@@ -11,6 +11,7 @@ Modes run stages of the data flow in docs (data -> tokenizer -> tokenize -> mode
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -35,10 +36,29 @@ def run(config, workdir: str, mode: str) -> dict:
     return stages.run_mode(config, workdir, mode)
 
 
+class _QuietLibraries(logging.Filter):
+    """Shows mmjax's INFO lines but only warnings and errors from libraries (orbax is chatty)."""
+
+    NOISE = ("Using custom data configuration", "read_only=True", "Given directory is read only")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "/mmjax/" in record.pathname.replace("\\", "/"):
+            return True
+        message = str(record.msg)
+        return record.levelno >= logging.WARNING and not any(n in message for n in self.NOISE)
+
+
+def _configure_logging() -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for handler in root.handlers:
+        handler.addFilter(_QuietLibraries())
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.getLogger().setLevel(logging.INFO)
+    _configure_logging()
     from mmjax import parallel
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id)
@@ -54,7 +74,19 @@ def entry() -> None:
     from mmjax.config_validation import ConfigError
     try:
         app.run(main)
+    except (AttributeError, KeyError) as e:
+        # ml_collections raises these while applying a --config.x.y=... override to a field that
+        # does not exist; name the override instead of showing a traceback.
+        field = str(e).strip("\"'")
+        bad = [a for a in sys.argv[1:] if a.startswith("--config.") and f".{field}" in a]
+        if not bad:
+            raise
+        print(f"mmjax: error: {bad[0].split('=')[0]}: no such config field {field!r}",
+              file=sys.stderr)
+        sys.exit(2)
     except (ConfigError, ValueError, FileNotFoundError, OSError) as e:
+        if os.environ.get("MMJAX_TRACEBACK"):
+            raise
         print(f"mmjax: error: {e}", file=sys.stderr)
         sys.exit(2)
 

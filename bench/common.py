@@ -1,0 +1,37 @@
+"""Shared bits of the benchmark scripts: loading a config file by path and writing results JSON."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+import jax
+from ml_collections import config_flags
+
+RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
+
+
+def load_config(spec: str):
+    """`configs/X.py:arg` -> ConfigDict, exactly as `--config=` would load it."""
+    path, _, arg = spec.partition(":")
+    module = config_flags.config_flags._LoadConfigModule("bench_config", path)  # noqa: SLF001
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def environment() -> dict:
+    devices = jax.devices()
+    return {"backend": jax.default_backend(), "device_kind": devices[0].device_kind,
+            "num_devices": len(devices), "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "jax": jax.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def write_results(name: str, results: dict, out: str | None = None) -> str:
+    path = out or os.path.join(RESULTS_DIR, f"{name}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"environment": environment(), **results}, f, indent=2)
+    print(json.dumps(results, indent=2))
+    print(f"wrote {path}")
+    return path

@@ -1,0 +1,56 @@
+"""FSQ tokenizer figures: validation PSNR, codebook usage, perplexity and steps/s per budget.
+
+  python bench/fsq_tokenizer.py --runs=demo:8,5,5,5 --runs=long:8,5,5,5 --runs=demo:8,8,8,5,5,5
+
+Each run is a normal `--mode=tokenizer` run of configs/fsq_shapes.py:<budget> in its own workdir
+(reused if present: finished runs are only re-evaluated). Writes bench/results/fsq_tokenizer.json.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from absl import app, flags
+
+from bench.common import load_config, write_results
+from mmjax import stages
+from mmjax.metrics_writer import read_jsonl
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("runs", ["demo:8,5,5,5", "demo:8,8,8,5,5,5"], "budget:levels")
+flags.DEFINE_string("workdir", "/tmp/mmjax_bench_fsq", "Root of the runs' workdirs.")
+flags.DEFINE_string("out", None, "Output JSON (default bench/results/fsq_tokenizer.json).")
+
+
+def run_one(budget: str, levels: tuple[int, ...], root: str) -> dict:
+    config = load_config(f"configs/fsq_shapes.py:{budget}")
+    config.fsq.levels = levels
+    config.tokenizer_train.progress_bar = False
+    workdir = os.path.join(root, f"{budget}_{'-'.join(map(str, levels))}")
+    start = time.perf_counter()
+    results = stages.run_mode(config, workdir, "tokenizer")
+    wall = time.perf_counter() - start
+    rows = [r for r in read_jsonl(os.path.join(workdir, "tokenizer", "train_metrics.jsonl"))
+            if "steps_per_sec" in r]
+    # The first logging window includes compilation; report the steady state after it.
+    steady = [r["steps_per_sec"] for r in rows[1:]] or [rows[-1]["steps_per_sec"]]
+    metrics = results["train_tokenizer"]
+    return {"budget": budget, "levels": list(levels), "codebook_size": metrics["codebook_size"],
+            "steps": metrics["step"], "batch_size": config.tokenizer_train.batch_size,
+            "val_psnr_db": metrics["validation_psnr"],
+            "codebook_usage": metrics["validation_usage"],
+            "code_perplexity": metrics["validation_perplexity"],
+            "steps_per_sec": sum(steady) / len(steady), "wall_s": wall}
+
+
+def main(_):
+    out = []
+    for spec in FLAGS.runs:
+        budget, _, levels = spec.partition(":")
+        out.append(run_one(budget, tuple(int(v) for v in levels.split(",")), FLAGS.workdir))
+        print(out[-1])
+    write_results("fsq_tokenizer", {"runs": out}, FLAGS.out)
+
+
+if __name__ == "__main__":
+    app.run(main)
