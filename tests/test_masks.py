@@ -117,3 +117,32 @@ def test_padding_attends_only_to_itself_and_bad_shapes_fail():
     assert not mask[pad][:, seg[0] > 0].any() and not mask[seg[0] > 0][:, pad].any()
     with pytest.raises(ValueError, match="batch, length"):
         masks.attention_mask(seg, blk[:, :-1], True)
+
+
+def packed_batch(rows, length, vocab=50, levels=(8, 5, 5, 5), seed=0, boi_in_block=False):
+    """A full packed batch (all keys of docs/INTERFACES.md) for model tests: rows is a list of
+    document lists as in `build_row`; token ids and FSQ codes are random."""
+    from mmjax.tokenizers.fsq import FSQ
+    fsq = FSQ(tuple(levels))
+    rng = np.random.default_rng(seed)
+    out = [build_row(docs, length, boi_in_block) for docs in rows]
+    b = {k: np.stack([r[k] for r in out]) for k in out[0]}
+    seg, mod = b["segment_ids"], b["modality"]
+    positions = np.zeros_like(seg)
+    for r in range(len(rows)):
+        for i in range(1, length):
+            positions[r, i] = positions[r, i - 1] + 1 if seg[r, i] == seg[r, i - 1] else 0
+    positions[seg == 0] = 0
+    text = rng.integers(1, vocab, seg.shape)
+    index = rng.integers(0, fsq.codebook_size, seg.shape)
+    tokens = np.where(seg == 0, 0, np.where(mod == 1, index, text)).astype(np.int32)
+    codes = np.where((mod == 1)[..., None], fsq.indices_to_codes(index), 0.0).astype(np.float32)
+    nxt = lambda a: np.concatenate([a[:, 1:], np.zeros_like(a[:, :1])], 1)  # noqa: E731
+    b.update(tokens=tokens, codes=codes, positions=positions.astype(np.int32),
+             text_targets=np.where(b["text_mask"] > 0, nxt(tokens), 0).astype(np.int32),
+             code_targets=np.where(b["image_mask"][..., None] > 0, nxt(codes), 0.0),
+             index_targets=np.where(b["image_mask"] > 0, nxt(tokens), 0).astype(np.int32))
+    b["code_targets"] = b["code_targets"].astype(np.float32)
+    for k in ("segment_ids", "image_block", "modality"):
+        b[k] = b[k].astype(np.int32)
+    return b

@@ -1,0 +1,183 @@
+"""Mixture-of-Transformers (Liang et al. 2024): every non-embedding weight is split by modality,
+attention stays global over the mixed sequence.
+
+Grouped compute: tokens are sorted by modality id so that each modality's tokens are contiguous,
+and one `jax.lax.ragged_dot` multiplies every group by its own weight slice. A token therefore
+costs exactly what it costs in a dense model; nothing runs through another modality's weights.
+(`mot_impl="masked"` does run every token through every modality and keeps its own; it exists
+only as a reference for tests and benchmarks.)
+
+Where the sort happens, and why: the modality layout is fixed for a whole forward pass, so the
+model sorts ONCE (`make_routing`) and keeps the residual stream in sorted order through every
+block. Norms, Q/K/V/O and the FFN then need no data movement at all; only attention needs the
+original order (RoPE positions, causal mask), so each block un-sorts q/k/v and re-sorts the
+attention output: 4 * d_model gathered values per token per layer, against 8 * d_model if the
+residual were kept in the original order and sorted around each projection group. The final
+hidden state is un-sorted once. With one modality the permutation is the identity and is skipped
+(statically), so `num_modalities=1` is a plain dense transformer with no gathers at all.
+
+The sort is over the flattened batch ([B*L] tokens), as `ragged_dot` takes one 2-D left operand.
+The sorted stream is still laid out as [B, L, D] between blocks (its "batch" rows are token chunks
+of mixed documents), which keeps the logical sharding constraints meaningful; under data
+parallelism the un-sort before attention moves tokens between data shards.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from mmjax.models import layers
+
+
+class Routing(NamedTuple):
+    """How the flattened tokens [N = B*L] are grouped by modality (computed once per forward).
+
+    perm / inv are None when there is a single modality (identity, skipped statically).
+    """
+
+    perm: jax.Array | None  # [N] int32: sorted row r holds original token perm[r]
+    inv: jax.Array | None  # [N] int32: original token n sits at sorted row inv[n]
+    group_sizes: jax.Array  # [M] int32 tokens per modality, summing to N (what ragged_dot needs)
+    modality: jax.Array  # [N] int32 modality id of each *sorted* row
+
+
+def make_routing(modality: jax.Array, num_modalities: int) -> Routing:
+    """Stable sort of the flattened tokens by modality id.
+
+    With one modality every token shares the one weight set (a dense model still sees text and
+    image tokens; only the input embedding tells them apart). Otherwise ids outside
+    [0, num_modalities) are clipped here (ragged_dot needs group sizes that sum to N) and the
+    model turns such positions into NaN, so a bad batch cannot train silently.
+    """
+    n = modality.size
+    if num_modalities == 1:
+        return Routing(None, None, jnp.full((1,), n, jnp.int32), jnp.zeros((n,), jnp.int32))
+    ids = jnp.clip(modality.reshape(-1).astype(jnp.int32), 0, num_modalities - 1)
+    perm = jnp.argsort(ids, stable=True).astype(jnp.int32)
+    inv = jnp.zeros((n,), jnp.int32).at[perm].set(jnp.arange(n, dtype=jnp.int32))
+    group_sizes = jnp.bincount(ids, length=num_modalities).astype(jnp.int32)
+    return Routing(perm, inv, group_sizes, ids[perm])
+
+
+def to_sorted(x: jax.Array, routing: Routing) -> jax.Array:
+    """Original-order tokens [B, T, ...] -> sorted rows [N, ...]."""
+    flat = x.reshape((-1,) + x.shape[2:])
+    return flat if routing.perm is None else flat[routing.perm]
+
+
+def from_sorted(x: jax.Array, routing: Routing, shape: Sequence[int]) -> jax.Array:
+    """Sorted rows [N, ...] -> original order, reshaped to `shape` ([B, T, ...])."""
+    out = x if routing.inv is None else x[routing.inv]
+    return out.reshape(tuple(shape))
+
+
+class ModalityDense(nn.Module):
+    """A linear map with one weight per modality: kernel [M, *in_shape, *features], no bias.
+
+    Applied to sorted rows x [N, prod(in_shape)] -> [N, prod(features)], each row with the weight
+    of its own modality. The multi-axis shapes exist only to name axes (`heads`, `kv`, ...).
+    """
+
+    num_modalities: int
+    in_shape: tuple[int, ...]
+    features: tuple[int, ...]
+    in_names: tuple[str, ...]
+    out_names: tuple[str, ...]
+    dtype: jnp.dtype = jnp.float32
+    impl: str = "ragged"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, routing: Routing) -> jax.Array:
+        m, n_in, n_out = self.num_modalities, len(self.in_shape), len(self.features)
+        init = layers.fan_in_init(in_axis=tuple(range(1, 1 + n_in)),
+                                  out_axis=tuple(range(1 + n_in, 1 + n_in + n_out)), batch_axis=(0,))
+        kernel = self.param("kernel", layers.partitioned(
+            init, ("modality",) + tuple(self.in_names) + tuple(self.out_names)),
+            (m,) + tuple(self.in_shape) + tuple(self.features), jnp.float32)
+        kernel = kernel.reshape(m, math.prod(self.in_shape), math.prod(self.features))
+        kernel = kernel.astype(self.dtype)
+        x = x.astype(self.dtype)
+        if m == 1:
+            return x @ kernel[0]
+        if self.impl == "ragged":
+            return jax.lax.ragged_dot(x, kernel, routing.group_sizes)
+        if self.impl == "masked":  # reference: M times the FLOPs
+            every = jnp.einsum("nk,mkf->nmf", x, kernel)
+            return jnp.take_along_axis(every, routing.modality[:, None, None], axis=1)[:, 0]
+        raise ValueError(f"model.mot_impl={self.impl!r}: must be 'ragged' or 'masked'.")
+
+
+class ModalityRMSNorm(nn.Module):
+    """RMSNorm whose scale is picked per row by modality (a cheap gather of [M, D] scales)."""
+
+    num_modalities: int
+    eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, routing: Routing) -> jax.Array:
+        scale = self.param("scale", layers.partitioned(nn.initializers.ones, ("modality", "embed")),
+                           (self.num_modalities, x.shape[-1]), jnp.float32)
+        row_scale = scale[0] if self.num_modalities == 1 else scale[routing.modality]
+        return (layers.rms_normalize(x, self.eps) * row_scale).astype(self.dtype)
+
+
+class MoTBlock(nn.Module):
+    """Pre-norm transformer block, every weight per modality, global attention.
+
+    x: the sorted residual stream laid out as [B, T, D]; positions / mask in original order.
+    With `kv` = (cache_k, cache_v) [B, S, H, Dh] and `cache_index`, the chunk's keys/values are
+    written at slots cache_index.. and attention runs over the whole cache (mask [B, T, S]).
+    Returns (x, updated (k, v) or None).
+    """
+
+    num_modalities: int
+    d_model: int
+    num_heads: int
+    mlp_dim: int
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    mot_impl: str = "ragged"
+
+    def _dense(self, in_shape, features, in_names, out_names, name):
+        return ModalityDense(self.num_modalities, tuple(in_shape), tuple(features), tuple(in_names),
+                             tuple(out_names), dtype=self.dtype, impl=self.mot_impl, name=name)
+
+    @nn.compact
+    def __call__(self, x, routing: Routing, positions, mask, kv=None, cache_index=None):
+        batch, length, d = x.shape
+        heads = self.num_heads
+        head_dim = d // heads
+        x = layers.constrain(x, ("batch", "length", "embed")).reshape(batch * length, d)
+
+        h = ModalityRMSNorm(self.num_modalities, self.norm_eps, self.dtype, name="attn_norm")(
+            x, routing)
+        qkv = []
+        for name in ("query", "key", "value"):
+            y = self._dense((d,), (heads, head_dim), ("embed",), ("heads", "kv"), name)(h, routing)
+            y = from_sorted(y, routing, (batch, length, heads, head_dim))
+            qkv.append(layers.constrain(y, ("batch", "length", "heads", "kv")))
+        q, k, v = qkv
+        q = layers.rope(q, positions, self.rope_theta)
+        k = layers.rope(k, positions, self.rope_theta)
+        new_kv = None
+        if kv is not None:
+            k, v = layers.update_kv_cache(kv[0], kv[1], k, v, cache_index)
+            new_kv = (k, v)
+        o = layers.attend(q, k.astype(self.dtype), v.astype(self.dtype), mask)
+        o = to_sorted(o.reshape(batch, length, heads * head_dim), routing)
+        x = x + self._dense((heads, head_dim), (d,), ("heads", "kv"), ("embed",), "out")(o, routing)
+
+        h = ModalityRMSNorm(self.num_modalities, self.norm_eps, self.dtype, name="mlp_norm")(
+            x, routing)
+        gate = self._dense((d,), (self.mlp_dim,), ("embed",), ("mlp",), "gate")(h, routing)
+        up = self._dense((d,), (self.mlp_dim,), ("embed",), ("mlp",), "up")(h, routing)
+        x = x + self._dense((self.mlp_dim,), (d,), ("mlp",), ("embed",), "down")(
+            layers.swiglu(gate, up), routing)
+        x = layers.constrain(x.reshape(batch, length, d), ("batch", "length", "embed"))
+        return x, new_kv
