@@ -29,6 +29,7 @@ def data_config() -> ml_collections.ConfigDict:
     # SentencePiece text tokenizer.
     c.sp_model_path = ""  # Path to a user .model file; "" -> train one from the captions.
     c.sp_vocab_size = 256  # Vocabulary size when training SentencePiece from the captions.
+    c.max_caption_len = 28  # Caption tokens per document (longer captions are an error).
     c.sp_max_sentences = 100_000  # Captions (evenly strided over the train split) used to train SentencePiece.
     return c
 
@@ -80,6 +81,7 @@ def objective_config() -> ml_collections.ConfigDict:
     c.flow_logit_std = 1.0  # logit_normal: std of logit(t) (mean 0); larger puts more mass near 0 and 1.
     c.t2i_prob = 0.7  # Probability an example is text->image (else image->caption).
     c.caption_dropout = 0.1  # Text->image examples whose caption is dropped (for CFG).
+    c.direction_redraws = 8  # Copies of each example per pass, each with a fresh direction draw.
     return c
 
 
