@@ -135,20 +135,17 @@ class MultimodalLM(nn.Module):
         image = self.code_in(codes)
         return jnp.where(is_text[..., None], text, image).astype(self.dtype)
 
-    def _check_modality(self, modality, hidden):
-        """NaN where a modality id has no weights (with one modality every id >= 0 shares them)."""
-        def valid_ids(ids):
-            ok = ids >= 0
-            return ok & (ids < self.num_modalities) if self.num_modalities > 1 else ok
-
-        if _is_concrete(modality) and not valid_ids(np.asarray(modality)).all():
-            raise ValueError(f"batch['modality'] holds ids outside [0, {self.num_modalities}) "
-                             f"(model.num_modalities={self.num_modalities}).")
-        return jnp.where(valid_ids(jnp.asarray(modality))[..., None], hidden, jnp.nan)
+    def _valid_modality(self, ids):
+        """Ids that have weights (with one modality every id >= 0 shares them)."""
+        ok = ids >= 0
+        return ok & (ids < self.num_modalities) if self.num_modalities > 1 else ok
 
     def _backbone(self, batch, mask, kv_layers=None, cache_index=None, *, train):
         """Embeds, sorts once, runs the blocks on the sorted stream, un-sorts once."""
         tokens, modality = batch["tokens"], batch["modality"]
+        if _is_concrete(modality) and not self._valid_modality(np.asarray(modality)).all():
+            raise ValueError(f"batch['modality'] holds ids outside [0, {self.num_modalities}) "
+                             f"(model.num_modalities={self.num_modalities}).")
         b, t = tokens.shape
         routing = mot.make_routing(modality, self.num_modalities)
         x = self.embed_inputs(tokens, batch["codes"], modality, train=train)
@@ -161,7 +158,7 @@ class MultimodalLM(nn.Module):
             new_kv.append(kv)
         h = self.final_norm(x.reshape(b * t, d), routing)
         h = mot.from_sorted(h, routing, (b, t, d))
-        h = self._check_modality(modality, h)
+        h = jnp.where(self._valid_modality(jnp.asarray(modality))[..., None], h, jnp.nan)
         return layers.constrain(h, ("batch", "length", "embed")), new_kv
 
     # ---- forward -----------------------------------------------------------------------------

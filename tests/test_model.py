@@ -1,0 +1,163 @@
+"""MultimodalLM: KV-cache decoding == full forward (LM logits and flow velocities; prefill with a
+bidirectional context image, then one position at a time), packed documents are independent,
+every parameter is logically partitioned, remat does not change gradients, the config variants
+(tied LM head, discrete/factorised head, bf16) behave, CAM noise only touches image inputs, and
+bad input fails loudly."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from mmjax.models.model import MultimodalLM, init_cache, init_params
+from test_masks import packed_batch
+from test_mot import LEVELS, VOCAB, build, key, tiny_cfg
+
+L = 24
+# Row 0: two text->image documents (decodable position by position). Row 1: image->caption
+# (context image at positions 2..6, <eoi> at 7) then a text->image document, then padding.
+ROWS = [[("t2i", 3, 6), ("t2i", 1, 4)], [("i2t", 2, 5), ("t2i", 0, 3)]]
+PREFILL = 8
+INPUT_KEYS = ("tokens", "codes", "modality", "positions", "segment_ids", "image_block")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = tiny_cfg(num_modalities=2, max_seq_len=L)
+    batch = packed_batch(ROWS, L, VOCAB, LEVELS, seed=1)
+    model, params = build(cfg, batch)
+    forward = jax.jit(lambda p, b: model.apply({"params": p}, b))
+    rng = np.random.default_rng(0)
+    x_t = rng.normal(size=(2, L, len(LEVELS))).astype(np.float32)
+    t = rng.uniform(size=(2, L)).astype(np.float32)
+
+    @jax.jit
+    def heads(p, hidden):
+        lm = model.apply({"params": p}, hidden, method=MultimodalLM.lm_logits)
+        vel = model.apply({"params": p}, hidden, x_t, t, method=MultimodalLM.flow_velocity)
+        return lm, vel
+
+    return dict(cfg=cfg, batch=batch, model=model, params=params, forward=forward, heads=heads)
+
+
+def _decode_all(s, chunks):
+    """Decodes `chunks` [(start, end), ...] in order; returns the hidden states [B, L, D]."""
+    decode = jax.jit(lambda p, c, cache: s["model"].apply(
+        {"params": p}, c, cache, method=MultimodalLM.decode))
+    cache = init_cache(s["cfg"], 2)
+    out = []
+    for start, end in chunks:
+        chunk = {k: s["batch"][k][:, start:end] for k in INPUT_KEYS}
+        hidden, cache = decode(s["params"], chunk, cache)
+        out.append(hidden)
+    assert int(cache["index"]) == L
+    return jnp.concatenate(out, axis=1)
+
+
+def test_cached_decoding_matches_full_forward(setup):
+    s = setup
+    full_lm, full_vel = s["heads"](s["params"], s["forward"](s["params"], s["batch"]))
+    assert np.abs(full_vel).mean() > 1e-2  # the flow head is not trivially zero here
+    # Prefill (covers row 1's context image) then single steps: every position matches.
+    hidden = _decode_all(s, [(0, PREFILL)] + [(i, i + 1) for i in range(PREFILL, L)])
+    lm, vel = s["heads"](s["params"], hidden)
+    np.testing.assert_allclose(lm, full_lm, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(vel, full_vel, atol=1e-5, rtol=1e-5)
+    # One position at a time from the start: exact wherever no context image is involved...
+    hidden = _decode_all(s, [(i, i + 1) for i in range(L)])
+    lm, vel = s["heads"](s["params"], hidden)
+    same = np.ones((2, L), bool)
+    same[1, 2:11] = False  # row 1's context image and its caption
+    np.testing.assert_allclose(lm[same], full_lm[same], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(vel[same], full_vel[same], atol=1e-5, rtol=1e-5)
+    # ...while a context image cut into single steps cannot see its later tokens.
+    assert not np.allclose(lm[1, 2:11], full_lm[1, 2:11], atol=1e-3)
+
+
+def test_packed_documents_are_independent(setup):
+    s = setup
+    batch = s["batch"]
+    packed = s["forward"](s["params"], batch)
+    # Row 0's second document (positions 13..21) moved alone to the start of a row.
+    alone = {k: np.zeros_like(v) for k, v in batch.items()}
+    for k, v in batch.items():
+        alone[k][:, :9] = v[:1, 13:22]
+    alone["segment_ids"][:, :9] = 1
+    got = s["forward"](s["params"], alone)
+    np.testing.assert_allclose(got[0, :9], packed[0, 13:22], atol=1e-5, rtol=1e-5)
+    assert np.isfinite(np.asarray(packed)).all()  # padding rows attend to themselves only
+
+
+def test_every_param_is_logically_partitioned(setup):
+    s = setup
+    boxed = jax.eval_shape(lambda k: init_params(s["model"], k, s["batch"]), key(0))
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert len(leaves) > 20
+    for leaf in leaves:
+        assert isinstance(leaf, nn.Partitioned), leaf
+        assert len(leaf.names) == len(leaf.value.shape), leaf
+        assert leaf.value.dtype == jnp.float32
+
+
+def test_remat_dots_gives_the_same_gradients(setup):
+    s = setup
+    model_remat = MultimodalLM(tiny_cfg(num_modalities=2, max_seq_len=L, remat="dots"), VOCAB,
+                               LEVELS)
+    grads = []
+    for model in (s["model"], model_remat):
+        loss = lambda p, m=model: jnp.sum(jnp.sin(m.apply({"params": p}, s["batch"])))  # noqa: E731
+        grads.append(jax.jit(jax.grad(loss))(s["params"]))
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_variants_tied_discrete_factorized_bf16():
+    cfg = tiny_cfg(num_modalities=2, max_seq_len=L, tie_embeddings=True, image_head="discrete",
+                   discrete_factorized=True, dtype="bfloat16")
+    batch = packed_batch(ROWS, L, VOCAB, LEVELS)
+    model, params = build(cfg, batch)
+    assert "lm_head" not in params and "flow_head" not in params
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+
+    @jax.jit
+    def run(p):
+        hidden = model.apply({"params": p}, batch)
+        return (hidden, model.apply({"params": p}, hidden, method=MultimodalLM.lm_logits),
+                model.apply({"params": p}, hidden, method=MultimodalLM.index_logits))
+
+    hidden, lm, index = run(params)
+    assert hidden.dtype == jnp.bfloat16 and lm.dtype == jnp.float32
+    tied = np.asarray(hidden, np.float32) @ np.asarray(params["embed"]["embedding"]).T
+    np.testing.assert_allclose(lm, tied, rtol=0.05, atol=0.05 * np.abs(tied).max())
+    assert [x.shape for x in index] == [(2, L, n) for n in LEVELS]
+    with pytest.raises(ValueError, match="image_head='flow'"):
+        model.apply({"params": params}, hidden, hidden[..., :4], hidden[..., 0],
+                    method=MultimodalLM.flow_velocity)
+
+
+def test_noise_augmentation_only_touches_image_inputs(setup):
+    s = setup
+    noisy = MultimodalLM(tiny_cfg(num_modalities=2, max_seq_len=L, noise_aug=0.5), VOCAB, LEVELS)
+    fwd = jax.jit(lambda p, b, k, train: noisy.apply({"params": p}, b, train=train,
+                                                      rngs={"noise": k}), static_argnums=3)
+    clean = s["forward"](s["params"], s["batch"])
+    np.testing.assert_array_equal(fwd(s["params"], s["batch"], key(1), False), clean)
+    train = np.asarray(fwd(s["params"], s["batch"], key(1), True))
+    changed = np.abs(train - np.asarray(clean)).max(-1) > 1e-6
+    # Row 0, document 1: <bos> + 3 caption + <boi> come before the first image token.
+    assert not changed[0, :5].any() and changed[0, 5:13].all()
+
+
+def test_bad_input_fails_loudly(setup):
+    s = setup
+    bad = dict(s["batch"], modality=np.where(s["batch"]["modality"] == 1, 2, 0).astype(np.int32))
+    with pytest.raises(ValueError, match="modality"):
+        s["model"].apply({"params": s["params"]}, bad)
+    traced = np.asarray(jax.jit(lambda p, b: s["model"].apply({"params": p}, b))(s["params"], bad))
+    assert np.isnan(traced[bad["modality"] == 2]).all() and np.isfinite(traced[bad["modality"] == 0]).all()
+    chunk = {k: s["batch"][k] for k in INPUT_KEYS}
+    with pytest.raises(ValueError, match="overflows the cache"):
+        s["model"].apply({"params": s["params"]}, chunk, init_cache(s["cfg"], 2, max_len=L - 1),
+                         method=MultimodalLM.decode)
+    with pytest.raises(ValueError, match="codes"):
+        s["model"].apply({"params": s["params"]}, dict(s["batch"], codes=s["batch"]["codes"][..., :3]))
