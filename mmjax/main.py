@@ -55,25 +55,57 @@ def _configure_logging() -> None:
         handler.addFilter(_QuietLibraries())
 
 
-def main(argv) -> None:
+class UsageError(ValueError):
+    """A missing or malformed command-line argument (one line, exit code 2; not absl's usage dump)."""
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, but a bad flag (or a config file whose get_config raises) is one line."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        # Errors inside a config file arrive as a multi-line traceback; its last line says what.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        head = lines[0].split(": Error whilst parsing config file")[0].removeprefix("flag ")
+        detail = f": {lines[-1]}" if len(lines) > 1 else ""
+        print(f"mmjax: error: {head}{detail}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _check_args(argv) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if FLAGS.config is None:
+        raise UsageError("--config is required, e.g. --config=configs/mot_shapes.py:demo")
+    path = config_flags.get_config_filename(FLAGS["config"]).split(":", 1)[0]  # drop ":arg"
+    if not os.path.isfile(path):
+        raise UsageError(f"--config: no such config file {path!r}")
+    if not FLAGS.workdir:
+        raise UsageError("--workdir is required")
+
+
+def main(argv) -> None:
+    _check_args(argv)
     _configure_logging()
     from mmjax import parallel
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id)
-    if FLAGS.config is None:
-        raise app.UsageError("--config is required, e.g. --config=configs/mot_shapes.py:demo")
-    if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required")
     run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
 def entry() -> None:
-    """Turns expected user errors into one clear line (exit code 2) instead of a traceback."""
+    """Turns expected user errors into one clear line (exit code 2) instead of a traceback.
+
+    A non-finite loss under train.nan_policy='stop' is one line too, with exit code 1 (the run
+    failed; the input was fine). MMJAX_TRACEBACK=1 shows the traceback instead.
+    """
     from mmjax.config_validation import ConfigError
     try:
-        app.run(main)
+        app.run(main, flags_parser=_parse_flags)
     except (AttributeError, KeyError) as e:
         # ml_collections raises these while applying a --config.x.y=... override to a field that
         # does not exist; name the override instead of showing a traceback.
@@ -87,8 +119,13 @@ def entry() -> None:
     except (ConfigError, ValueError, FileNotFoundError, OSError) as e:
         if os.environ.get("MMJAX_TRACEBACK"):
             raise
-        print(f"mmjax: error: {e}", file=sys.stderr)
+        print(f"mmjax: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except FloatingPointError as e:  # train.NonFiniteLossError: a failed run, not a bad input
+        if os.environ.get("MMJAX_TRACEBACK"):
+            raise
+        print(f"mmjax: error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
