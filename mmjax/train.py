@@ -260,16 +260,20 @@ def _loop(config, tc, task, setup, state, start, iterator, manager, writer, run_
     bar = _progress(tc, start, total, task.name)
     t0, s0 = time.perf_counter(), start
     step = start
+    unchecked = []  # (step, device metrics) of steps whose finiteness the host has not seen yet
     with _Preemption() as preempt, jax.set_mesh(setup.mesh), \
             nn.logical_axis_rules(setup.rules):
         while step < total:
             batch = parallel.shard_batch(next(iterator), setup.mesh)
             state, metrics = setup.train_step(state, batch)
             step += 1
+            unchecked.append((step, {k: metrics[k] for k in ("finite", "loss", "grad_norm")}))
             stopping = preempt.requested or step == stop_at_step or step == total
             due_ckpt = step % tc.checkpoint_every == 0 or stopping
             if step % tc.log_every == 0 or due_ckpt:
-                last_metrics = _host_metrics(metrics, tc, step)
+                _check_finite(unchecked, tc)
+                unchecked = []
+                last_metrics = _host_metrics(metrics)
                 elapsed = time.perf_counter() - t0
                 last_metrics["steps_per_sec"] = (step - s0) / max(elapsed, 1e-9)
                 writer.write(step, last_metrics)
@@ -292,17 +296,27 @@ def _loop(config, tc, task, setup, state, start, iterator, manager, writer, run_
             "state": state}
 
 
-def _host_metrics(metrics, tc, step: int) -> dict[str, float]:
-    """Pulls metrics to the host; under nan_policy='stop' a skipped step ends the run."""
-    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if host.get("finite", 1.0) < 1.0 or not math.isfinite(host.get("loss", 0.0)):
+def _check_finite(unchecked, tc) -> None:
+    """Under nan_policy='stop' a non-finite step ends the run, whether or not it was logged.
+
+    Every step since the last check is looked at (one device_get of a few scalars per step), so
+    log_every > 1 cannot hide a skipped update.
+    """
+    for step, m in jax.device_get(unchecked):
+        loss = float(m["loss"])
+        if float(m["finite"]) >= 1.0 and math.isfinite(loss):
+            continue
         if tc.nan_policy == "stop":
             raise NonFiniteLossError(
-                f"non-finite loss or gradient at step {step} (loss={host.get('loss')}, "
-                f"grad_norm={host.get('grad_norm')}); the update was not applied and no "
+                f"non-finite loss or gradient at step {step} (loss={loss}, "
+                f"grad_norm={float(m['grad_norm'])}); the update was not applied and no "
                 "checkpoint was written. Set train.nan_policy='skip' to skip such steps.")
         logging.warning("step %d: non-finite loss/gradient, update skipped", step)
-    return host
+
+
+def _host_metrics(metrics) -> dict[str, float]:
+    """Pulls metrics to the host (their finiteness was checked by `_check_finite`)."""
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
 def _validation(config, task, setup, state, tc, run_dir) -> dict[str, float]:
