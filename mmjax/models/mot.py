@@ -18,8 +18,11 @@ hidden state is un-sorted once. With one modality the permutation is the identit
 
 The sort is over the flattened batch ([B*L] tokens), as `ragged_dot` takes one 2-D left operand.
 The sorted stream is still laid out as [B, L, D] between blocks (its "batch" rows are token chunks
-of mixed documents), which keeps the logical sharding constraints meaningful; under data
-parallelism the un-sort before attention moves tokens between data shards.
+of mixed documents), so the logical sharding constraints still apply. Known cost on a mesh: the
+permutation is global, so with the batch sharded XLA's SPMD partitioner replicates the gathered
+q/k/v/o ("involuntary full rematerialization" warnings) — correct, but it adds all-gathers per
+layer. Sorting inside each data shard (shard_map around the routed matmuls) removes them; that
+is the next step if multi-device MoT step time matters (one device and tests are unaffected).
 """
 from __future__ import annotations
 
