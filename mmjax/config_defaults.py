@@ -44,6 +44,7 @@ def fsq_config() -> ml_collections.ConfigDict:
     c.loss = "l2"  # Reconstruction loss: "l2" or "l1+l2".
     c.l1_weight = 0.1  # Weight of the L1 term when loss = "l1+l2".
     c.checkpoint_dir = ""  # Trained tokenizer checkpoint dir for the model stage; "" -> <workdir>/tokenizer.
+    c.tokens_dir = ""  # Precomputed image tokens dir; "" -> <workdir>/image_tokens (sweeps share one).
     return c
 
 
@@ -142,6 +143,32 @@ def tokenizer_train_config() -> ml_collections.ConfigDict:
     c.warmup_steps = 100
     c.weight_decay = 0.0
     c.checkpoint_every = 1000
+    return c
+
+
+def sweep_config() -> ml_collections.ConfigDict:
+    """A grid of model runs sharing one data / tokenizer build (configs/sweep_*.py, mmjax.scaling).
+
+    Axis entries (sizes, budgets, archs) map a name to nested overrides `{block: {field: value}}`
+    of the base config; points are the product of the axes, ordered by sorted names.
+    """
+    c = ml_collections.ConfigDict()
+    c.base = ""  # Config spec of every point, e.g. "configs/mot_shapes.py:smoke" (cwd- or repo-relative).
+    c.base_config = None  # Or an embedded base ConfigDict (used when `base` is "").
+    c.shared = ml_collections.ConfigDict()  # Overrides of the base for all points (data, tokenizer, ...).
+    c.sizes = ml_collections.ConfigDict()  # name -> {"model": {...}}: model sizes.
+    c.budgets = ml_collections.ConfigDict()  # name -> {"train": {"steps", "batch_size"}} or {"flops": C}.
+    c.archs = ml_collections.ConfigDict()  # name -> overrides, e.g. {"model": {"num_modalities": 1}}.
+    c.min_steps = 10  # Floor on the steps derived from a FLOPs budget.
+    c.warmup_fraction = 0.1  # train.warmup_steps = fraction * steps (unless a point sets it).
+    c.checkpoints_per_run = 2  # train.checkpoint_every = steps // this (resume granularity).
+    c.evals_per_run = 4  # Validations along training (train.eval_every = steps // this; 0: end only).
+    c.logs_per_run = 20  # Train-metric rows per run (train.log_every = steps // this).
+    c.analyses = ("scaling",)  # Report: "scaling" (laws, isoFLOPs) and/or "mot_vs_dense".
+    c.param_key = "n_params_non_embedding"  # N in the fits: n_params_{total,active,non_embedding}.
+    c.loss_keys = ("loss", "text_loss", "image_loss")  # Validation losses fitted / compared.
+    c.compare = ("dense", "mot")  # mot_vs_dense: (baseline arch, candidate arch) names.
+    c.compilation_cache = True  # Persistent XLA cache in <sweep_dir>/jax_cache (same shapes compile once).
     return c
 
 

@@ -21,12 +21,14 @@ from mmjax.data import pipeline
 SPLITS = ("train", "validation", "test")
 
 
-def tokens_dir(workdir: str) -> str:
-    return os.path.join(workdir, "image_tokens")
+def tokens_dir(workdir: str, config=None) -> str:
+    """`fsq.tokens_dir` when set (a sweep shares one set of tokens), else <workdir>/image_tokens."""
+    override = config.fsq.get("tokens_dir", "") if config is not None and "fsq" in config else ""
+    return os.fspath(override) if override else os.path.join(workdir, "image_tokens")
 
 
-def _paths(workdir: str, split: str) -> tuple[str, str]:
-    base = os.path.join(tokens_dir(workdir), split)
+def _paths(workdir: str, split: str, config=None) -> tuple[str, str]:
+    base = os.path.join(tokens_dir(workdir, config), split)
     return base + ".array_record", base + ".json"
 
 
@@ -46,7 +48,7 @@ def tokenize_split(config, workdir: str, split: str, model, params, step: int,
     factor = model.downsample
     grid = (config.data.image_size // factor, config.data.image_size // factor)
     meta = _expected_meta(config, len(ds), grid, step)
-    data_path, meta_path = _paths(workdir, split)
+    data_path, meta_path = _paths(workdir, split, config)
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             found = json.load(f)
@@ -54,8 +56,9 @@ def tokenize_split(config, workdir: str, split: str, model, params, step: int,
             return meta
         raise ValueError(
             f"{meta_path} holds tokens from another tokenizer or dataset ({found}); expected "
-            f"{meta}. Refusing to overwrite: delete {tokens_dir(workdir)} or use a new workdir.")
-    os.makedirs(tokens_dir(workdir), exist_ok=True)
+            f"{meta}. Refusing to overwrite: delete {tokens_dir(workdir, config)} or use a new "
+            "workdir.")
+    os.makedirs(tokens_dir(workdir, config), exist_ok=True)
     encode = jax.jit(lambda imgs: ae.tokenize(model, params, ae.images_to_float(imgs)))
     tmp = data_path + ".tmp"
     writer = ArrayRecordWriter(tmp, "group_size:1")
@@ -88,12 +91,12 @@ def tokenize_all_splits(config, workdir: str) -> dict:
     return out
 
 
-def load_tokens(workdir: str, split: str, expected_len: int) -> grain.MapDataset:
+def load_tokens(workdir: str, split: str, expected_len: int, config=None) -> grain.MapDataset:
     """MapDataset of int32 index arrays for `split`; a clear error when missing or mismatched."""
-    data_path, meta_path = _paths(workdir, split)
+    data_path, meta_path = _paths(workdir, split, config)
     if not os.path.exists(meta_path) or not os.path.exists(data_path):
         raise FileNotFoundError(
-            f"no image tokens for split {split!r} in {tokens_dir(workdir)}; run "
+            f"no image tokens for split {split!r} in {tokens_dir(workdir, config)}; run "
             "--mode=tokenize (or --mode=pipeline) first")
     with open(meta_path) as f:
         meta = json.load(f)
@@ -112,6 +115,6 @@ def load_tokens(workdir: str, split: str, expected_len: int) -> grain.MapDataset
     return grain.MapDataset.source(source).map(decode)
 
 
-def token_meta(workdir: str, split: str = "train") -> dict:
-    with open(_paths(workdir, split)[1]) as f:
+def token_meta(workdir: str, split: str = "train", config=None) -> dict:
+    with open(_paths(workdir, split, config)[1]) as f:
         return json.load(f)

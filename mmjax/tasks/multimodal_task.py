@@ -47,7 +47,7 @@ def encode_caption(tokenizer, caption: str, max_len: int) -> tuple[np.ndarray, i
 def tokenized_examples(config, workdir: str, split: str) -> grain.MapDataset:
     """{caption_ids, caption_len, image_indices} per record of `split`."""
     records = pipeline.image_caption_dataset(config.data, split, workdir)
-    tokens = image_tokens.load_tokens(workdir, split, len(records))
+    tokens = image_tokens.load_tokens(workdir, split, len(records), config)
     tok = text_tokenizer(config, workdir)
     max_len = int(config.data.max_caption_len)
 
@@ -88,7 +88,7 @@ class MultimodalTask:
         self._vocab_size = text_tokenizer(config, workdir).vocab_size
         for split in ("train", "validation"):
             image_tokens.load_tokens(workdir, split, len(
-                pipeline.image_caption_dataset(config.data, split, workdir)))
+                pipeline.image_caption_dataset(config.data, split, workdir)), config)
 
     def dataset(self, config, workdir: str, split: str, *, train: bool):
         return packed_dataset(config, workdir, split, train=train)
