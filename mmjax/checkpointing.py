@@ -56,7 +56,31 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, iterator=None,
         items[DATA] = grain.checkpoint.CheckpointSave(iterator)
     if config_json is not None:
         items[CONFIG] = ocp.args.JsonSave(config_json)
-    manager.save(step, args=ocp.args.Composite(**items), force=True)
+    try:  # also raises a failure of the previous (asynchronous) save
+        manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise _write_error(manager, e) from e
+
+
+def wait_until_finished(manager: ocp.CheckpointManager) -> None:
+    """Waits for pending asynchronous saves; a failed background write becomes one clear error."""
+    try:
+        manager.wait_until_finished()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise _write_error(manager, e) from e
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, permissions, a vanished mount)."""
+
+
+def _write_error(manager, error: Exception) -> CheckpointWriteError:
+    # Orbax/tensorstore report a full disk as e.g. ValueError("RESOURCE_EXHAUSTED: ...") from a
+    # background thread; name the directory and say what a rerun does.
+    return CheckpointWriteError(
+        f"writing a checkpoint to {manager.directory} failed ({type(error).__name__}: {error}); "
+        "free space or fix permissions there and rerun: training resumes from the newest "
+        "complete checkpoint")
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, iterator=None):

@@ -238,12 +238,30 @@ def train(config, workdir: str, task: Task, *, mesh=None, stop_at_step: int | No
     else:
         logging.info("resumed %s from step %d", task.name, start)
     writer = MetricsWriter(run_dir)
-    summary = _loop(config, tc, task, setup, state, start, iterator, manager, writer, run_dir,
-                    stop_at_step)
-    manager.wait_until_finished()
+    try:
+        summary = _loop(config, tc, task, setup, state, start, iterator, manager, writer,
+                        run_dir, stop_at_step)
+    except BaseException as error:  # NaN, Ctrl-C, ...: a good checkpoint still in flight lands
+        if not isinstance(error, checkpointing.CheckpointWriteError):
+            _finish_saves_quietly(manager)
+        raise
+    finally:  # flush metrics even when the run fails, but keep the run's error
+        try:
+            writer.close()
+        except OSError as e:
+            logging.warning("could not flush metrics to %s: %s", run_dir, e)
+    checkpointing.wait_until_finished(manager)
     manager.close()
-    writer.close()
     return summary
+
+
+def _finish_saves_quietly(manager) -> None:
+    """Waits for asynchronous saves while another error is on its way out (which must win)."""
+    try:
+        checkpointing.wait_until_finished(manager)
+        manager.close()
+    except Exception as e:  # noqa: BLE001
+        logging.warning("pending checkpoint save failed too: %s", e)
 
 
 def _local_example(ds, local_bs: int) -> dict:
