@@ -45,6 +45,8 @@ class _QuietLibraries(logging.Filter):
         if "/mmjax/" in record.pathname.replace("\\", "/"):
             return True
         message = str(record.msg)
+        if not os.environ.get("MMJAX_TRACEBACK"):  # a library's error stays one line; the
+            record.exc_info, record.exc_text = None, None  # cause reaches the user via entry()
         return record.levelno >= logging.WARNING and not any(n in message for n in self.NOISE)
 
 
@@ -97,6 +99,21 @@ def _one_line(error: BaseException) -> str:
     return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
+def _fail(error: BaseException, code: int) -> None:
+    """Prints the error in one line and exits; library clean-up failing after it (e.g. an event
+    file flush on a full disk) is reported in one line too, not as a traceback."""
+    import threading
+
+    def quiet(what):
+        return lambda info: print(f"mmjax: warning: {what}: {info.exc_type.__name__}: "
+                                  f"{_one_line(info.exc_value)}", file=sys.stderr)
+
+    print(f"mmjax: error: {_one_line(error)}", file=sys.stderr)
+    sys.unraisablehook = quiet("during shutdown")
+    threading.excepthook = quiet("in a background thread")
+    sys.exit(code)
+
+
 def entry() -> None:
     """Turns expected user errors into one clear line (exit code 2) instead of a traceback.
 
@@ -119,13 +136,11 @@ def entry() -> None:
     except (ConfigError, ValueError, FileNotFoundError, OSError) as e:
         if os.environ.get("MMJAX_TRACEBACK"):
             raise
-        print(f"mmjax: error: {_one_line(e)}", file=sys.stderr)
-        sys.exit(2)
+        _fail(e, 2)
     except FloatingPointError as e:  # train.NonFiniteLossError: a failed run, not a bad input
         if os.environ.get("MMJAX_TRACEBACK"):
             raise
-        print(f"mmjax: error: {_one_line(e)}", file=sys.stderr)
-        sys.exit(1)
+        _fail(e, 1)
 
 
 if __name__ == "__main__":
