@@ -154,13 +154,15 @@ def test_bad_input_fails_loudly(setup):
     with pytest.raises(ValueError, match="modality"):
         s["model"].apply({"params": s["params"]}, bad)
     traced = np.asarray(jax.jit(lambda p, b: s["model"].apply({"params": p}, b))(s["params"], bad))
-    assert np.isnan(traced[bad["modality"] == 2]).all() and np.isfinite(traced[bad["modality"] == 0]).all()
+    assert np.isnan(traced[bad["modality"] == 2]).all()
+    assert np.isfinite(traced[bad["modality"] == 0]).all()
     chunk = {k: s["batch"][k] for k in INPUT_KEYS}
     with pytest.raises(ValueError, match="overflows the cache"):
         s["model"].apply({"params": s["params"]}, chunk, init_cache(s["cfg"], 2, max_len=L - 1),
                          method=MultimodalLM.decode)
     with pytest.raises(ValueError, match="codes"):
-        s["model"].apply({"params": s["params"]}, dict(s["batch"], codes=s["batch"]["codes"][..., :3]))
+        s["model"].apply({"params": s["params"]},
+                         dict(s["batch"], codes=s["batch"]["codes"][..., :3]))
 
 
 def test_sharded_over_data_fsdp_tensor_matches_unsharded():

@@ -60,7 +60,8 @@ def reference_hidden(params, batch, cfg):
         return np.einsum("bli,blio->blo", x, w)
 
     def norm(scale, x):
-        return x / np.sqrt(np.mean(x ** 2, -1, keepdims=True) + cfg.norm_eps) * np.asarray(scale)[wmod]
+        rms = np.sqrt(np.mean(x ** 2, -1, keepdims=True) + cfg.norm_eps)
+        return x / rms * np.asarray(scale)[wmod]
 
     def rope(x, pos):  # complex form of rotate-half: pairs (x_j, x_{j + half})
         half = hd // 2

@@ -38,14 +38,19 @@ _LN_EPS = 1e-6  # LayerNorm epsilon of the flow head (as in DiT/MAR).
 def _dense(features, names, dtype, name, zero=False):
     """Dense (with bias) over the last axis; `names` = (input axis, *feature axes).
 
-    DenseGeneral initialises its kernel flat ([in, prod(features)]) and reshapes, so the fan-in
-    initializer sees a 2-D shape.
+    Multi-axis features (e.g. (3, width) for AdaLN shift/scale/gate) are one flat [in, prod]
+    kernel named (input axis, last feature axis), reshaped after the matmul: DenseGeneral would
+    initialise the kernel flat and so clash with a 3-name logical box inside a mesh.
     """
+    shape = tuple(features) if isinstance(features, (tuple, list)) else (int(features),)
     init = nn.initializers.zeros if zero else layers.fan_in_init(-2, -1)
-    return nn.DenseGeneral(features, use_bias=True, dtype=dtype, param_dtype=jnp.float32,
-                           kernel_init=layers.partitioned(init, names),
-                           bias_init=layers.partitioned(nn.initializers.zeros, names[1:]),
-                           name=name)
+    dense = nn.Dense(int(np.prod(shape)), use_bias=True, dtype=dtype, param_dtype=jnp.float32,
+                     kernel_init=layers.partitioned(init, (names[0], names[-1])),
+                     bias_init=layers.partitioned(nn.initializers.zeros, (names[-1],)),
+                     name=name)
+    if len(shape) == 1:
+        return dense
+    return lambda x: dense(x).reshape(*x.shape[:-1], *shape)
 
 
 class LMHead(nn.Module):
@@ -56,8 +61,8 @@ class LMHead(nn.Module):
 
     @nn.compact
     def __call__(self, hidden: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", layers.partitioned(layers.fan_in_init(0, 1), ("embed", "vocab")),
-                            (hidden.shape[-1], self.vocab_size), jnp.float32)
+        init = layers.partitioned(layers.fan_in_init(0, 1), ("embed", "vocab"))
+        kernel = self.param("kernel", init, (hidden.shape[-1], self.vocab_size), jnp.float32)
         return jnp.dot(hidden.astype(self.dtype), kernel.astype(self.dtype),
                        preferred_element_type=jnp.float32)
 
@@ -155,7 +160,8 @@ class IndexHead(nn.Module):
 
 
 def indices_to_digits(indices: jax.Array, levels: Sequence[int]) -> jax.Array:
-    """FSQ index [...] -> per-channel level index [..., len(levels)] (mixed radix, first fastest)."""
+    """FSQ index [...] -> per-channel level index [..., len(levels)] (mixed radix, first channel
+    fastest, as in FSQ.codes_to_indices)."""
     basis = np.cumprod((1,) + tuple(levels)[:-1]).astype(np.int32)
     return (indices[..., None].astype(jnp.int32) // basis) % np.asarray(levels, np.int32)
 

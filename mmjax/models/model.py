@@ -86,7 +86,8 @@ class MultimodalLM(nn.Module):
             raise ValueError(f"model.num_heads={heads_} must split model.d_model={d} into an even "
                              "head dimension (RoPE rotates pairs).")
         if _cfg(c, "image_head") not in _HEADS:
-            raise ValueError(f"model.image_head={_cfg(c, 'image_head')!r}: must be one of {_HEADS}.")
+            raise ValueError(f"model.image_head={_cfg(c, 'image_head')!r}: must be one of "
+                             f"{_HEADS}.")
         if _cfg(c, "mot_impl") not in ("ragged", "masked"):
             raise ValueError(f"model.mot_impl={_cfg(c, 'mot_impl')!r}: must be ragged or masked.")
         self.code_dim = len(self.fsq_levels)
@@ -207,7 +208,8 @@ class MultimodalLM(nn.Module):
         return self.lm_head(hidden)
 
     def flow_velocity(self, hidden: jax.Array, x_t: jax.Array, t: jax.Array) -> jax.Array:
-        """Velocity [..., d] at noisy codes x_t [..., d], times t [...]; hidden [..., D] broadcasts."""
+        """Velocity [..., d] at noisy codes x_t [..., d] and times t [...]; hidden [..., D]
+        broadcasts against x_t's leading dims (e.g. [B, L, D] with x_t [K, B, L, d])."""
         if _cfg(self.model_cfg, "image_head") != "flow":
             raise ValueError("flow_velocity needs model.image_head='flow' "
                              f"(got {_cfg(self.model_cfg, 'image_head')!r}).")

@@ -97,7 +97,8 @@ class ModalityDense(nn.Module):
     def __call__(self, x: jax.Array, routing: Routing) -> jax.Array:
         m, n_in, n_out = self.num_modalities, len(self.in_shape), len(self.features)
         init = layers.fan_in_init(in_axis=tuple(range(1, 1 + n_in)),
-                                  out_axis=tuple(range(1 + n_in, 1 + n_in + n_out)), batch_axis=(0,))
+                                  out_axis=tuple(range(1 + n_in, 1 + n_in + n_out)),
+                                  batch_axis=(0,))
         kernel = self.param("kernel", layers.partitioned(
             init, ("modality",) + tuple(self.in_names) + tuple(self.out_names)),
             (m,) + tuple(self.in_shape) + tuple(self.features), jnp.float32)
