@@ -83,12 +83,20 @@ def _write_error(manager, error: Exception) -> CheckpointWriteError:
         "complete checkpoint")
 
 
+class CheckpointRestoreError(OSError):
+    """Checkpoints exist but none can be restored (corrupt, or written with another config)."""
+
+
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, iterator=None):
-    """Restores the newest readable checkpoint; returns (step, state) or (None, None).
+    """Restores the newest readable checkpoint; returns (step, state) or (None, None) if none exist.
 
     A checkpoint that fails to load is skipped with a warning and the previous one is tried, so a
-    corrupt last write costs a few steps, not the run.
+    corrupt last write costs a few steps, not the run. The skipped newer steps are then deleted:
+    the resumed run recomputes them and must be able to save them again (`save` never overwrites).
+    When checkpoints exist but none loads, this raises instead of silently starting from scratch
+    (most often the config changed the model's shapes and the workdir belongs to another run).
     """
+    unreadable, last_error = [], None
     for step in sorted(manager.all_steps(), reverse=True):
         items = {STATE: ocp.args.StandardRestore(abstract_state)}
         if iterator is not None:
@@ -98,8 +106,19 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, iterator
         except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable"
             logging.warning("checkpoint at step %d in %s is unreadable (%s: %s); trying the "
                             "previous one", step, manager.directory, type(e).__name__, e)
+            unreadable.append(step)
+            last_error = e
             continue
+        for bad in unreadable:
+            logging.warning("deleting unreadable checkpoint %d in %s (it will be recomputed)",
+                            bad, manager.directory)
+            manager.delete(bad)
         return step, restored[STATE]
+    if unreadable:
+        raise CheckpointRestoreError(
+            f"{manager.directory} has checkpoints at steps {sorted(unreadable)} but none can be "
+            f"restored (oldest: {type(last_error).__name__}: {last_error}). If the config changed "
+            "the model, use a new --workdir; if they are corrupt, move them away to start over")
     return None, None
 
 
