@@ -31,6 +31,9 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "tensor"),
     ("flow_mlp", "tensor"),
     ("embed", "fsdp"),
+    # The flow head's residual width: without it the whole head (AdaLN modulations, MLPs) would
+    # stay replicated under FSDP, a large share of small models' params and optimizer state.
+    ("flow_embed", "fsdp"),
     ("kv", None),
     ("modality", None),
     ("code", None),
