@@ -88,6 +88,8 @@ def _check_args(argv) -> None:
 
 def main(argv) -> None:
     _check_args(argv)
+    from mmjax import config_validation
+    config_validation.validate(FLAGS.config)  # before importing jax: a bad value fails at once
     _configure_logging()
     from mmjax import parallel
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
