@@ -66,6 +66,11 @@ def validate_train_block(config, block: str) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Raises ConfigError naming the first bad field; returns the config unchanged."""
+    missing = [block for block in ("data", "mesh") if block not in config]
+    if missing:  # e.g. a sweep config (configs/sweep_scaling.py) given to mmjax.main
+        raise ConfigError(
+            f"config has no {' or '.join(missing)} block (top-level fields: {sorted(config)}); "
+            "is it a config for another entry point?")
     _require(config, "data.name", lambda v: isinstance(v, str) and v, "must name a dataset")
     _pos(config, ["data.image_size", "data.num_train", "data.num_validation", "data.num_test",
                   "data.max_objects", "data.sp_vocab_size"])
@@ -87,7 +92,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(config, "model.num_heads",
              lambda v: config.model.d_model % v == 0 and (config.model.d_model // v) % 2 == 0,
              "must divide model.d_model into an even head dimension (RoPE rotates pairs)")
-    _one_of(config, "model.mot_impl", ("ragged", "masked"))
+    _one_of(config, "model.mot_impl", ("auto", "ragged", "tiled", "masked"))
+    _pos(config, ["model.mot_tile"])
+    _one_of(config, "objective.flow_t_dist", ("uniform", "logit_normal"))
     _one_of(config, "model.image_head", ("flow", "discrete"))
     _one_of(config, "model.dtype", ("float32", "bfloat16", "float16"))
     _one_of(config, "model.remat", ("none", "full", "dots"))
