@@ -241,9 +241,8 @@ def train(config, workdir: str, task: Task, *, mesh=None, stop_at_step: int | No
     try:
         summary = _loop(config, tc, task, setup, state, start, iterator, manager, writer,
                         run_dir, stop_at_step)
-    except BaseException as error:  # NaN, Ctrl-C, ...: a good checkpoint still in flight lands
-        if not isinstance(error, checkpointing.CheckpointWriteError):
-            _finish_saves_quietly(manager)
+    except BaseException:  # NaN, Ctrl-C, full disk: a good checkpoint still in flight lands
+        _finish_saves_quietly(manager)
         raise
     finally:  # flush metrics even when the run fails, but keep the run's error
         try:
