@@ -59,7 +59,9 @@ def model_config() -> ml_collections.ConfigDict:
     c.rope_theta = 10_000.0  # RoPE base frequency.
     c.norm_eps = 1e-6  # RMSNorm epsilon.
     c.max_seq_len = 128  # Packed sequence length (also the KV-cache length when sampling).
-    c.mot_impl = "ragged"  # Per-modality compute: "ragged" (sort + jax.lax.ragged_dot) | "masked" (reference only).
+    c.mot_impl = "auto"  # Per-modality compute: "auto" (ragged on GPU/TPU, tiled on CPU) | "ragged"
+    # (sort + jax.lax.ragged_dot) | "tiled" (groups padded to whole tiles) | "masked" (reference only).
+    c.mot_tile = 128  # Rows per tile of the "tiled" grouped matmul (padding <= M * tile rows).
     c.image_bidirectional_context = True  # Bidirectional attention inside an image that is context only.
     c.image_head = "flow"  # "flow" (rectified flow on FSQ code vectors) | "discrete" (FSQ-index softmax).
     c.discrete_factorized = False  # Discrete head: one softmax per FSQ dimension instead of prod(levels).
@@ -129,7 +131,12 @@ def sample_config() -> ml_collections.ConfigDict:
     c.ode_solver = "euler"  # Flow head ODE solver: "euler" | "heun".
     c.ode_steps = 16  # ODE integration steps per image token.
     c.cfg_scale = 2.0  # Classifier-free guidance scale (1 = off).
+    c.image_temperature = 1.0  # Discrete image head: FSQ-index sampling temperature (0 -> argmax).
+    c.image_top_k = 0  # Discrete image head: keep the k most likely FSQ indices (0 disables).
     c.num_samples = 16  # Images in the written text->image grid.
+    c.num_eval = 64  # Test records sampled for the metrics (rule checker, captioning); >= num_samples is typical.
+    c.batch_size = 16  # Prompts per jitted sampling call (the last batch is padded: one compile).
+    c.interleaved_rounds = 2  # Eval: caption->image->caption chain length for num_samples prompts (0 skips it).
     c.seed = 0  # Sampling seed.
     return c
 

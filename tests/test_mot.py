@@ -112,8 +112,8 @@ def test_modality_dense_grouped_equals_naive_and_masked():
     routing = mot.make_routing(modality, 3)
     x = jnp.asarray(rng.normal(size=(21, 6)), jnp.float32)
     outs, grads = {}, {}
-    for impl in ("ragged", "masked"):
-        layer = mot.ModalityDense(3, (6,), (2, 5), ("embed",), ("heads", "kv"), impl=impl)
+    for impl in ("ragged", "masked", "tiled"):
+        layer = mot.ModalityDense(3, (6,), (2, 5), ("embed",), ("heads", "kv"), impl=impl, tile=4)
         params = layer.init(jax.random.key(1), x, routing)
         loss = lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x, routing)))  # noqa: E731
         outs[impl] = layer.apply(params, x, routing)
@@ -122,8 +122,10 @@ def test_modality_dense_grouped_equals_naive_and_masked():
     naive = np.stack([np.asarray(x[i]) @ kernel[int(routing.modality[i])] for i in range(21)])
     np.testing.assert_allclose(outs["ragged"], naive, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(outs["masked"], naive, rtol=1e-5, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(grads["ragged"]), jax.tree.leaves(grads["masked"])):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(outs["tiled"], naive, rtol=1e-5, atol=1e-5)
+    for other in ("masked", "tiled"):
+        for a, b in zip(jax.tree.leaves(grads["ragged"]), jax.tree.leaves(grads[other])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     assert nn.get_partition_spec(params)["params"]["kernel"] == jax.sharding.PartitionSpec(
         "modality", "embed", "heads", "kv")
 

@@ -88,8 +88,8 @@ class MultimodalLM(nn.Module):
         if _cfg(c, "image_head") not in _HEADS:
             raise ValueError(f"model.image_head={_cfg(c, 'image_head')!r}: must be one of "
                              f"{_HEADS}.")
-        if _cfg(c, "mot_impl") not in ("ragged", "masked"):
-            raise ValueError(f"model.mot_impl={_cfg(c, 'mot_impl')!r}: must be ragged or masked.")
+        if _cfg(c, "mot_impl") not in mot.IMPLS:
+            raise ValueError(f"model.mot_impl={_cfg(c, 'mot_impl')!r}: must be one of {mot.IMPLS}.")
         self.code_dim = len(self.fsq_levels)
         self.embed = nn.Embed(self.vocab_size, d, dtype=self.dtype, param_dtype=jnp.float32,
                               embedding_init=layers.partitioned(
@@ -100,7 +100,8 @@ class MultimodalLM(nn.Module):
         block = layers.remat_module(mot.MoTBlock, _cfg(c, "remat"))
         self.blocks = [block(self.num_modalities, d, heads_, int(_cfg(c, "mlp_dim")),
                              float(_cfg(c, "rope_theta")), float(_cfg(c, "norm_eps")), self.dtype,
-                             _cfg(c, "mot_impl")) for _ in range(int(_cfg(c, "num_layers")))]
+                             _cfg(c, "mot_impl"), int(_cfg(c, "mot_tile")))
+                       for _ in range(int(_cfg(c, "num_layers")))]
         self.final_norm = mot.ModalityRMSNorm(self.num_modalities, float(_cfg(c, "norm_eps")),
                                               self.dtype)
         if not _cfg(c, "tie_embeddings"):

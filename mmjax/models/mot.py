@@ -4,6 +4,8 @@ attention stays global over the mixed sequence.
 Grouped compute: tokens are sorted by modality id so that each modality's tokens are contiguous,
 and one `jax.lax.ragged_dot` multiplies every group by its own weight slice. A token therefore
 costs exactly what it costs in a dense model; nothing runs through another modality's weights.
+On CPU, XLA lowers `ragged_dot` to a masked dense matmul (M times the FLOPs), so `mot_impl="auto"`
+picks `tiled_grouped_matmul` there: groups padded to whole tiles, one batched matmul over tiles.
 (`mot_impl="masked"` does run every token through every modality and keeps its own; it exists
 only as a reference for tests and benchmarks.)
 
@@ -66,16 +68,86 @@ def make_routing(modality: jax.Array, num_modalities: int) -> Routing:
     return Routing(perm, inv, group_sizes, ids[perm])
 
 
+@jax.custom_vjp
+def move_rows(x: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
+    """y[i] = x[index[i]] (index == len(x) gives a zero row), for a one-to-one row mapping.
+
+    `inverse[j]` is the row of y that holds x[j] (len(y) if none). Why a custom VJP: the plain
+    gather's transpose is a scatter-add, which XLA runs row by row on CPU; for a one-to-one
+    mapping the gradient is just the inverse gather.
+    """
+    return _take_rows(x, index)
+
+
+def _take_rows(x, index):
+    padded = jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])
+    return jnp.take(padded, index, axis=0, mode="clip")
+
+
+def _move_rows_fwd(x, index, inverse):
+    return _take_rows(x, index), (index, inverse)
+
+
+def _move_rows_bwd(res, g):
+    index, inverse = res
+    return _take_rows(g, inverse), None, None
+
+
+move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
+
+
 def to_sorted(x: jax.Array, routing: Routing) -> jax.Array:
     """Original-order tokens [B, T, ...] -> sorted rows [N, ...]."""
     flat = x.reshape((-1,) + x.shape[2:])
-    return flat if routing.perm is None else flat[routing.perm]
+    return flat if routing.perm is None else move_rows(flat, routing.perm, routing.inv)
 
 
 def from_sorted(x: jax.Array, routing: Routing, shape: Sequence[int]) -> jax.Array:
     """Sorted rows [N, ...] -> original order, reshaped to `shape` ([B, T, ...])."""
-    out = x if routing.inv is None else x[routing.inv]
+    out = x if routing.inv is None else move_rows(x, routing.inv, routing.perm)
     return out.reshape(tuple(shape))
+
+
+def tiled_grouped_matmul(x: jax.Array, kernel: jax.Array, group_sizes: jax.Array,
+                         row_group: jax.Array, tile: int) -> jax.Array:
+    """x [N, K] (rows sorted by group) times kernel [M, K, F], each row with its group's weight.
+
+    Why: XLA's CPU lowering of `ragged_dot` is a masked dense matmul (M times the FLOPs). Here
+    each group is padded to a multiple of `tile` rows so every tile belongs to one group; one
+    batched matmul then multiplies each tile by its own weight. The cost is that of
+    ceil(N / tile) + M - 1 tiles, i.e. dense cost plus at most M - 1 tiles, on any backend.
+    """
+    n, m = x.shape[0], kernel.shape[0]
+    # sum_m ceil(g_m / tile) <= ceil(n / tile) + m - 1: a static bound on the tiles needed.
+    num_tiles = -(-n // tile) + m - 1
+    rows = jnp.arange(num_tiles * tile, dtype=jnp.int32)
+    padded = (group_sizes + tile - 1) // tile * tile
+    starts = jnp.cumsum(group_sizes) - group_sizes
+    padded_ends = jnp.cumsum(padded)
+    padded_starts = padded_ends - padded
+    # dest: padded row of each sorted row; source: sorted row of each padded row (n = padding).
+    dest = jnp.arange(n, dtype=jnp.int32) - starts[row_group] + padded_starts[row_group]
+    row_group_padded = jnp.minimum(jnp.searchsorted(padded_ends, rows, side="right"), m - 1)
+    offset = rows - padded_starts[row_group_padded]
+    source = jnp.where(offset < group_sizes[row_group_padded],
+                       starts[row_group_padded] + offset, n).astype(jnp.int32)
+    xp = move_rows(x, source, dest)
+    tile_group = row_group_padded[::tile]
+    # Each tile's weight via a one-hot contraction (its gradient is a matmul, not a scatter).
+    tile_kernel = jnp.einsum("tm,mkf->tkf", jax.nn.one_hot(tile_group, m, dtype=kernel.dtype),
+                             kernel)
+    y = jnp.einsum("tbk,tkf->tbf", xp.reshape(num_tiles, tile, -1), tile_kernel)
+    return move_rows(y.reshape(num_tiles * tile, -1), dest, source)
+
+
+IMPLS = ("auto", "ragged", "tiled", "masked")
+
+
+def resolve_impl(impl: str) -> str:
+    """'auto' -> 'ragged' where XLA has a grouped-matmul kernel (GPU/TPU), 'tiled' on CPU."""
+    if impl == "auto":
+        return "tiled" if jax.default_backend() == "cpu" else "ragged"
+    return impl
 
 
 class ModalityDense(nn.Module):
@@ -91,7 +163,8 @@ class ModalityDense(nn.Module):
     in_names: tuple[str, ...]
     out_names: tuple[str, ...]
     dtype: jnp.dtype = jnp.float32
-    impl: str = "ragged"
+    impl: str = "auto"
+    tile: int = 128
 
     @nn.compact
     def __call__(self, x: jax.Array, routing: Routing) -> jax.Array:
@@ -107,12 +180,17 @@ class ModalityDense(nn.Module):
         x = x.astype(self.dtype)
         if m == 1:
             return x @ kernel[0]
-        if self.impl == "ragged":
+        impl = resolve_impl(self.impl)
+        if impl == "ragged":
             return jax.lax.ragged_dot(x, kernel, routing.group_sizes)
-        if self.impl == "masked":  # reference: M times the FLOPs
+        if impl == "tiled":
+            return tiled_grouped_matmul(x, kernel, routing.group_sizes, routing.modality,
+                                        self.tile)
+        if impl == "masked":  # reference: M times the FLOPs
             every = jnp.einsum("nk,mkf->nmf", x, kernel)
             return jnp.take_along_axis(every, routing.modality[:, None, None], axis=1)[:, 0]
-        raise ValueError(f"model.mot_impl={self.impl!r}: must be 'ragged' or 'masked'.")
+        raise ValueError(f"model.mot_impl={self.impl!r}: must be 'auto', 'ragged', 'tiled' or "
+                         "'masked'.")
 
 
 class ModalityRMSNorm(nn.Module):
@@ -126,7 +204,10 @@ class ModalityRMSNorm(nn.Module):
     def __call__(self, x: jax.Array, routing: Routing) -> jax.Array:
         scale = self.param("scale", layers.partitioned(nn.initializers.ones, ("modality", "embed")),
                            (self.num_modalities, x.shape[-1]), jnp.float32)
-        row_scale = scale[0] if self.num_modalities == 1 else scale[routing.modality]
+        if self.num_modalities == 1:
+            row_scale = scale[0]
+        else:  # one-hot matmul: its gradient is a matmul, where a gather's is a scatter-add
+            row_scale = jax.nn.one_hot(routing.modality, self.num_modalities) @ scale
         return (layers.rms_normalize(x, self.eps) * row_scale).astype(self.dtype)
 
 
@@ -146,11 +227,13 @@ class MoTBlock(nn.Module):
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-6
     dtype: jnp.dtype = jnp.float32
-    mot_impl: str = "ragged"
+    mot_impl: str = "auto"
+    mot_tile: int = 128
 
     def _dense(self, in_shape, features, in_names, out_names, name):
         return ModalityDense(self.num_modalities, tuple(in_shape), tuple(features), tuple(in_names),
-                             tuple(out_names), dtype=self.dtype, impl=self.mot_impl, name=name)
+                             tuple(out_names), dtype=self.dtype, impl=self.mot_impl,
+                             tile=self.mot_tile, name=name)
 
     @nn.compact
     def __call__(self, x, routing: Routing, positions, mask, kv=None, cache_index=None):
