@@ -96,14 +96,19 @@ def reference_hidden(params, batch, cfg):
 def test_routing_roundtrip_and_group_sizes():
     modality = jnp.array([[2, 0, 1, 0], [1, 1, 2, 0]])
     r = mot.make_routing(modality, 3)
-    np.testing.assert_array_equal(r.group_sizes, [3, 3, 2])
+    np.testing.assert_array_equal(r.group_sizes, [[3, 3, 2]])
     np.testing.assert_array_equal(r.modality, [0, 0, 0, 1, 1, 1, 2, 2])
     x = jnp.arange(8.0).reshape(2, 4)
     s = mot.to_sorted(x, r)
     np.testing.assert_array_equal(s, [1, 3, 7, 2, 4, 5, 0, 6])  # stable inside each group
     np.testing.assert_array_equal(mot.from_sorted(s, r, (2, 4)), x)
     one = mot.make_routing(jnp.zeros((2, 3), jnp.int32), 1)
-    assert one.perm is None and int(one.group_sizes[0]) == 6
+    assert one.perm is None and int(one.group_sizes[0, 0]) == 6
+    two = mot.make_routing(modality, 3, shards=2)  # sorted within each batch shard
+    np.testing.assert_array_equal(two.group_sizes, [[2, 1, 1], [1, 2, 1]])
+    s2 = mot.to_sorted(x, two)
+    np.testing.assert_array_equal(s2, [1, 3, 2, 0, 7, 4, 5, 6])
+    np.testing.assert_array_equal(mot.from_sorted(s2, two, (2, 4)), x)
 
 
 def test_modality_dense_grouped_equals_naive_and_masked():

@@ -28,6 +28,7 @@ is the next step if multi-device MoT step time matters (one device and tests are
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Sequence
 
@@ -39,33 +40,52 @@ from mmjax.models import layers
 
 
 class Routing(NamedTuple):
-    """How the flattened tokens [N = B*L] are grouped by modality (computed once per forward).
+    """How tokens are grouped by modality (computed once per forward).
 
-    perm / inv are None when there is a single modality (identity, skipped statically).
+    Tokens are sorted within each of S batch shards (S = the data x fsdp mesh size when a mesh is
+    set, else 1), so under data parallelism every gather stays on its own device. perm / inv are
+    None when there is a single modality (identity, skipped statically).
     """
 
-    perm: jax.Array | None  # [N] int32: sorted row r holds original token perm[r]
-    inv: jax.Array | None  # [N] int32: original token n sits at sorted row inv[n]
-    group_sizes: jax.Array  # [M] int32 tokens per modality, summing to N (what ragged_dot needs)
-    modality: jax.Array  # [N] int32 modality id of each *sorted* row
+    perm: jax.Array | None  # [S, n] int32: sorted row r of shard s holds its token perm[s, r]
+    inv: jax.Array | None  # [S, n] int32: token j of shard s sits at sorted row inv[s, j]
+    group_sizes: jax.Array  # [S, M] int32 tokens per modality and shard (what ragged_dot needs)
+    modality: jax.Array  # [S * n] int32 modality id of each *sorted* row
 
 
-def make_routing(modality: jax.Array, num_modalities: int) -> Routing:
-    """Stable sort of the flattened tokens by modality id.
+def routing_shards(batch_size: int, impl: str) -> int:
+    """Batch shards to sort within: the mesh's data x fsdp size (dividing `batch_size`).
+
+    'ragged' sorts globally (1 shard): `ragged_dot` cannot be vmapped over shards that share one
+    weight, so under data parallelism its un-sort gathers cross devices (XLA inserts the
+    collectives); 'tiled' and 'masked' keep every gather on its own device.
+    """
+    if resolve_impl(impl) == "ragged":
+        return 1
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return 1
+    shape = dict(mesh.shape)
+    return math.gcd(int(shape.get("data", 1)) * int(shape.get("fsdp", 1)), int(batch_size))
+
+
+def make_routing(modality: jax.Array, num_modalities: int, shards: int = 1) -> Routing:
+    """Stable sort of each batch shard's tokens by modality id.
 
     With one modality every token shares the one weight set (a dense model still sees text and
     image tokens; only the input embedding tells them apart). Otherwise ids outside
     [0, num_modalities) are clipped here (ragged_dot needs group sizes that sum to N) and the
     model turns such positions into NaN, so a bad batch cannot train silently.
     """
-    n = modality.size
+    n = modality.size // shards
     if num_modalities == 1:
-        return Routing(None, None, jnp.full((1,), n, jnp.int32), jnp.zeros((n,), jnp.int32))
-    ids = jnp.clip(modality.reshape(-1).astype(jnp.int32), 0, num_modalities - 1)
-    perm = jnp.argsort(ids, stable=True).astype(jnp.int32)
-    inv = jnp.zeros((n,), jnp.int32).at[perm].set(jnp.arange(n, dtype=jnp.int32))
-    group_sizes = jnp.bincount(ids, length=num_modalities).astype(jnp.int32)
-    return Routing(perm, inv, group_sizes, ids[perm])
+        return Routing(None, None, jnp.full((shards, 1), n, jnp.int32),
+                       jnp.zeros((modality.size,), jnp.int32))
+    ids = jnp.clip(modality.reshape(shards, n).astype(jnp.int32), 0, num_modalities - 1)
+    perm = jnp.argsort(ids, axis=-1, stable=True).astype(jnp.int32)
+    inv = jnp.argsort(perm, axis=-1).astype(jnp.int32)
+    group_sizes = jax.vmap(lambda r: jnp.bincount(r, length=num_modalities))(ids).astype(jnp.int32)
+    return Routing(perm, inv, group_sizes, jnp.take_along_axis(ids, perm, axis=-1).reshape(-1))
 
 
 @jax.custom_vjp
@@ -96,16 +116,25 @@ def _move_rows_bwd(res, g):
 move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
 
 
+def _per_shard(x: jax.Array, shards: int) -> jax.Array:
+    return x.reshape((shards, -1) + x.shape[1:])
+
+
 def to_sorted(x: jax.Array, routing: Routing) -> jax.Array:
     """Original-order tokens [B, T, ...] -> sorted rows [N, ...]."""
     flat = x.reshape((-1,) + x.shape[2:])
-    return flat if routing.perm is None else move_rows(flat, routing.perm, routing.inv)
+    if routing.perm is None:
+        return flat
+    moved = jax.vmap(move_rows)(_per_shard(flat, routing.perm.shape[0]), routing.perm, routing.inv)
+    return moved.reshape(flat.shape)
 
 
 def from_sorted(x: jax.Array, routing: Routing, shape: Sequence[int]) -> jax.Array:
     """Sorted rows [N, ...] -> original order, reshaped to `shape` ([B, T, ...])."""
-    out = x if routing.inv is None else move_rows(x, routing.inv, routing.perm)
-    return out.reshape(tuple(shape))
+    if routing.inv is None:
+        return x.reshape(tuple(shape))
+    moved = jax.vmap(move_rows)(_per_shard(x, routing.inv.shape[0]), routing.inv, routing.perm)
+    return moved.reshape(tuple(shape))
 
 
 def tiled_grouped_matmul(x: jax.Array, kernel: jax.Array, group_sizes: jax.Array,
@@ -181,11 +210,18 @@ class ModalityDense(nn.Module):
         if m == 1:
             return x @ kernel[0]
         impl = resolve_impl(self.impl)
+        shards = routing.group_sizes.shape[0]
         if impl == "ragged":
-            return jax.lax.ragged_dot(x, kernel, routing.group_sizes)
+            if shards != 1:
+                raise ValueError("mot_impl='ragged' needs one routing shard (ragged_dot cannot be "
+                                 "vmapped over shards with shared weights); see routing_shards()")
+            return jax.lax.ragged_dot(x, kernel, routing.group_sizes[0])
         if impl == "tiled":
-            return tiled_grouped_matmul(x, kernel, routing.group_sizes, routing.modality,
-                                        self.tile)
+            grouped = functools.partial(tiled_grouped_matmul, tile=self.tile)
+            out = jax.vmap(grouped, in_axes=(0, None, 0, 0))(
+                _per_shard(x, shards), kernel, routing.group_sizes,
+                _per_shard(routing.modality, shards))
+            return out.reshape(x.shape[0], -1)
         if impl == "masked":  # reference: M times the FLOPs
             every = jnp.einsum("nk,mkf->nmf", x, kernel)
             return jnp.take_along_axis(every, routing.modality[:, None, None], axis=1)[:, 0]
