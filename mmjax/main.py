@@ -143,6 +143,11 @@ def entry() -> None:
         if os.environ.get("MMJAX_TRACEBACK"):
             raise
         _fail(e, 1)
+    except RuntimeError as e:
+        from mmjax.train import Preempted
+        if not isinstance(e, Preempted):
+            raise
+        _fail(e, 143)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,16 @@ def build_data(config, workdir: str) -> dict:
     return out
 
 
+def _finished(summary: dict, stage: str) -> dict:
+    if summary.get("preempted"):
+        raise train.Preempted(f"{stage} stopped at step {summary['step']} (SIGTERM); its "
+                              "checkpoint is saved: rerun the same command to resume")
+    return summary
+
+
 def train_tokenizer(config, workdir: str) -> dict:
     from mmjax.tasks.tokenizer_task import TokenizerTask, evaluate_tokenizer
-    summary = train.train(config, workdir, TokenizerTask())
+    summary = _finished(train.train(config, workdir, TokenizerTask()), "tokenizer training")
     metrics = evaluate_tokenizer(config, workdir) if jax.process_index() == 0 else {}
     logging.info("tokenizer: %s", metrics)
     return {"step": summary["step"], **metrics}
@@ -42,7 +49,7 @@ def tokenize_images(config, workdir: str) -> dict:
 
 def train_model(config, workdir: str) -> dict:
     from mmjax.tasks.multimodal_task import MultimodalTask
-    summary = train.train(config, workdir, MultimodalTask())
+    summary = _finished(train.train(config, workdir, MultimodalTask()), "model training")
     return {"step": summary["step"], **summary.get("validation", {})}
 
 

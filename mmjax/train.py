@@ -41,6 +41,14 @@ class NonFiniteLossError(FloatingPointError):
     """Raised when the loss or gradients became NaN/inf and nan_policy is 'stop'."""
 
 
+class Preempted(RuntimeError):
+    """A stage's training stopped early on SIGTERM (its checkpoint is saved; rerun to resume).
+
+    Raised by `stages`, so a pipeline never evaluates or builds on a half-trained stage, and the
+    CLI exits 143 (terminated) so schedulers requeue rather than count the job as done.
+    """
+
+
 def make_schedule(tc) -> optax.Schedule:
     """Linear warmup then cosine decay to lr * end_lr_ratio."""
     warmup = min(int(tc.warmup_steps), max(int(tc.steps) - 1, 0))
