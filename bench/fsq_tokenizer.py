@@ -1,6 +1,6 @@
 """FSQ tokenizer figures: validation PSNR, codebook usage, perplexity and steps/s per budget.
 
-  python bench/fsq_tokenizer.py --runs=demo:8,5,5,5 --runs=long:8,5,5,5 --runs=demo:8,8,8,5,5,5
+  python -m bench.fsq_tokenizer --runs=demo:8,5,5,5 --runs=long:8,5,5,5 --runs=demo:8,8,8,5,5,5
 
 Each run is a normal `--mode=tokenizer` run of configs/fsq_shapes.py:<budget> in its own workdir
 (reused if present: finished runs are only re-evaluated). Writes bench/results/fsq_tokenizer.json.
@@ -47,7 +47,11 @@ def main(_):
     out = []
     for spec in FLAGS.runs:
         budget, _, levels = spec.partition(":")
-        out.append(run_one(budget, tuple(int(v) for v in levels.split(",")), FLAGS.workdir))
+        try:
+            parsed = tuple(int(v) for v in levels.split(","))
+        except ValueError:
+            raise app.UsageError(f"--runs={spec!r}: expected BUDGET:L1,L2,... e.g. demo:8,5,5,5")
+        out.append(run_one(budget, parsed, FLAGS.workdir))
         print(out[-1])
     write_results("fsq_tokenizer", {"runs": out}, FLAGS.out)
 
