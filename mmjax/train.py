@@ -245,6 +245,7 @@ def train(config, workdir: str, task: Task, *, mesh=None, stop_at_step: int | No
         start = 0
     else:
         logging.info("resumed %s from step %d", task.name, start)
+        _warn_config_changes(f"{run_dir}/checkpoints", _config_json(config))
     writer = MetricsWriter(run_dir)
     try:
         summary = _loop(config, tc, task, setup, state, start, iterator, manager, writer,
@@ -357,6 +358,34 @@ def _progress(tc, start: int, total: int, name: str):
         return None
     from tqdm.auto import tqdm
     return tqdm(total=total, initial=start, desc=name, dynamic_ncols=True)
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """Fields whose value differs between two config JSONs ("a.b: old -> new")."""
+    a, b = _flatten(old), _flatten(new)
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
+
+
+def _warn_config_changes(checkpoint_dir: str, current: dict) -> None:
+    """A resumed run with a different config is allowed (e.g. more steps) but never silent."""
+    try:
+        stored = checkpointing.restore_config(checkpoint_dir)
+    except Exception:  # noqa: BLE001 - an old checkpoint without a config: nothing to compare
+        return
+    changes = config_changes(stored, current)
+    if changes:
+        logging.warning("resuming with a config that differs from the checkpoint's: %s",
+                        "; ".join(changes))
 
 
 def _config_json(config) -> dict:

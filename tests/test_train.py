@@ -159,3 +159,10 @@ def test_config_stored_as_json_beside_checkpoint(tmp_path):
     stored = checkpointing.restore_config(f"{tmp_path}/toy/checkpoints")
     assert stored["train"]["steps"] == 4
     json.dumps(stored)
+
+
+def test_config_changes_are_listed():
+    old = {"train": {"steps": 4, "lr": 0.1}, "seed": 0}
+    new = {"train": {"steps": 8, "lr": 0.1}, "seed": 0, "extra": 1}
+    assert train.config_changes(old, new) == ["extra: '<absent>' -> 1", "train.steps: 4 -> 8"]
+    assert train.config_changes(old, old) == []
