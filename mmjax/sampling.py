@@ -1,0 +1,404 @@
+"""Decode loops of the multimodal LM: text (temperature / top-k / top-p), images (flow-head ODE with
+classifier-free guidance, or discrete FSQ-index sampling) and an interleaved caption <-> image chain.
+
+Everything here is a pure function of (params, inputs, rng) meant to run inside ONE `jax.jit` per
+task (`Sampler` builds those): the prompt prefill and every generated position are traced once,
+positions are looped with `lax.scan` / `lax.while_loop`, so sampling is not Python-loop bound.
+
+Design choices, and why:
+- Batching prompts of different lengths: prompts are LEFT-padded to a static width. Padding slots
+  get segment id 0 (they attend to nothing but themselves and nobody attends to them) and RoPE
+  positions restart at each row's first real token, so all rows share the cache slot of every
+  step (the cache is written in lockstep) while each row computes exactly what it would alone.
+- Classifier-free guidance runs the conditional and the unconditional stream as the two halves of
+  one batch with their own cache rows: rows [0, B) hold `<bos> caption <boi>`, rows [B, 2B) the
+  caption-dropped `<bos> <boi>` the model saw with objective.caption_dropout. Both get the same
+  sampled (snapped) image token fed back. The guided velocity is v_u + s (v_c - v_u) (for the
+  discrete head the same mix of logits). cfg_scale == 1 statically drops the second half.
+- Randomness is per row: row i's key is fold_in(rng, i), and every draw folds in the step, so a
+  row's sample does not depend on which other rows share its batch (tests check this).
+- Image tokens: the ODE dx/dt = v(x, t | h) runs from x0 ~ N(0, I) at t=0 to t=1 (rectified flow,
+  v = x1 - x0 as trained in objectives.py), then the result is SNAPPED to the FSQ grid, so every
+  image token fed back (and decoded to pixels) is a code the tokenizer can produce.
+- The "interleaved" chain uses only document layouts the model was trained on, packed in one
+  sequence like a training row (one cache, documents separated by segment ids):
+      [<bos> c_1 <boi> img_1] [<bos> <boi> img_1 <eoi> c_2 <eos>] [<bos> c_2 <boi> img_2] ...
+  i.e. caption -> its image -> a caption of that image -> its image ...: a round trip that shows
+  how well text and images stay consistent (drift). Documents do not attend to each other (that
+  is how training rows are packed), so the chain is what one would get with fresh caches, in one
+  jitted program.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from mmjax.data.packing import IMAGE, TEXT, SpecialIds
+from mmjax.models import heads
+from mmjax.models.model import MultimodalLM, init_cache
+from mmjax.tokenizers.fsq import FSQ
+
+SOLVERS = ("euler", "heun")
+PAD_ID = 0  # Written after <eos> in sampled text (the SentencePiece pad id, as in the packer).
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSettings:
+    """Hashable sampling knobs (the `sample` config block); see config_defaults.sample_config."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_text_len: int = 24
+    ode_solver: str = "euler"
+    ode_steps: int = 16
+    cfg_scale: float = 2.0
+    image_temperature: float = 1.0
+    image_top_k: int = 0
+
+    def __post_init__(self):
+        checks = {
+            "temperature": self.temperature >= 0, "image_temperature": self.image_temperature >= 0,
+            "top_k": self.top_k >= 0, "image_top_k": self.image_top_k >= 0,
+            "top_p": 0 < self.top_p <= 1, "max_text_len": self.max_text_len >= 1,
+            "ode_solver": self.ode_solver in SOLVERS, "ode_steps": self.ode_steps >= 1,
+            "cfg_scale": self.cfg_scale >= 0}
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"sample.{bad[0]}={getattr(self, bad[0])!r} is invalid (temperatures "
+                             f">= 0, top_k >= 0, 0 < top_p <= 1, max_text_len/ode_steps >= 1, "
+                             f"ode_solver in {SOLVERS}, cfg_scale >= 0).")
+
+    @classmethod
+    def from_config(cls, sample_cfg) -> "SampleSettings":
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [n for n in names if n not in sample_cfg]
+        if missing:
+            raise ValueError(f"sample config lacks {missing} (see config_defaults.sample_config).")
+        return cls(**{f.name: type(f.default)(sample_cfg[f.name]) for f in dataclasses.fields(cls)})
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg_scale != 1.0
+
+
+# ---- token filtering -------------------------------------------------------------------------
+def filter_logits(logits: jax.Array, *, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0) -> jax.Array:
+    """float32 logits [..., V] -> tempered logits with the discarded entries at -inf.
+
+    Order as in common LM samplers: divide by `temperature`, keep the `top_k` largest (0 = all),
+    then the smallest set of most likely tokens whose probability reaches `top_p` (the most likely
+    token is always kept). temperature 0 keeps only the (first) argmax: greedy decoding.
+    """
+    logits = logits.astype(jnp.float32)
+    vocab = logits.shape[-1]
+    if temperature == 0:
+        return jnp.where(jax.nn.one_hot(jnp.argmax(logits, -1), vocab) > 0, 0.0, -jnp.inf)
+    logits = logits / temperature
+    order = jnp.argsort(-logits, axis=-1, stable=True)  # most likely first
+    ranks = jnp.argsort(order, axis=-1)  # rank of each token in that order
+    keep = ranks < (top_k if 0 < top_k < vocab else vocab)
+    if top_p < 1.0:
+        ordered = jnp.take_along_axis(jnp.where(keep, logits, -jnp.inf), order, axis=-1)
+        probs = jax.nn.softmax(ordered, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep = keep & jnp.take_along_axis(mass_before < top_p, ranks, axis=-1)
+    return jnp.where(keep, logits, -jnp.inf)
+
+
+def sample_rows(keys: jax.Array, logits: jax.Array, **filter_kw) -> jax.Array:
+    """One token per row: keys [B], logits [B, V] -> int32 [B] (filtered as `filter_logits`)."""
+    filtered = filter_logits(logits, **filter_kw)
+    return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+
+
+def row_keys(rng: jax.Array, batch: int) -> jax.Array:
+    """Per-row keys fold_in(rng, i): a row's randomness does not depend on the batch around it."""
+    return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(batch))
+
+
+def _fold(keys: jax.Array, data) -> jax.Array:
+    return jax.vmap(lambda k: jax.random.fold_in(k, data))(keys)
+
+
+# ---- ODE integration -------------------------------------------------------------------------
+def integrate_flow(velocity, x0: jax.Array, num_steps: int, solver: str = "euler") -> jax.Array:
+    """x(1) of dx/dt = velocity(x, t) from x(0) = x0, `num_steps` uniform steps (t a scalar).
+
+    Euler: x += dt v(x, t). Heun (2nd order): average the slopes at both ends of an Euler step.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"sample.ode_solver={solver!r}: must be one of {SOLVERS}.")
+    dt = 1.0 / num_steps
+
+    def step(i, x):
+        t = i.astype(jnp.float32) * dt
+        v0 = velocity(x, t)
+        if solver == "euler":
+            return x + dt * v0
+        v1 = velocity(x + dt * v0, t + dt)
+        return x + 0.5 * dt * (v0 + v1)
+
+    return jax.lax.fori_loop(0, num_steps, step, x0)
+
+
+# ---- per-token samplers (hidden of the position before the new token -> new token) -----------
+def _guide(cond_uncond: jax.Array, batch: int, scale: float) -> jax.Array:
+    cond, uncond = cond_uncond[:batch], cond_uncond[batch:]
+    return uncond + scale * (cond - uncond)
+
+
+def flow_token(model, params, hidden, keys, settings: SampleSettings):
+    """Flow head: hidden [G*B, D] (G = 2 with CFG, cond rows first), keys [B] -> (index [B],
+    snapped code [B, d])."""
+    fsq = FSQ(tuple(model.fsq_levels))
+    batch, guided = keys.shape[0], settings.guided
+    x0 = jax.vmap(lambda k: jax.random.normal(k, (fsq.dim,)))(keys)
+
+    def velocity(x, t):
+        xs = jnp.concatenate([x, x]) if guided else x
+        v = model.apply({"params": params}, hidden, xs, jnp.full(xs.shape[:1], t),
+                        method=MultimodalLM.flow_velocity)
+        return _guide(v, batch, settings.cfg_scale) if guided else v
+
+    x1 = integrate_flow(velocity, x0, settings.ode_steps, settings.ode_solver)
+    codes = fsq.snap(x1)
+    return fsq.codes_to_indices(codes), codes
+
+
+def discrete_token(model, params, hidden, keys, settings: SampleSettings):
+    """Discrete head: FSQ indices sampled from (guided) index logits -> (index [B], code [B, d])."""
+    fsq = FSQ(tuple(model.fsq_levels))
+    batch = keys.shape[0]
+    logits = model.apply({"params": params}, hidden, method=MultimodalLM.index_logits)
+    if settings.guided:
+        logits = tuple(_guide(lg, batch, settings.cfg_scale) for lg in logits)
+    kw = dict(temperature=settings.image_temperature, top_k=settings.image_top_k)
+    if len(logits) == 1:
+        index = sample_rows(keys, logits[0], **kw)
+    else:  # factorised: one draw per FSQ channel
+        digits = jnp.stack([sample_rows(_fold(keys, c), lg, **kw) for c, lg in enumerate(logits)],
+                           axis=-1)
+        index = heads.digits_to_indices(digits, fsq.levels)
+    return index, fsq.indices_to_codes(index)
+
+
+# ---- chunks and documents --------------------------------------------------------------------
+def _decode(model, params, cache, tokens, codes, modality, positions, segment, block):
+    chunk = {"tokens": tokens, "codes": codes, "modality": modality, "positions": positions,
+             "segment_ids": segment, "image_block": block}
+    return model.apply({"params": params}, chunk, cache, method=MultimodalLM.decode)
+
+
+def left_pad(ids: jax.Array, lengths: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
+    """Right-padded ids [B, T] holding `lengths` [B] tokens -> ([B, width] with the tokens at the
+    right end, bool mask of real tokens). Requires lengths <= width."""
+    src = jnp.arange(width)[None, :] - (width - lengths)[:, None]
+    valid = src >= 0
+    out = jnp.take_along_axis(ids, jnp.clip(src, 0, ids.shape[1] - 1), axis=1)
+    return jnp.where(valid, out, 0).astype(jnp.int32), valid
+
+
+def _t2i_prompt(caption_ids, lengths, special: SpecialIds):
+    """`<bos> caption <boi>` left-padded to caption width + 2 -> (tokens, valid, next position)."""
+    b, width = caption_ids.shape
+    seq = jnp.concatenate([jnp.full((b, 1), special.bos, jnp.int32), caption_ids.astype(jnp.int32),
+                           jnp.zeros((b, 1), jnp.int32)], axis=1)
+    seq = seq.at[jnp.arange(b), lengths + 1].set(special.boi)
+    tokens, valid = left_pad(seq, lengths + 2, width + 2)
+    return tokens, valid, lengths + 2
+
+
+def _text_chunk(tokens, valid, segment: int, d: int):
+    """Decode inputs of a (left-padded) text chunk; positions restart at each first real token."""
+    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+    seg = jnp.where(valid, segment, 0).astype(jnp.int32)
+    zeros = jnp.zeros_like(tokens)
+    return (tokens, jnp.zeros(tokens.shape + (d,), jnp.float32), zeros + TEXT,
+            positions.astype(jnp.int32), seg, zeros)
+
+
+def _image_loop(model, params, cache, hidden, pos, segment, keys, settings, num_tokens,
+                collect: bool):
+    """Samples `num_tokens` image tokens, feeding each back (modality IMAGE, causal).
+
+    hidden [R, D] predicts the first token; R = G*B rows (G = 2 with CFG). Returns (indices [B, n],
+    codes [B, n, d], cache, hidden predicting the token after the image [R, D], pos, and the
+    hidden that predicted each token [B, n, D] when `collect`).
+    """
+    token_fn = flow_token if model.model_cfg.image_head == "flow" else discrete_token
+    groups = hidden.shape[0] // keys.shape[0]
+    ones = jnp.ones((hidden.shape[0], 1), jnp.int32)
+
+    def body(carry, k):
+        cache, h, pos = carry
+        index, codes = token_fn(model, params, h, _fold(keys, k), settings)
+        index_r, codes_r = jnp.tile(index, groups), jnp.tile(codes, (groups, 1))
+        new_h, cache = _decode(model, params, cache, index_r[:, None], codes_r[:, None],
+                               ones * IMAGE, pos[:, None], ones * segment, ones * 0)
+        out = (index, codes, h[: keys.shape[0]] if collect else None)
+        return (cache, new_h[:, 0], pos + 1), out
+
+    (cache, hidden, pos), (index, codes, seen) = jax.lax.scan(
+        body, (cache, hidden, pos), jnp.arange(num_tokens))
+    seen = None if seen is None else jnp.swapaxes(seen, 0, 1)
+    return index.T, jnp.swapaxes(codes, 0, 1), cache, hidden, pos, seen
+
+
+def _text_loop(model, params, cache, hidden, pos, segment, keys, settings, special,
+               collect: bool):
+    """Samples up to max_text_len tokens per row until each row has produced <eos>.
+
+    Tokens after a row's <eos> are PAD_ID; the loop stops early once every row is done. Returns
+    (tokens [R, T], cache, hidden [R, D], pos, hidden that predicted each token [R, T, D] or None).
+    """
+    rows, width = hidden.shape[0], settings.max_text_len
+    keys = jnp.tile(keys, (rows // keys.shape[0],) + (1,) * (keys.ndim - 1))
+    ones = jnp.ones((rows, 1), jnp.int32)
+    state = {"step": jnp.zeros((), jnp.int32), "cache": cache, "hidden": hidden, "pos": pos,
+             "done": jnp.zeros((rows,), bool), "tokens": jnp.full((rows, width), PAD_ID, jnp.int32)}
+    if collect:
+        state["seen"] = jnp.zeros((rows, width) + hidden.shape[1:], hidden.dtype)
+
+    def body(s):
+        logits = model.apply({"params": params}, s["hidden"], method=MultimodalLM.lm_logits)
+        tok = sample_rows(_fold(keys, s["step"]), logits, temperature=settings.temperature,
+                          top_k=settings.top_k, top_p=settings.top_p)
+        tok = jnp.where(s["done"], PAD_ID, tok)
+        new_h, cache = _decode(model, params, s["cache"], tok[:, None],
+                               jnp.zeros((rows, 1, FSQ(model.fsq_levels).dim), jnp.float32),
+                               ones * TEXT, s["pos"][:, None], ones * segment, ones * 0)
+        out = dict(s, step=s["step"] + 1, cache=cache, hidden=new_h[:, 0], pos=s["pos"] + 1,
+                   done=s["done"] | (tok == special.eos),
+                   tokens=s["tokens"].at[:, s["step"]].set(tok))
+        if collect:
+            out["seen"] = s["seen"].at[:, s["step"]].set(s["hidden"])
+        return out
+
+    s = jax.lax.while_loop(lambda s: (s["step"] < width) & ~jnp.all(s["done"]), body, state)
+    return s["tokens"], s["cache"], s["hidden"], s["pos"], s.get("seen")
+
+
+def text_lengths(tokens: jax.Array, eos: int) -> jax.Array:
+    """Tokens before the first <eos> per row of sampled text [B, T] (T when none) -> int32 [B]."""
+    stop = tokens == eos
+    return jnp.where(stop.any(-1), jnp.argmax(stop, -1), tokens.shape[1]).astype(jnp.int32)
+
+
+def _t2i_doc(model, params, cache, caption_ids, lengths, segment, keys, settings, special,
+             num_tokens, collect):
+    """Prefills `<bos> caption <boi>` (+ the uncond `<bos> <boi>` half with CFG), samples the image."""
+    d = FSQ(model.fsq_levels).dim
+    tokens, valid, pos = _t2i_prompt(caption_ids, lengths, special)
+    if settings.guided:
+        u_tokens, u_valid, u_pos = _t2i_prompt(jnp.zeros_like(caption_ids),
+                                               jnp.zeros_like(lengths), special)
+        tokens, valid = jnp.concatenate([tokens, u_tokens]), jnp.concatenate([valid, u_valid])
+        pos = jnp.concatenate([pos, u_pos])
+    hidden, cache = _decode(model, params, cache, *_text_chunk(tokens, valid, segment, d))
+    index, codes, cache, _, _, seen = _image_loop(model, params, cache, hidden[:, -1], pos,
+                                                  segment, keys, settings, num_tokens, collect)
+    return index, codes, cache, seen
+
+
+def _i2t_doc(model, params, cache, codes, segment, keys, settings, special, collect):
+    """Prefills `<bos> <boi> img <eoi>` as ONE chunk (the image is a bidirectional context
+    block, image_block = segment as the packer writes it), then samples the caption."""
+    rows, n, _ = codes.shape
+    fsq = FSQ(model.fsq_levels)
+    col = lambda v: jnp.full((rows, 1), v, jnp.int32)  # noqa: E731
+    tokens = jnp.concatenate([col(special.bos), col(special.boi), fsq.codes_to_indices(codes),
+                              col(special.eoi)], axis=1)
+    is_img = jnp.arange(n + 3) - 2
+    is_img = jnp.broadcast_to((is_img >= 0) & (is_img < n), tokens.shape)
+    chunk_codes = jnp.pad(codes.astype(jnp.float32), ((0, 0), (2, 1), (0, 0)))
+    positions = jnp.broadcast_to(jnp.arange(n + 3, dtype=jnp.int32), tokens.shape)
+    hidden, cache = _decode(model, params, cache, tokens, chunk_codes,
+                            jnp.where(is_img, IMAGE, TEXT), positions,
+                            jnp.full(tokens.shape, segment, jnp.int32),
+                            jnp.where(is_img, segment, 0).astype(jnp.int32))
+    tokens, cache, _, _, seen = _text_loop(model, params, cache, hidden[:, -1], positions[:, -1] + 1,
+                                           segment, keys, settings, special, collect)
+    return tokens, cache, seen
+
+
+# ---- public entry points (pure; jit them with `Sampler`) --------------------------------------
+def text_to_image(params, model, caption_ids, caption_lengths, rng, *, settings: SampleSettings,
+                  special: SpecialIds, num_image_tokens: int, collect: bool = False) -> dict:
+    """Images for captions: caption_ids int [B, T] right-padded, caption_lengths [B] ->
+    {"indices": int32 [B, n], "codes": float32 [B, n, d] on the FSQ grid
+     (+ "hidden": [B, n, D], the state that predicted each token, when `collect`)}."""
+    b, width = caption_ids.shape
+    rows = 2 * b if settings.guided else b
+    cache = init_cache(model.model_cfg, rows, width + 2 + num_image_tokens)
+    index, codes, _, seen = _t2i_doc(model, params, cache, caption_ids, caption_lengths, 1,
+                                     _fold(row_keys(rng, b), 0), settings, special, num_image_tokens, collect)
+    return {"indices": index, "codes": codes, **({"hidden": seen} if collect else {})}
+
+
+def image_to_text(params, model, image_codes, rng, *, settings: SampleSettings,
+                  special: SpecialIds, collect: bool = False) -> dict:
+    """Captions for images given as FSQ code vectors [B, n, d] ->
+    {"tokens": int32 [B, max_text_len] (PAD_ID after <eos>), "lengths": [B]
+     (+ "hidden": [B, T, D] when `collect`)}."""
+    b, n, _ = image_codes.shape
+    cache = init_cache(model.model_cfg, b, n + 3 + settings.max_text_len)
+    tokens, _, seen = _i2t_doc(model, params, cache, image_codes, 1, _fold(row_keys(rng, b), 1),
+                               settings,
+                               special, collect)
+    out = {"tokens": tokens, "lengths": text_lengths(tokens, special.eos)}
+    return {**out, **({"hidden": seen} if collect else {})}
+
+
+def interleaved(params, model, caption_ids, caption_lengths, rng, *, settings: SampleSettings,
+                special: SpecialIds, num_image_tokens: int, rounds: int = 2) -> dict:
+    """The caption -> image -> caption -> ... chain of the module docstring, `rounds` images.
+
+    Round r is a text->image document (segment 2r+1) followed by an image->text document
+    (segment 2r+2) in one cache; a `lax.scan` over rounds compiles one round only. With the same
+    `rng`, round 0 equals `text_to_image` followed by `image_to_text` (same per-row keys).
+    Returns {"indices": [B, rounds, n], "codes": [B, rounds, n, d], "tokens": [B, rounds, T]
+    (the caption generated for each image), "lengths": [B, rounds]}.
+    """
+    if rounds < 1:
+        raise ValueError(f"interleaved: rounds={rounds} must be >= 1.")
+    b, width = caption_ids.shape
+    n, t = num_image_tokens, settings.max_text_len
+    groups = 2 if settings.guided else 1
+    width = max(width, t)  # every round's prompt has the same static width
+    ids = jnp.pad(caption_ids.astype(jnp.int32), ((0, 0), (0, width - caption_ids.shape[1])))
+    cache = init_cache(model.model_cfg, groups * b, rounds * (width + 2 + n + n + 3 + t))
+    keys = row_keys(rng, b)
+
+    def one_round(carry, r):
+        cache, ids, lengths = carry
+        index, codes, cache, _ = _t2i_doc(model, params, cache, ids, lengths, 2 * r + 1,
+                                          _fold(keys, 2 * r), settings, special, n, False)
+        tokens, cache, _ = _i2t_doc(model, params, cache, jnp.tile(codes, (groups, 1, 1)),
+                                    2 * r + 2, _fold(keys, 2 * r + 1), settings, special, False)
+        tokens, lengths = tokens[:b], text_lengths(tokens[:b], special.eos)
+        next_ids = jnp.pad(tokens, ((0, 0), (0, width - t)))
+        return (cache, next_ids, lengths), (index, codes, tokens, lengths)
+
+    _, outs = jax.lax.scan(one_round, (cache, ids, caption_lengths.astype(jnp.int32)),
+                           jnp.arange(rounds))
+    return {name: jnp.swapaxes(v, 0, 1)
+            for name, v in zip(("indices", "codes", "tokens", "lengths"), outs)}
+
+
+class Sampler:
+    """The entry points above jitted once for a model and its settings (one compile per shape)."""
+
+    def __init__(self, model: MultimodalLM, settings: SampleSettings, special: SpecialIds,
+                 num_image_tokens: int, *, collect: bool = False):
+        common = dict(settings=settings, special=special)
+        image = dict(common, num_image_tokens=int(num_image_tokens))
+        self.text_to_image = jax.jit(lambda params, ids, lengths, rng: text_to_image(
+            params, model, ids, lengths, rng, **image, collect=collect))
+        self.image_to_text = jax.jit(lambda params, codes, rng: image_to_text(
+            params, model, codes, rng, **common, collect=collect))
+        self.interleaved = jax.jit(lambda params, ids, lengths, rng, rounds: interleaved(
+            params, model, ids, lengths, rng, **image, rounds=rounds), static_argnames=("rounds",))
