@@ -174,6 +174,7 @@ def sweep_config() -> ml_collections.ConfigDict:
     c.analyses = ("scaling",)  # Report: "scaling" (laws, isoFLOPs) and/or "mot_vs_dense".
     c.param_key = "n_params_non_embedding"  # N in the fits: n_params_{total,active,non_embedding}.
     c.loss_keys = ("loss", "text_loss", "image_loss")  # Validation losses fitted / compared.
+    c.fit_starts = 8  # Chinchilla fit: L-BFGS-B from the best this-many grid starts (fits top_k).
     c.compare = ("dense", "mot")  # mot_vs_dense: (baseline arch, candidate arch) names.
     c.compilation_cache = True  # Persistent XLA cache in <sweep_dir>/jax_cache (same shapes compile once).
     return c
