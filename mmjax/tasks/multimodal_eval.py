@@ -1,0 +1,236 @@
+"""The `sample` / `eval` stage: sample from a trained multimodal LM and score it.
+
+On the TEST split (the first `sample.num_eval` records; the first `sample.num_samples` go into the
+pictures) it runs, with the checkpoint in <workdir>/model/checkpoints:
+- text -> image: images for the test captions (flow ODE or discrete head, CFG), decoded to pixels
+  by the FSQ decoder. Shapes: scored by the exact rule checker (per attribute, per object, count,
+  whole prompt). The same checker scores the FSQ reconstructions of the true images, the ceiling
+  the tokenizer allows, and the true images themselves (1.0 unless the checker or data broke).
+- image -> caption: captions of the test images given as their FSQ tokens (shapes: parsed back
+  to attributes; digits: the digit named).
+- validation losses (objectives.compute_losses on packed validation rows, one direction at a
+  time): caption perplexity given the image (i2t rows, caption tokens and <eos> only) and the
+  image loss given the caption (t2i rows; flow MSE, or CE and bits per code for the discrete head).
+- the interleaved caption -> image -> caption chain of `sampling.interleaved` for a few prompts.
+Writes <workdir>/samples/{eval.json, captions.txt, text_to_image.png, image_to_text.png,
+interleaved.png}, prints a summary and returns the metrics.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from mmjax import checkpointing, objectives, sampling
+from mmjax.data import packing, pipeline
+from mmjax.evals import shapes_checker, text_metrics
+from mmjax.models import model as model_lib
+from mmjax.tasks import image_tokens, multimodal_task, tokenizer_task
+from mmjax.tokenizers import autoencoder as ae
+from mmjax.tokenizers.fsq import FSQ
+
+
+# ---- loading ---------------------------------------------------------------------------------
+def example_batch(config) -> dict:
+    """A zero batch [1, max_seq_len] with the model's input keys (for shapes only)."""
+    length, d = int(config.model.max_seq_len), len(config.fsq.levels)
+    batch = {k: np.zeros((1, length), np.int32) for k in model_lib.CHUNK_KEYS if k != "codes"}
+    return {**batch, "codes": np.zeros((1, length, d), np.float32)}
+
+
+def restore_model(config, workdir: str, model) -> tuple[int, dict]:
+    """(step, unboxed params) of the newest model checkpoint; abstract shapes by eval_shape."""
+    abstract = jax.eval_shape(lambda: nn.unbox(model_lib.init_params(
+        model, jax.random.PRNGKey(0), example_batch(config))))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            abstract)
+    return checkpointing.restore_params(os.path.join(workdir, "model", "checkpoints"), abstract)
+
+
+def _batches(n: int, size: int):
+    """(start, indices padded to `size` by repeating the last one, real count) per batch: every
+    call has the same shape, so each jitted sampler compiles once."""
+    for start in range(0, n, size):
+        real = np.arange(start, min(start + size, n))
+        yield start, np.concatenate([real, np.full(size - len(real), real[-1])]), len(real)
+
+
+def _map_batches(fn, arrays: list[np.ndarray], size: int, rng) -> list[np.ndarray]:
+    """Concatenated outputs of fn(*batch, key) over padded batches (one key per batch)."""
+    outs = []
+    for start, idx, real in _batches(len(arrays[0]), size):
+        out = jax.device_get(fn(*(a[idx] for a in arrays), jax.random.fold_in(rng, start)))
+        outs.append(jax.tree.map(lambda x: np.asarray(x)[:real], out))
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+
+
+# ---- pictures --------------------------------------------------------------------------------
+def save_titled_grid(images: np.ndarray, titles: list[str], path: str, ncols: int = 4) -> None:
+    """uint8 images [N, H, W, 3] with wrapped titles as one PNG (matplotlib, no pyplot state)."""
+    from matplotlib.figure import Figure
+
+    n = len(images)
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(2.2 * ncols, 2.6 * nrows), dpi=100)
+    for i in range(nrows * ncols):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i], interpolation="nearest")
+            ax.set_title(textwrap.fill(titles[i], 30), fontsize=6)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path)
+
+
+# ---- the evaluations -------------------------------------------------------------------------
+def _prefixed(prefix: str, metrics: dict) -> dict:
+    return {f"{prefix}_{k}": float(v) for k, v in metrics.items()}
+
+
+def validation_losses(config, workdir: str, model, params, special) -> dict:
+    """Caption perplexity given images (i2t rows) and image loss given captions (t2i rows).
+
+    Uses train.eval_batches batches of train.batch_size packed validation rows per direction.
+    Token-weighted over batches. Names: val_caption_ppl / val_caption_nll (caption tokens and
+    <eos> of i2t documents), val_t2i_image_loss (+ val_t2i_bits_per_code for the discrete head).
+    """
+    def losses(p, batch):
+        return objectives.compute_losses(model, p, batch, jax.random.PRNGKey(int(config.sample.seed)),
+                                         config.objective, config.model, train=False)[1]
+
+    losses = jax.jit(losses)
+    out = {}
+    for direction, t2i_prob in (("i2t", 0.0), ("t2i", 1.0)):
+        cfg = config.copy_and_resolve_references()
+        cfg.objective.t2i_prob = t2i_prob
+        ds = multimodal_task.packed_dataset(cfg, workdir, "validation", train=False)
+        size = min(int(config.train.batch_size), len(ds))
+        rows = min(len(ds), size * int(config.train.eval_batches)) // size * size
+        sums = {}
+        for start in range(0, rows, size):
+            packed = [ds[i] for i in range(start, start + size)]
+            batch = {k: np.stack([row[k] for row in packed]) for k in packing.PACKED_KEYS}
+            if direction == "i2t":
+                batch["text_mask"] = text_metrics.caption_only_mask(
+                    batch["text_mask"], batch["text_targets"], (special.boi, special.eoi))
+            m = jax.device_get(losses(params, batch))
+            weight = float(m["text_tokens"] if direction == "i2t" else m["image_tokens"])
+            key = "text_loss" if direction == "i2t" else "image_loss"
+            sums[key] = sums.get(key, 0.0) + float(m[key]) * weight
+            sums["weight"] = sums.get("weight", 0.0) + weight
+        mean = sums.get("text_loss" if direction == "i2t" else "image_loss", 0.0) / max(
+            sums.get("weight", 0.0), 1.0)
+        if direction == "i2t":
+            out.update(val_caption_nll=mean, val_caption_ppl=math.exp(mean))
+        else:
+            out["val_t2i_image_loss"] = mean
+            if config.model.image_head == "discrete":
+                out["val_t2i_bits_per_code"] = mean / math.log(2.0)
+    return out
+
+
+def run(config, workdir: str) -> dict:
+    """Samples, scores and writes <workdir>/samples/*; returns the metrics (see module doc)."""
+    started = time.time()
+    sc = config.sample
+    tok = multimodal_task.text_tokenizer(config, workdir)
+    special = packing.special_ids(tok)
+    model = multimodal_task.build_model(config, tok.vocab_size)
+    step, params = restore_model(config, workdir, model)
+    ae_model, ae_params = tokenizer_task.load_tokenizer(config, workdir)
+    records = pipeline.image_caption_dataset(config.data, "test", workdir)
+    token_ds = image_tokens.load_tokens(workdir, "test", len(records))
+    grid = tuple(image_tokens.token_meta(workdir, "test")["grid"])
+    n_eval = min(len(records), max(int(sc.num_eval), int(sc.num_samples)))
+    if n_eval < 1:
+        raise ValueError("the test split is empty: nothing to sample (data.num_test)")
+    recs = [records[i] for i in range(n_eval)]
+    true_tokens = np.stack([token_ds[i] for i in range(n_eval)]).astype(np.int32)
+    encoded = [multimodal_task.encode_caption(tok, r["caption"], int(config.data.max_caption_len))
+               for r in recs]
+    ids = np.stack([e[0] for e in encoded])
+    lengths = np.array([e[1] for e in encoded], np.int32)
+    settings = sampling.SampleSettings.from_config(sc)
+    sampler = sampling.Sampler(model, settings, special, int(np.prod(grid)))
+    size, rng = int(sc.batch_size), jax.random.PRNGKey(int(sc.seed))
+    decode = jax.jit(lambda idx: ae.float_to_images(ae.detokenize(ae_model, ae_params, idx, grid)))
+    to_pixels = lambda idx: _map_batches(lambda i, _: decode(i), [idx], size, rng)  # noqa: E731
+    metrics: dict = {"step": int(step), "num_eval": n_eval}
+
+    t0 = time.time()
+    t2i = _map_batches(lambda i, n, k: sampler.text_to_image(params, i, n, k), [ids, lengths], size,
+                       jax.random.fold_in(rng, 0))
+    images = to_pixels(t2i["indices"])
+    metrics["t2i_seconds"] = time.time() - t0
+    recon = to_pixels(true_tokens)
+    truth = np.stack([r["image"] for r in recs])
+    if config.data.name == "shapes":
+        attributes = np.stack([r["attributes"] for r in recs])
+        for prefix, pictures in (("t2i", images), ("recon", recon), ("gt", truth)):
+            metrics.update(_prefixed(prefix, shapes_checker.score_batch(pictures, attributes)))
+
+    t0 = time.time()
+    codes = FSQ(tuple(config.fsq.levels)).indices_to_codes(true_tokens)
+    i2t = _map_batches(lambda c, k: sampler.image_to_text(params, c, k), [codes], size,
+                       jax.random.fold_in(rng, 1))
+    captions = [tok.decode(t) for t in i2t["tokens"]]
+    metrics["i2t_seconds"] = time.time() - t0
+    metrics.update(_prefixed("i2t", text_metrics.caption_scores(config.data.name, captions, recs)))
+    metrics.update(validation_losses(config, workdir, model, params, special))
+
+    chain = None
+    rounds, n_show = int(sc.interleaved_rounds), min(int(sc.num_samples), n_eval)
+    if rounds > 0 and n_show > 0:
+        chain = jax.device_get(sampler.interleaved(params, ids[:n_show], lengths[:n_show],
+                                                   jax.random.fold_in(rng, 2), rounds=rounds))
+    metrics["seconds"] = time.time() - started
+    if jax.process_index() == 0:
+        _write(workdir, config, metrics, recs[:n_show], images[:n_show], truth[:n_show], captions,
+               recs, chain, tok, to_pixels)
+    _print_summary(metrics)
+    return metrics
+
+
+# ---- outputs ---------------------------------------------------------------------------------
+def _write(workdir, config, metrics, shown, images, truth, captions, recs, chain, tok, to_pixels):
+    out = os.path.join(workdir, "samples")
+    os.makedirs(out, exist_ok=True)
+    save_titled_grid(images, [r["caption"] for r in shown], os.path.join(out, "text_to_image.png"))
+    save_titled_grid(truth, captions[:len(shown)], os.path.join(out, "image_to_text.png"))
+    lines = ["# image -> caption on the test split: index | true caption | generated caption"]
+    lines += [f"{int(r['index'])} | {r['caption']} | {c}" for r, c in zip(recs, captions)]
+    if chain is not None:
+        rounds = chain["indices"].shape[1]
+        pictures = to_pixels(chain["indices"].reshape(-1, chain["indices"].shape[-1]))
+        texts = [tok.decode(t) for t in chain["tokens"].reshape(-1, chain["tokens"].shape[-1])]
+        save_titled_grid(pictures, texts, os.path.join(out, "interleaved.png"), ncols=rounds)
+        lines.append("# interleaved: prompt -> image -> its caption -> image -> ... (titles of "
+                     "interleaved.png are the captions generated for each image)")
+        for i, r in enumerate(shown):
+            lines.append(" -> ".join([r["caption"]] + texts[i * rounds:(i + 1) * rounds]))
+    with open(os.path.join(out, "captions.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    record = {"metrics": metrics, "sample": config.sample.to_dict(),
+              "dataset": config.data.name, "image_head": config.model.image_head}
+    with open(os.path.join(out, "eval.json"), "w") as f:
+        json.dump(record, f, indent=2)
+
+
+def _print_summary(metrics: dict) -> None:
+    keys = ("step", "t2i_prompt_acc", "t2i_object_acc", "recon_prompt_acc", "i2t_exact_acc",
+            "i2t_object_acc", "i2t_digit_acc", "val_caption_ppl", "val_t2i_image_loss",
+            "val_t2i_bits_per_code", "t2i_seconds", "i2t_seconds")
+    shown = ", ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
+    logging.info("sample/eval: %s", shown)
+    print(f"mmjax sample/eval: {shown}")
