@@ -310,7 +310,8 @@ def _loop(config, tc, task, setup, state, start, iterator, manager, writer, run_
                 checkpointing.save(manager, step, state, iterator, cfg_json)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{last_metrics.get('loss', float('nan')):.4f}")
+                if "loss" in last_metrics:  # nothing to show before the first logged step
+                    bar.set_postfix(loss=f"{last_metrics['loss']:.4f}", refresh=False)
             if stopping and step != total:
                 logging.warning("%s stopped at step %d (checkpoint saved)", task.name, step)
                 return {"step": step, "train": last_metrics, "preempted": True}
