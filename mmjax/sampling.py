@@ -34,6 +34,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmjax.data.packing import IMAGE, TEXT, SpecialIds
 from mmjax.models import heads
@@ -59,13 +60,12 @@ class SampleSettings:
     image_top_k: int = 0
 
     def __post_init__(self):
-        checks = {
-            "temperature": self.temperature >= 0, "image_temperature": self.image_temperature >= 0,
-            "top_k": self.top_k >= 0, "image_top_k": self.image_top_k >= 0,
-            "top_p": 0 < self.top_p <= 1, "max_text_len": self.max_text_len >= 1,
-            "ode_solver": self.ode_solver in SOLVERS, "ode_steps": self.ode_steps >= 1,
-            "cfg_scale": self.cfg_scale >= 0}
-        bad = [name for name, ok in checks.items() if not ok]
+        bad = [name for name, ok in (
+            ("temperature", self.temperature >= 0), ("image_temperature", self.image_temperature >= 0),
+            ("top_k", self.top_k >= 0), ("image_top_k", self.image_top_k >= 0),
+            ("top_p", 0 < self.top_p <= 1), ("max_text_len", self.max_text_len >= 1),
+            ("ode_solver", self.ode_solver in SOLVERS), ("ode_steps", self.ode_steps >= 1),
+            ("cfg_scale", self.cfg_scale >= 0)) if not ok]
         if bad:
             raise ValueError(f"sample.{bad[0]}={getattr(self, bad[0])!r} is invalid (temperatures "
                              f">= 0, top_k >= 0, 0 < top_p <= 1, max_text_len/ode_steps >= 1, "
@@ -73,14 +73,13 @@ class SampleSettings:
 
     @classmethod
     def from_config(cls, sample_cfg) -> "SampleSettings":
-        names = [f.name for f in dataclasses.fields(cls)]
-        missing = [n for n in names if n not in sample_cfg]
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in sample_cfg]
         if missing:
             raise ValueError(f"sample config lacks {missing} (see config_defaults.sample_config).")
         return cls(**{f.name: type(f.default)(sample_cfg[f.name]) for f in dataclasses.fields(cls)})
 
     @property
-    def guided(self) -> bool:
+    def guided(self) -> bool:  # cfg_scale 1 is plain conditional sampling: no uncond half
         return self.cfg_scale != 1.0
 
 
@@ -98,6 +97,8 @@ def filter_logits(logits: jax.Array, *, temperature: float = 1.0, top_k: int = 0
     if temperature == 0:
         return jnp.where(jax.nn.one_hot(jnp.argmax(logits, -1), vocab) > 0, 0.0, -jnp.inf)
     logits = logits / temperature
+    if not 0 < top_k < vocab and top_p >= 1.0:
+        return logits  # nothing to filter: skip the sorts
     order = jnp.argsort(-logits, axis=-1, stable=True)  # most likely first
     ranks = jnp.argsort(order, axis=-1)  # rank of each token in that order
     keep = ranks < (top_k if 0 < top_k < vocab else vocab)
@@ -332,10 +333,10 @@ def text_to_image(params, model, caption_ids, caption_lengths, rng, *, settings:
     {"indices": int32 [B, n], "codes": float32 [B, n, d] on the FSQ grid
      (+ "hidden": [B, n, D], the state that predicted each token, when `collect`)}."""
     b, width = caption_ids.shape
-    rows = 2 * b if settings.guided else b
-    cache = init_cache(model.model_cfg, rows, width + 2 + num_image_tokens)
+    cache = init_cache(model.model_cfg, (1 + settings.guided) * b, width + 2 + num_image_tokens)
     index, codes, _, seen = _t2i_doc(model, params, cache, caption_ids, caption_lengths, 1,
-                                     _fold(row_keys(rng, b), 0), settings, special, num_image_tokens, collect)
+                                     _fold(row_keys(rng, b), 0), settings, special,
+                                     num_image_tokens, collect)
     return {"indices": index, "codes": codes, **({"hidden": seen} if collect else {})}
 
 
@@ -347,8 +348,7 @@ def image_to_text(params, model, image_codes, rng, *, settings: SampleSettings,
     b, n, _ = image_codes.shape
     cache = init_cache(model.model_cfg, b, n + 3 + settings.max_text_len)
     tokens, _, seen = _i2t_doc(model, params, cache, image_codes, 1, _fold(row_keys(rng, b), 1),
-                               settings,
-                               special, collect)
+                               settings, special, collect)
     out = {"tokens": tokens, "lengths": text_lengths(tokens, special.eos)}
     return {**out, **({"hidden": seen} if collect else {})}
 
@@ -367,7 +367,7 @@ def interleaved(params, model, caption_ids, caption_lengths, rng, *, settings: S
         raise ValueError(f"interleaved: rounds={rounds} must be >= 1.")
     b, width = caption_ids.shape
     n, t = num_image_tokens, settings.max_text_len
-    groups = 2 if settings.guided else 1
+    groups = 1 + settings.guided
     width = max(width, t)  # every round's prompt has the same static width
     ids = jnp.pad(caption_ids.astype(jnp.int32), ((0, 0), (0, width - caption_ids.shape[1])))
     cache = init_cache(model.model_cfg, groups * b, rounds * (width + 2 + n + n + 3 + t))
@@ -389,16 +389,41 @@ def interleaved(params, model, caption_ids, caption_lengths, rng, *, settings: S
             for name, v in zip(("indices", "codes", "tokens", "lengths"), outs)}
 
 
+def check_prompts(caption_ids, caption_lengths) -> None:
+    """ValueError unless ids are [B, T] and 0 <= lengths[b] <= T (host-side, before jit)."""
+    ids, lengths = np.asarray(caption_ids), np.asarray(caption_lengths)
+    if ids.ndim != 2 or lengths.shape != ids.shape[:1] or not (
+            (lengths >= 0) & (lengths <= ids.shape[1])).all():
+        raise ValueError(f"caption_ids must be [B, T] and caption_lengths [B] in [0, T]; got "
+                         f"shapes {ids.shape}, {lengths.shape} and lengths {lengths.tolist()}.")
+
+
 class Sampler:
-    """The entry points above jitted once for a model and its settings (one compile per shape)."""
+    """The entry points above jitted once for a model and its settings (one compile per input
+    shape), with host-side input checks."""
 
     def __init__(self, model: MultimodalLM, settings: SampleSettings, special: SpecialIds,
                  num_image_tokens: int, *, collect: bool = False):
         common = dict(settings=settings, special=special)
         image = dict(common, num_image_tokens=int(num_image_tokens))
-        self.text_to_image = jax.jit(lambda params, ids, lengths, rng: text_to_image(
+        self.code_dim = len(model.fsq_levels)
+        self._t2i = jax.jit(lambda params, ids, lengths, rng: text_to_image(
             params, model, ids, lengths, rng, **image, collect=collect))
-        self.image_to_text = jax.jit(lambda params, codes, rng: image_to_text(
+        self._i2t = jax.jit(lambda params, codes, rng: image_to_text(
             params, model, codes, rng, **common, collect=collect))
-        self.interleaved = jax.jit(lambda params, ids, lengths, rng, rounds: interleaved(
+        self._chain = jax.jit(lambda params, ids, lengths, rng, rounds: interleaved(
             params, model, ids, lengths, rng, **image, rounds=rounds), static_argnames=("rounds",))
+
+    def text_to_image(self, params, caption_ids, caption_lengths, rng) -> dict:
+        check_prompts(caption_ids, caption_lengths)
+        return self._t2i(params, caption_ids, caption_lengths, rng)
+
+    def image_to_text(self, params, image_codes, rng) -> dict:
+        if np.ndim(image_codes) != 3 or np.shape(image_codes)[-1] != self.code_dim:
+            raise ValueError(f"image_codes must be [B, n, {self.code_dim}] FSQ code vectors, got "
+                             f"shape {np.shape(image_codes)}.")
+        return self._i2t(params, image_codes, rng)
+
+    def interleaved(self, params, caption_ids, caption_lengths, rng, rounds: int = 2) -> dict:
+        check_prompts(caption_ids, caption_lengths)
+        return self._chain(params, caption_ids, caption_lengths, rng, rounds=int(rounds))

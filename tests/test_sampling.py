@@ -146,6 +146,16 @@ def test_rows_are_independent(flow):
     assert (np.asarray(b[1]) != np.asarray(b[2])).any()
 
 
+def test_bad_inputs_fail_before_compiling(flow):
+    sampler, params = flow["sampler"], flow["params"]
+    with pytest.raises(ValueError, match="caption_lengths"):
+        sampler.text_to_image(params, CAPTIONS, np.array([3, 6, 1]), key(0))  # 6 > width 5
+    with pytest.raises(ValueError, match="caption_lengths"):
+        sampler.interleaved(params, CAPTIONS, LENGTHS[:2], key(0))
+    with pytest.raises(ValueError, match="image_codes"):
+        sampler.image_to_text(params, np.zeros((3, N, 3), np.float32), key(0))
+
+
 def test_caption_decoding_matches_teacher_forcing(flow):
     model, params = flow["model"], flow["params"]
     index = flow["t2i"]["indices"]
@@ -179,7 +189,8 @@ def test_interleaved_first_round_equals_t2i_then_i2t(flow):
 
 
 def test_discrete_head_greedy_cfg_picks_guided_argmax():
-    cfg = tiny_cfg(num_modalities=2, num_layers=1, image_head="discrete", discrete_factorized=True)
+    # Dense (one modality: image tokens share the text weights) keeps this compile cheap.
+    cfg = tiny_cfg(num_modalities=1, num_layers=1, image_head="discrete", discrete_factorized=True)
     model, params = build(cfg, example_batch(), seed=3)
     settings = sampling.SampleSettings(cfg_scale=3.0, image_temperature=0.0, max_text_len=4)
     out = jax.jit(lambda p, c, n, r: sampling.text_to_image(

@@ -81,13 +81,15 @@ def save_titled_grid(images: np.ndarray, titles: list[str], path: str, ncols: in
     n = len(images)
     ncols = max(1, min(ncols, n))
     nrows = math.ceil(n / ncols)
-    fig = Figure(figsize=(2.2 * ncols, 2.6 * nrows), dpi=100)
+    wrapped = [textwrap.fill(t, 32) for t in titles]
+    lines = max([w.count("\n") + 1 for w in wrapped] + [1])
+    fig = Figure(figsize=(2.2 * ncols, (2.2 + 0.12 * lines) * nrows), dpi=100)
     for i in range(nrows * ncols):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         ax.axis("off")
         if i < n:
             ax.imshow(images[i], interpolation="nearest")
-            ax.set_title(textwrap.fill(titles[i], 30), fontsize=6)
+            ax.set_title(wrapped[i], fontsize=6)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path)
@@ -150,8 +152,8 @@ def run(config, workdir: str) -> dict:
     step, params = restore_model(config, workdir, model)
     ae_model, ae_params = tokenizer_task.load_tokenizer(config, workdir)
     records = pipeline.image_caption_dataset(config.data, "test", workdir)
-    token_ds = image_tokens.load_tokens(workdir, "test", len(records))
-    grid = tuple(image_tokens.token_meta(workdir, "test")["grid"])
+    token_ds = image_tokens.load_tokens(workdir, "test", len(records), config)
+    grid = tuple(image_tokens.token_meta(workdir, "test", config)["grid"])
     n_eval = min(len(records), max(int(sc.num_eval), int(sc.num_samples)))
     if n_eval < 1:
         raise ValueError("the test split is empty: nothing to sample (data.num_test)")
@@ -210,15 +212,16 @@ def _write(workdir, config, metrics, shown, images, truth, captions, recs, chain
     save_titled_grid(truth, captions[:len(shown)], os.path.join(out, "image_to_text.png"))
     lines = ["# image -> caption on the test split: index | true caption | generated caption"]
     lines += [f"{int(r['index'])} | {r['caption']} | {c}" for r, c in zip(recs, captions)]
-    if chain is not None:
+    if chain is not None:  # row i: prompt -> image -> its caption -> image of that caption ...
         rounds = chain["indices"].shape[1]
         pictures = to_pixels(chain["indices"].reshape(-1, chain["indices"].shape[-1]))
-        texts = [tok.decode(t) for t in chain["tokens"].reshape(-1, chain["tokens"].shape[-1])]
-        save_titled_grid(pictures, texts, os.path.join(out, "interleaved.png"), ncols=rounds)
-        lines.append("# interleaved: prompt -> image -> its caption -> image -> ... (titles of "
-                     "interleaved.png are the captions generated for each image)")
-        for i, r in enumerate(shown):
-            lines.append(" -> ".join([r["caption"]] + texts[i * rounds:(i + 1) * rounds]))
+        said = [tok.decode(t) for t in chain["tokens"].reshape(-1, chain["tokens"].shape[-1])]
+        texts = [[r["caption"]] + said[i * rounds:(i + 1) * rounds] for i, r in enumerate(shown)]
+        save_titled_grid(pictures, [t for row in texts for t in row[:rounds]],
+                         os.path.join(out, "interleaved.png"), ncols=rounds)
+        lines.append("# interleaved: prompt -> caption generated for its image -> caption of the "
+                     "image of that caption ... (interleaved.png titles each image by its prompt)")
+        lines += [" -> ".join(row) for row in texts]
     with open(os.path.join(out, "captions.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
     record = {"metrics": metrics, "sample": config.sample.to_dict(),
