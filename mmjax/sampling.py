@@ -1,5 +1,6 @@
-"""Decode loops of the multimodal LM: text (temperature / top-k / top-p), images (flow-head ODE with
-classifier-free guidance, or discrete FSQ-index sampling) and an interleaved caption <-> image chain.
+"""Decode loops of the multimodal LM: text (temperature / top-k / top-p), images (flow-head ODE
+with classifier-free guidance, or discrete FSQ-index sampling) and an interleaved caption <-> image
+chain.
 
 Everything here is a pure function of (params, inputs, rng) meant to run inside ONE `jax.jit` per
 task (`Sampler` builds those): the prompt prefill and every generated position are traced once,
@@ -61,7 +62,8 @@ class SampleSettings:
 
     def __post_init__(self):
         bad = [name for name, ok in (
-            ("temperature", self.temperature >= 0), ("image_temperature", self.image_temperature >= 0),
+            ("temperature", self.temperature >= 0),
+            ("image_temperature", self.image_temperature >= 0),
             ("top_k", self.top_k >= 0), ("image_top_k", self.image_top_k >= 0),
             ("top_p", 0 < self.top_p <= 1), ("max_text_len", self.max_text_len >= 1),
             ("ode_solver", self.ode_solver in SOLVERS), ("ode_steps", self.ode_steps >= 1),
@@ -291,7 +293,8 @@ def text_lengths(tokens: jax.Array, eos: int) -> jax.Array:
 
 def _t2i_doc(model, params, cache, caption_ids, lengths, segment, keys, settings, special,
              num_tokens, collect):
-    """Prefills `<bos> caption <boi>` (+ the uncond `<bos> <boi>` half with CFG), samples the image."""
+    """Prefills `<bos> caption <boi>` (+ the uncond `<bos> <boi>` half with CFG), samples the
+    image."""
     d = FSQ(model.fsq_levels).dim
     tokens, valid, pos = _t2i_prompt(caption_ids, lengths, special)
     if settings.guided:
@@ -321,8 +324,9 @@ def _i2t_doc(model, params, cache, codes, segment, keys, settings, special, coll
                             jnp.where(is_img, IMAGE, TEXT), positions,
                             jnp.full(tokens.shape, segment, jnp.int32),
                             jnp.where(is_img, segment, 0).astype(jnp.int32))
-    tokens, cache, _, _, seen = _text_loop(model, params, cache, hidden[:, -1], positions[:, -1] + 1,
-                                           segment, keys, settings, special, collect)
+    tokens, cache, _, _, seen = _text_loop(model, params, cache, hidden[:, -1],
+                                           positions[:, -1] + 1, segment, keys, settings, special,
+                                           collect)
     return tokens, cache, seen
 
 

@@ -44,7 +44,8 @@ np.savez(f"{workdir}/checker_calls.npz", **{f"{name}{i}": arr for i, call in enu
 with open(f"{workdir}/test_metrics.json", "w") as f:
     json.dump(results["sample_and_evaluate"], f)
 """
-# Fewer prompts than the smoke default (same code, less time); batches of 3 leave a padded last batch.
+# Fewer prompts than the smoke default (same code, less time); batches of 3 leave a padded last
+# batch.
 OVERRIDES = {"num_eval": NUM_EVAL, "batch_size": 3, "interleaved_rounds": 1}
 
 

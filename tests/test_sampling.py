@@ -37,7 +37,8 @@ def pack(rows):
            for k in ("tokens", "modality", "positions", "segment_ids", "image_block")}
     for r, (tokens, modality, block) in enumerate(rows):
         n = len(tokens)
-        out["tokens"][r, :n], out["modality"][r, :n], out["image_block"][r, :n] = tokens, modality, block
+        out["tokens"][r, :n], out["modality"][r, :n] = tokens, modality
+        out["image_block"][r, :n] = block
         out["positions"][r, :n], out["segment_ids"][r, :n] = np.arange(n), 1
     out["codes"] = np.where((out["modality"] == 1)[..., None],
                             FSQ_.indices_to_codes(out["tokens"]), 0.0).astype(np.float32)
@@ -53,8 +54,11 @@ def t2i_rows(captions, lengths, indices):
 
 
 def i2t_rows(indices, tokens):
-    return [([SPECIAL.bos, SPECIAL.boi, *idx, SPECIAL.eoi, *tok], [0, 0] + [1] * N + [0] * (1 + len(tok)),
-             [0, 0] + [1] * N + [0] * (1 + len(tok))) for idx, tok in zip(np.asarray(indices), np.asarray(tokens))]
+    rows = []
+    for idx, tok in zip(np.asarray(indices), np.asarray(tokens)):
+        layout = [0, 0] + [1] * N + [0] * (1 + len(tok))  # image positions: modality 1, block 1
+        rows.append(([SPECIAL.bos, SPECIAL.boi, *idx, SPECIAL.eoi, *tok], layout, layout))
+    return rows
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +182,8 @@ def test_caption_decoding_matches_teacher_forcing(flow):
 def test_interleaved_first_round_equals_t2i_then_i2t(flow):
     params, sampler = flow["params"], flow["sampler"]
     out = sampler.interleaved(params, CAPTIONS, LENGTHS, key(0), rounds=2)
-    assert out["indices"].shape == (3, 2, N) and out["tokens"].shape == (3, 2, SETTINGS.max_text_len)
+    assert out["indices"].shape == (3, 2, N)
+    assert out["tokens"].shape == (3, 2, SETTINGS.max_text_len)
     np.testing.assert_array_equal(out["indices"][:, 0], flow["t2i"]["indices"])
     caption = sampler.image_to_text(params, flow["t2i"]["codes"], key(0))
     np.testing.assert_array_equal(out["tokens"][:, 0], caption["tokens"])
@@ -215,7 +220,10 @@ def test_integrators_agree_on_a_smooth_field():
     velocity = lambda x, t: -2.0 * t * x  # noqa: E731  x(1) = x0 / e
     x0 = jnp.array([1.0, -2.0, 0.5])
     exact = np.asarray(x0) * np.exp(-1.0)
-    run = lambda steps, solver: np.asarray(sampling.integrate_flow(velocity, x0, steps, solver))  # noqa: E731
+
+    def run(steps, solver):
+        return np.asarray(sampling.integrate_flow(velocity, x0, steps, solver))
+
     fine_euler, heun = run(2000, "euler"), run(16, "heun")
     np.testing.assert_allclose(fine_euler, heun, atol=1e-3)
     np.testing.assert_allclose(heun, exact, atol=1e-3)

@@ -37,13 +37,15 @@ def caption_scores(dataset: str, captions: Sequence[str], records: Sequence[dict
     """Caption metrics for the embedded datasets (shapes: per-attribute and exact accuracy;
     digits: digit accuracy); {} for datasets without a caption grammar."""
     if dataset == "shapes":
-        return shapes_checker.caption_accuracy(captions, np.stack([r["attributes"] for r in records]))
+        attributes = np.stack([r["attributes"] for r in records])
+        return shapes_checker.caption_accuracy(captions, attributes)
     if dataset == "digits":
         return digit_caption_accuracy(captions, [int(r["label"]) for r in records])
     return {}
 
 
-def caption_only_mask(text_mask: np.ndarray, text_targets: np.ndarray, structural_ids) -> np.ndarray:
+def caption_only_mask(text_mask: np.ndarray, text_targets: np.ndarray,
+                      structural_ids) -> np.ndarray:
     """text_mask restricted to targets that are caption tokens or <eos>.
 
     In an image->text document the text loss also covers `<boi>` and `<eoi>`, which the layout

@@ -108,8 +108,9 @@ def validation_losses(config, workdir: str, model, params, special) -> dict:
     <eos> of i2t documents), val_t2i_image_loss (+ val_t2i_bits_per_code for the discrete head).
     """
     def losses(p, batch):
-        return objectives.compute_losses(model, p, batch, jax.random.PRNGKey(int(config.sample.seed)),
-                                         config.objective, config.model, train=False)[1]
+        rng = jax.random.PRNGKey(int(config.sample.seed))
+        return objectives.compute_losses(model, p, batch, rng, config.objective, config.model,
+                                         train=False)[1]
 
     losses = jax.jit(losses)
     out = {}
@@ -165,7 +166,7 @@ def run(config, workdir: str) -> dict:
     lengths = np.array([e[1] for e in encoded], np.int32)
     settings = sampling.SampleSettings.from_config(sc)
     sampler = sampling.Sampler(model, settings, special, int(np.prod(grid)))
-    size, rng = int(sc.batch_size), jax.random.PRNGKey(int(sc.seed))
+    size, rng = min(int(sc.batch_size), n_eval), jax.random.PRNGKey(int(sc.seed))
     decode = jax.jit(lambda idx: ae.float_to_images(ae.detokenize(ae_model, ae_params, idx, grid)))
     to_pixels = lambda idx: _map_batches(lambda i, _: decode(i), [idx], size, rng)  # noqa: E731
     metrics: dict = {"step": int(step), "num_eval": n_eval}
@@ -174,7 +175,7 @@ def run(config, workdir: str) -> dict:
     t2i = _map_batches(lambda i, n, k: sampler.text_to_image(params, i, n, k), [ids, lengths], size,
                        jax.random.fold_in(rng, 0))
     images = to_pixels(t2i["indices"])
-    metrics["t2i_seconds"] = time.time() - t0
+    metrics["t2i_seconds"] = time.time() - t0  # wall time incl. compilation, like i2t_seconds
     recon = to_pixels(true_tokens)
     truth = np.stack([r["image"] for r in recs])
     if config.data.name == "shapes":
