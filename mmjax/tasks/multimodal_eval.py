@@ -165,6 +165,10 @@ def run(config, workdir: str) -> dict:
     ids = np.stack([e[0] for e in encoded])
     lengths = np.array([e[1] for e in encoded], np.int32)
     settings = sampling.SampleSettings.from_config(sc)
+    if settings.max_text_len < int(config.data.max_caption_len) + 1:
+        logging.warning("sample.max_text_len=%d < data.max_caption_len + 1 = %d: longer captions "
+                        "(and their <eos>) are cut off, which caps the i2t accuracies.",
+                        settings.max_text_len, int(config.data.max_caption_len) + 1)
     sampler = sampling.Sampler(model, settings, special, int(np.prod(grid)))
     size, rng = min(int(sc.batch_size), n_eval), jax.random.PRNGKey(int(sc.seed))
     decode = jax.jit(lambda idx: ae.float_to_images(ae.detokenize(ae_model, ae_params, idx, grid)))
