@@ -1,0 +1,206 @@
+"""Sweep report: scaling-law fits, compute-optimal sizes and figures from the runs' result.json.
+
+A result (one per finished point, written by mmjax.scaling.sweep) holds: name, index, size,
+budget, arch, overrides, model (sizes), vocab_size, seq_len, batch_size, steps, tokens
+(= steps * batch * seq_len positions), image_fraction, train_flops_per_token, flops (analytic
+training FLOPs = flops_per_token * tokens), flops_budget, n_params_{total,active,non_embedding},
+the final validation losses (loss, text_loss, image_loss), validation (all final val metrics),
+curve / train_curve ([{step, tokens, flops, <loss keys>}]), wall_s and attempts.
+
+`report` writes `<sweep_dir>/results.json` (all results) and `<sweep_dir>/report/report.json` +
+PNGs. For each architecture and loss key ("scaling" analysis):
+- Henighan L(N): power law over the sizes, each at its largest budget.
+- Henighan L(C): power law over the compute frontier (lower envelope of all validation curves).
+- Chinchilla approach 3 L(N, D) over all final points; R^2 in-sample and on held-out points (the
+  largest size, fitted on the rest); N_opt(C), D_opt(C) over and beyond the sweep's range.
+- Figures: loss vs FLOPs with the fitted frontier, isoFLOP profiles, fitted laws.
+A fit that cannot be made (too few points) is recorded as {"error": ...} and logged, not skipped
+silently. The "mot_vs_dense" analysis lives in mmjax.scaling.study.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import math
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from mmjax.scaling import fits, plots
+
+
+def read_results(sweep_dir: str) -> list[dict]:
+    """Every finished point's result.json, ordered by point index."""
+    out = []
+    for path in glob.glob(os.path.join(sweep_dir, "runs", "*", "result.json")):
+        with open(path) as f:
+            out.append(json.load(f))
+    return sorted(out, key=lambda r: (r.get("index", 0), r["name"]))
+
+
+def fit_points(results: Sequence[Mapping], loss_key: str, param_key: str) -> list[dict]:
+    """Runs in the form fits/plots take: {name, n_params, tokens, flops, loss, curve}."""
+    out = []
+    for r in results:
+        loss = r.get(loss_key)
+        if loss is None or not math.isfinite(loss) or loss <= 0:
+            continue
+        curve = [(c["flops"], c[loss_key]) for c in r.get("curve", [])
+                 if loss_key in c and c["flops"] > 0 and c[loss_key] > 0]
+        out.append({"name": r["name"], "size": r["size"], "n_params": float(r[param_key]),
+                    "tokens": float(r["tokens"]), "flops": float(r["flops"]),
+                    "loss": float(loss), "curve": curve})
+    return out
+
+
+def largest_budget_per_size(points: Sequence[Mapping]) -> list[dict]:
+    """For L(N): each size's run with the most compute (closest to converged)."""
+    best: dict[str, Mapping] = {}
+    for p in points:
+        if p["size"] not in best or p["flops"] > best[p["size"]]["flops"]:
+            best[p["size"]] = p
+    return sorted(best.values(), key=lambda p: p["n_params"])
+
+
+def compute_frontier(points: Sequence[Mapping]) -> list[tuple[float, float]]:
+    """Lower envelope of all (flops, loss) curve points and finals: the best loss so far at C."""
+    pairs = sorted({(float(f), float(l)) for p in points
+                    for f, l in list(p["curve"]) + [(p["flops"], p["loss"])]})
+    front, best = [], math.inf
+    for f, l in pairs:
+        if l < best:
+            front.append((f, l))
+            best = l
+    return front
+
+
+def _attempt(name: str, fn: Callable[[], Any], errors: dict) -> Any:
+    try:
+        return fn()
+    except ValueError as e:  # Too few or degenerate points: say so in the report.
+        logging.warning("report: %s: %s", name, e)
+        errors[name] = str(e)
+        return None
+
+
+def holdout_mask(points: Sequence[Mapping]) -> np.ndarray:
+    """Hold out the largest size (all its budgets): does the law extrapolate in N?"""
+    n = np.array([p["n_params"] for p in points])
+    return n == n.max()
+
+
+def scaling_analysis(points: list[dict], out_dir: str, tag: str, starts: int = 8) -> dict:
+    """Fits and figures for one (arch, loss key) group of points; returns the numbers."""
+    errors: dict[str, str] = {}
+    out: dict[str, Any] = {"num_runs": len(points), "errors": errors}
+    by_n = largest_budget_per_size(points)
+    law_n = _attempt("power_law_n", lambda: fits.fit_power_law(
+        [p["n_params"] for p in by_n], [p["loss"] for p in by_n], x_key="n_params"), errors)
+    if law_n is not None:
+        out["power_law_n"] = {"l_inf": law_n.l_inf, "x0": law_n.x0, "alpha": law_n.alpha,
+                              "r2": fits.r2([p["loss"] for p in by_n], law_n.predict_points(by_n))}
+    front = compute_frontier(points)
+    law_c = _attempt("power_law_c", lambda: fits.fit_power_law(
+        [f for f, _ in front], [l for _, l in front], x_key="flops"), errors)
+    if law_c is not None:
+        out["power_law_c"] = {"l_inf": law_c.l_inf, "x0": law_c.x0, "alpha": law_c.alpha,
+                              "frontier_points": len(front),
+                              "r2": fits.r2([l for _, l in front],
+                                            law_c.predict([f for f, _ in front]))}
+    chin = _attempt("chinchilla", lambda: fits.fit_chinchilla(
+        [p["n_params"] for p in points], [p["tokens"] for p in points],
+        [p["loss"] for p in points], top_k=starts), errors)
+    if chin is not None:
+        out["chinchilla"] = {**chin.params, "r2": fits.r2(
+            [p["loss"] for p in points], chin.predict_points(points))}
+        out["chinchilla"]["r2_holdout_largest_size"] = _attempt(
+            "chinchilla_holdout", lambda: fits.holdout_r2(
+                [{k: p[k] for k in ("n_params", "tokens", "flops", "loss")} for p in points],
+                lambda q: fits.fit_chinchilla(q["n_params"], q["tokens"], q["loss"],
+                                              top_k=starts),
+                holdout_mask(points)), errors)
+        out["compute_optimal"] = _attempt("compute_optimal",
+                                          lambda: _optimal_table(chin, points), errors)
+    # The frontier drawn over the sweep's analytic FLOPs: L(C) fitted on those FLOPs when there
+    # is one (Chinchilla's frontier assumes C = 6ND, which omits attention and the heads).
+    out["figures"] = _figures(points, law_c or chin, chin, law_n, law_c, out_dir, tag, out,
+                              errors)
+    return out
+
+
+def _optimal_table(fit: fits.ChinchillaFit, points) -> list[dict]:
+    """N_opt, D_opt at budgets from the sweep's smallest to 100x its largest.
+
+    Chinchilla's closed form takes C = 6 N D; the budgets here are the sweep's analytic FLOPs,
+    so for tiny models (where attention and heads are a large share) N_opt, D_opt are indicative.
+    """
+    c = np.array([p["flops"] for p in points])
+    grid = np.logspace(np.log10(c.min()), np.log10(c.max() * 100), 7)
+    n_opt, d_opt = fits.compute_optimal(fit, grid)
+    return [{"flops": float(g), "n_opt": float(n), "d_opt": float(d),
+             "tokens_per_param": float(d / n), "loss": float(fit.predict(n, d))}
+            for g, n, d in zip(grid, n_opt, d_opt)]
+
+
+def _figures(points, frontier_fit, chin, law_n, law_c, out_dir, tag, out, errors) -> list[str]:
+    paths = [plots.plot_loss_vs_flops(points, frontier_fit,
+                                      os.path.join(out_dir, f"loss_vs_flops_{tag}.png"))]
+    iso_path = os.path.join(out_dir, f"isoflops_{tag}.png")
+    out["isoflop_optima"] = plots.plot_isoflops(points, iso_path)
+    paths.append(iso_path)
+    for name, fit, pts in (("chinchilla", chin, points), ("power_n", law_n,
+                                                          largest_budget_per_size(points))):
+        if fit is not None:
+            path = os.path.join(out_dir, f"law_{name}_{tag}.png")
+            _attempt(f"plot_{name}", lambda: plots.plot_law(fit, pts, path), errors)
+            paths.append(path)
+    if law_c is not None:
+        front = [{"flops": f, "loss": l} for f, l in compute_frontier(points)]
+        path = os.path.join(out_dir, f"law_power_c_{tag}.png")
+        _attempt("plot_power_c", lambda: plots.plot_law(law_c, front, path), errors)
+        paths.append(path)
+    return [os.path.basename(p) for p in paths if os.path.exists(p)]
+
+
+def group_by_arch(results: Sequence[Mapping]) -> dict[str, list[Mapping]]:
+    groups: dict[str, list[Mapping]] = {}
+    for r in results:
+        groups.setdefault(r["arch"], []).append(r)
+    return groups
+
+
+def report(sweep_cfg, sweep_dir: str) -> dict:
+    """Collects results, runs the config's analyses, writes report.json and figures."""
+    from mmjax.scaling import study
+    from mmjax.scaling.sweep import write_json_atomic
+    results = read_results(sweep_dir)
+    if not results:
+        raise ValueError(f"report: no finished runs in {os.path.join(sweep_dir, 'runs')}")
+    write_json_atomic(os.path.join(sweep_dir, "results.json"), results)
+    out_dir = os.path.join(sweep_dir, "report")
+    analyses = tuple(sweep_cfg.analyses)
+    unknown = set(analyses) - {"scaling", "mot_vs_dense"}
+    if unknown:
+        raise ValueError(f"sweep.analyses: unknown {sorted(unknown)}; use 'scaling' and/or "
+                         "'mot_vs_dense'")
+    out: dict[str, Any] = {"num_runs": len(results),
+                           "wall_s_total": float(sum(r["wall_s"] for r in results)),
+                           "param_key": sweep_cfg.param_key}
+    if "scaling" in analyses:
+        out["scaling"] = {}
+        for arch, group in group_by_arch(results).items():
+            for key in sweep_cfg.loss_keys:
+                points = fit_points(group, key, sweep_cfg.param_key)
+                tag = f"{arch}_{key}"
+                out["scaling"][tag] = scaling_analysis(
+                    points, out_dir, tag, int(sweep_cfg.get("fit_starts", 8))) if points else \
+                    {"num_runs": 0, "errors": {"points": f"no run has {key!r}"}}
+    if "mot_vs_dense" in analyses:
+        baseline, candidate = tuple(sweep_cfg.compare)
+        out["mot_vs_dense"] = study.compare(results, baseline, candidate,
+                                            tuple(sweep_cfg.loss_keys), out_dir)
+    write_json_atomic(os.path.join(out_dir, "report.json"), out)
+    logging.info("report: wrote %s", os.path.join(out_dir, "report.json"))
+    return out
