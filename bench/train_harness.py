@@ -1,0 +1,166 @@
+"""What the training benchmarks share: synthetic packed batches and a timed trainer step.
+
+Why synthetic: step time depends on shapes and on the modality layout, not on what the tokens
+say, so the benchmarks skip the tokenizer and data preparation. The rows still come from the
+real packer (`mmjax.data.packing`) with the layout the task would produce: documents of
+`data.max_caption_len` caption tokens (a random length between half and all of them) and
+`(data.image_size / downsample)^2` FSQ image tokens, as many per row as fit, directions drawn
+with `objective.t2i_prob`. The train step is the trainer's own (`train.build_setup`).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from mmjax import objectives, parallel, train
+from mmjax.data import packing
+from mmjax.models import model as model_lib
+from mmjax.models import mot
+from mmjax.tokenizers.fsq import FSQ
+
+SPECIAL = packing.SpecialIds(bos=1, eos=2, boi=3, eoi=4)
+
+
+def image_tokens_per_image(config) -> int:
+    """FSQ tokens per image: (image_size / 2^(len(fsq.channels) - 1))^2, as the tokenizer makes."""
+    side = int(config.data.image_size) // 2 ** (len(config.fsq.channels) - 1)
+    return side * side
+
+
+def synthetic_rows(config, num_rows: int, vocab_size: int, *, seed: int = 0,
+                   third_modality_fraction: float = 0.0) -> dict[str, np.ndarray]:
+    """[num_rows, max_seq_len] packed rows (docs/INTERFACES.md) of random documents.
+
+    third_modality_fraction: that share of the image tokens is relabelled modality 2 (for a
+    3-modality MoT; they still embed through the image input projection), so the third
+    modality's weights see work without changing the token layout or the FLOPs.
+    """
+    seq_len, max_caption = int(config.model.max_seq_len), int(config.data.max_caption_len)
+    n_img = image_tokens_per_image(config)
+    doc_len = packing.document_length(max_caption, n_img)
+    if doc_len > seq_len:
+        raise ValueError(f"a document ({doc_len} tokens) does not fit model.max_seq_len={seq_len}")
+    fsq = FSQ(tuple(config.fsq.levels))
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(num_rows):
+        docs = []
+        for _ in range(seq_len // doc_len):
+            caption = rng.integers(5, vocab_size, size=int(rng.integers(max_caption // 2,
+                                                                        max_caption + 1)))
+            indices = rng.integers(0, fsq.codebook_size, size=n_img)
+            direction = "t2i" if rng.random() < float(config.objective.t2i_prob) else "i2t"
+            docs.append(packing.build_document(caption, indices, fsq.indices_to_codes(indices),
+                                               direction, SPECIAL))
+        rows.append(packing.pack_documents(docs, seq_len, fsq.dim))
+    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    if third_modality_fraction > 0:
+        image = np.argwhere(batch["modality"] == 1)
+        pick = rng.random(len(image)) < third_modality_fraction
+        batch["modality"][tuple(image[pick].T)] = 2
+    return batch
+
+
+def token_stats(batch) -> dict[str, float]:
+    """Shares of the positions: real (non-padding) tokens, and positions whose next token is an
+    image token (what `flops.flops_per_token`'s `image_fraction` means)."""
+    seg, mod = batch["segment_ids"], batch["modality"]
+    next_image = (mod[:, 1:] != 0) & (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0)
+    return {"real_fraction": float(np.mean(seg > 0)),
+            "image_fraction": float(next_image.sum() / seg.size),
+            "modality_counts": np.bincount(mod[seg > 0].ravel()).tolist()}
+
+
+def available_impls() -> tuple[str, ...]:
+    """The concrete `model.mot_impl` choices this checkout has ('auto' is an alias, left out)."""
+    return tuple(i for i in getattr(mot, "IMPLS", ("ragged", "masked")) if i != "auto")
+
+
+def resolved_impl(impl: str) -> str:
+    """What `impl` runs as on this backend ('auto' resolved where the checkout supports it)."""
+    resolve = getattr(mot, "resolve_impl", None)
+    return resolve(impl) if resolve else impl
+
+
+class BenchTask:
+    """The real MultimodalLM and loss (what MultimodalTask does, minus the data)."""
+
+    name = "bench"
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def model(self, config):
+        return model_lib.MultimodalLM(config.model, self.vocab_size, tuple(config.fsq.levels))
+
+    def init_params(self, config, rng, batch):
+        return model_lib.init_params(self.model(config), rng, batch)
+
+    def loss_fn(self, config, params, batch, rng, train_):
+        return objectives.compute_losses(self.model(config), params, batch, rng,
+                                         config.objective, config.model, train=train_)
+
+
+def mesh_from_flag(spec: str, devices=None):
+    """'data,fsdp,tensor' (e.g. '-1,1,1') -> a mesh over `devices` (default: all)."""
+    sizes = [int(v) for v in spec.split(",")]
+    if len(sizes) != 3:
+        raise ValueError(f"--mesh={spec!r}: expected three sizes data,fsdp,tensor")
+    import ml_collections
+    return parallel.create_mesh(ml_collections.ConfigDict(dict(zip(parallel.MESH_AXES, sizes))),
+                                devices=devices)
+
+
+class TimedTrainStep:
+    """The trainer's jitted step on fixed batches, compiled and warmed up at construction.
+
+    Each `time_one()` runs one step synchronised with block_until_ready (wall time per step with
+    nothing overlapping, dispatch included). Several instances can be timed in alternation, so
+    their ratios do not depend on load drifting over a long run.
+    """
+
+    def __init__(self, config, vocab_size: int, batches: list[dict], mesh, warmup: int = 1):
+        task = BenchTask(vocab_size)
+        self.mesh = mesh
+        self.setup = train.build_setup(task, config, config.train, batches[0], mesh,
+                                       parallel.logical_rules())
+        self._i = 0
+        with jax.set_mesh(mesh):
+            self.batches = [parallel.shard_batch(b, mesh) for b in batches]
+            self.state = self.setup.init_fn(jax.random.PRNGKey(0))
+            jax.block_until_ready(self.state)
+            self.compile_s = self.time_one()  # the first call compiles
+            for _ in range(max(warmup - 1, 0)):
+                self.time_one()
+
+    def time_one(self) -> float:
+        batch = self.batches[self._i % len(self.batches)]
+        self._i += 1
+        with jax.set_mesh(self.mesh):
+            t0 = time.perf_counter()
+            self.state, self.metrics = self.setup.train_step(self.state, batch)
+            jax.block_until_ready((self.state, self.metrics))
+            return time.perf_counter() - t0
+
+    @property
+    def loss(self) -> float:
+        return float(self.metrics["loss"])
+
+
+def summarize(times: list[float]) -> dict:
+    return {"step_s": statistics.median(times), "step_s_min": min(times), "step_times_s": times}
+
+
+def time_train_steps(config, vocab_size: int, batches: list[dict], mesh, *, steps: int,
+                     warmup: int = 1) -> dict:
+    """Compiles + warms up the trainer's step, then times `steps` steps (see TimedTrainStep).
+
+    Returns compile_s (first call, includes compilation), step_s (median), step_s_min,
+    step_times_s, final_loss.
+    """
+    runner = TimedTrainStep(config, vocab_size, batches, mesh, warmup)
+    times = [runner.time_one() for _ in range(steps)]
+    return {"compile_s": runner.compile_s, **summarize(times), "final_loss": runner.loss}
