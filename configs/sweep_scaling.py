@@ -19,9 +19,12 @@ SIZES = {
         "s2": dict(d_model=16, num_layers=1, num_heads=2, mlp_dim=32, flow_width=16,
                    flow_depth=1),
     },
+    # Sizes 4.3x apart in N and FLOPs budgets large enough that the biggest model still gets
+    # >= 150 steps (fewer optimizer steps than that is a regime no L(N, D) law describes).
     "tiny": {
-        "s1": dict(d_model=8, num_layers=1, num_heads=1, mlp_dim=24, flow_width=16, flow_depth=1),
-        "s2": dict(d_model=16, num_layers=1, num_heads=2, mlp_dim=48, flow_width=32,
+        "s1": dict(d_model=16, num_layers=1, num_heads=2, mlp_dim=48, flow_width=32,
+                   flow_depth=1),
+        "s2": dict(d_model=20, num_layers=1, num_heads=2, mlp_dim=60, flow_width=40,
                    flow_depth=1),
         "s3": dict(d_model=24, num_layers=2, num_heads=2, mlp_dim=72, flow_width=48,
                    flow_depth=1),
@@ -44,7 +47,7 @@ SIZES = {
 # Budgets: name -> {"train": {...}} (fixed steps) or {"flops": C} (steps derived per size).
 BUDGETS = {
     "micro": {"b1": {"train": dict(steps=4)}, "b2": {"train": dict(steps=8)}},
-    "tiny": {"c1": {"flops": 2.0e10}, "c2": {"flops": 4.0e10}, "c3": {"flops": 8.0e10}},
+    "tiny": {"c1": {"flops": 5.0e10}, "c2": {"flops": 1.0e11}, "c3": {"flops": 2.0e11}},
     "small": {"c1": {"flops": 1e14}, "c2": {"flops": 3e14}, "c3": {"flops": 1e15}},
 }
 # Shared settings (data, tokenizer, batch): the same for every point of a sweep.

@@ -172,9 +172,12 @@ def sweep_config() -> ml_collections.ConfigDict:
     c.evals_per_run = 4  # Validations along training (train.eval_every = steps // this; 0: end only).
     c.logs_per_run = 20  # Train-metric rows per run (train.log_every = steps // this).
     c.analyses = ("scaling",)  # Report: "scaling" (laws, isoFLOPs) and/or "mot_vs_dense".
-    c.param_key = "n_params_non_embedding"  # N in the fits: n_params_{total,active,non_embedding}.
+    # N in the fits: n_params_backbone (block weights a token uses, no embeddings or output heads,
+    # as Kaplan et al. count N) | n_params_non_embedding (+ heads) | n_params_active | _total.
+    c.param_key = "n_params_backbone"
     c.loss_keys = ("loss", "text_loss", "image_loss")  # Validation losses fitted / compared.
     c.fit_starts = 8  # Chinchilla fit: L-BFGS-B from the best this-many grid starts (fits top_k).
+    c.frontier_from = 0.5  # L(C) fit: curve points from this fraction of each run on (not warmup).
     c.compare = ("dense", "mot")  # mot_vs_dense: (baseline arch, candidate arch) names.
     c.compilation_cache = True  # Persistent XLA cache in <sweep_dir>/jax_cache (same shapes compile once).
     return c

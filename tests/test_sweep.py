@@ -58,7 +58,8 @@ def test_micro_sweep_writes_results(micro):
         assert r["steps"] == (4 if r["budget"] == "b1" else 8)
         assert r["tokens"] == r["steps"] * 8 * 48
         assert r["flops"] == pytest.approx(r["train_flops_per_token"] * r["tokens"])
-        assert r["n_params_total"] > r["n_params_active"] > r["n_params_non_embedding"] > 0
+        assert r["n_params_total"] > r["n_params_active"] > r["n_params_non_embedding"] \
+            > r["n_params_backbone"] > 0
         assert 0.0 < r["image_fraction"] < 1.0
         for key in ("loss", "text_loss", "image_loss"):
             assert np.isfinite(r[key]) and r[key] > 0

@@ -3,14 +3,16 @@
 A result (one per finished point, written by mmjax.scaling.sweep) holds: name, index, size,
 budget, arch, overrides, model (sizes), vocab_size, seq_len, batch_size, steps, tokens
 (= steps * batch * seq_len positions), image_fraction, train_flops_per_token, flops (analytic
-training FLOPs = flops_per_token * tokens), flops_budget, n_params_{total,active,non_embedding},
+training FLOPs = flops_per_token * tokens), flops_budget,
+n_params_{total,active,non_embedding,backbone},
 the final validation losses (loss, text_loss, image_loss), validation (all final val metrics),
 curve / train_curve ([{step, tokens, flops, <loss keys>}]), wall_s and attempts.
 
 `report` writes `<sweep_dir>/results.json` (all results) and `<sweep_dir>/report/report.json` +
 PNGs. For each architecture and loss key ("scaling" analysis):
 - Henighan L(N): power law over the sizes, each at its largest budget.
-- Henighan L(C): power law over the compute frontier (lower envelope of all validation curves).
+- Henighan L(C): power law over the compute frontier (lower envelope of the validation curves
+  from `sweep.frontier_from` of each run on).
 - Chinchilla approach 3 L(N, D) over all final points; R^2 in-sample and on held-out points (the
   largest size, fitted on the rest); N_opt(C), D_opt(C) over and beyond the sweep's range.
 - Figures: loss vs FLOPs with the fitted frontier, isoFLOP profiles, fitted laws.
@@ -64,10 +66,16 @@ def largest_budget_per_size(points: Sequence[Mapping]) -> list[dict]:
     return sorted(best.values(), key=lambda p: p["n_params"])
 
 
-def compute_frontier(points: Sequence[Mapping]) -> list[tuple[float, float]]:
-    """Lower envelope of all (flops, loss) curve points and finals: the best loss so far at C."""
+def compute_frontier(points: Sequence[Mapping], start_fraction: float = 0.5
+                     ) -> list[tuple[float, float]]:
+    """Lower envelope of (flops, loss) curve points and finals: the best loss so far at C.
+
+    Only curve points from `start_fraction` of each run on count: early training (warmup, the
+    first steep drop) lies far above any power law in C and would dominate the envelope.
+    """
     pairs = sorted({(float(f), float(l)) for p in points
-                    for f, l in list(p["curve"]) + [(p["flops"], p["loss"])]})
+                    for f, l in list(p["curve"]) + [(p["flops"], p["loss"])]
+                    if f >= start_fraction * float(p["flops"])})
     front, best = [], math.inf
     for f, l in pairs:
         if l < best:
@@ -91,7 +99,8 @@ def holdout_mask(points: Sequence[Mapping]) -> np.ndarray:
     return n == n.max()
 
 
-def scaling_analysis(points: list[dict], out_dir: str, tag: str, starts: int = 8) -> dict:
+def scaling_analysis(points: list[dict], out_dir: str, tag: str, starts: int = 8,
+                     frontier_from: float = 0.5) -> dict:
     """Fits and figures for one (arch, loss key) group of points; returns the numbers."""
     errors: dict[str, str] = {}
     out: dict[str, Any] = {"num_runs": len(points), "errors": errors}
@@ -101,7 +110,7 @@ def scaling_analysis(points: list[dict], out_dir: str, tag: str, starts: int = 8
     if law_n is not None:
         out["power_law_n"] = {"l_inf": law_n.l_inf, "x0": law_n.x0, "alpha": law_n.alpha,
                               "r2": fits.r2([p["loss"] for p in by_n], law_n.predict_points(by_n))}
-    front = compute_frontier(points)
+    front = compute_frontier(points, frontier_from)
     law_c = _attempt("power_law_c", lambda: fits.fit_power_law(
         [f for f, _ in front], [l for _, l in front], x_key="flops"), errors)
     if law_c is not None:
@@ -125,8 +134,8 @@ def scaling_analysis(points: list[dict], out_dir: str, tag: str, starts: int = 8
                                           lambda: _optimal_table(chin, points), errors)
     # The frontier drawn over the sweep's analytic FLOPs: L(C) fitted on those FLOPs when there
     # is one (Chinchilla's frontier assumes C = 6ND, which omits attention and the heads).
-    out["figures"] = _figures(points, law_c or chin, chin, law_n, law_c, out_dir, tag, out,
-                              errors)
+    out["figures"] = _figures(points, law_c or chin, chin, law_n, law_c, front, out_dir, tag,
+                              out, errors)
     return out
 
 
@@ -144,7 +153,8 @@ def _optimal_table(fit: fits.ChinchillaFit, points) -> list[dict]:
             for g, n, d in zip(grid, n_opt, d_opt)]
 
 
-def _figures(points, frontier_fit, chin, law_n, law_c, out_dir, tag, out, errors) -> list[str]:
+def _figures(points, frontier_fit, chin, law_n, law_c, front, out_dir, tag, out, errors
+             ) -> list[str]:
     paths = [plots.plot_loss_vs_flops(points, frontier_fit,
                                       os.path.join(out_dir, f"loss_vs_flops_{tag}.png"))]
     iso_path = os.path.join(out_dir, f"isoflops_{tag}.png")
@@ -157,9 +167,9 @@ def _figures(points, frontier_fit, chin, law_n, law_c, out_dir, tag, out, errors
             _attempt(f"plot_{name}", lambda: plots.plot_law(fit, pts, path), errors)
             paths.append(path)
     if law_c is not None:
-        front = [{"flops": f, "loss": l} for f, l in compute_frontier(points)]
+        front_points = [{"flops": f, "loss": l} for f, l in front]
         path = os.path.join(out_dir, f"law_power_c_{tag}.png")
-        _attempt("plot_power_c", lambda: plots.plot_law(law_c, front, path), errors)
+        _attempt("plot_power_c", lambda: plots.plot_law(law_c, front_points, path), errors)
         paths.append(path)
     return [os.path.basename(p) for p in paths if os.path.exists(p)]
 
@@ -195,7 +205,8 @@ def report(sweep_cfg, sweep_dir: str) -> dict:
                 points = fit_points(group, key, sweep_cfg.param_key)
                 tag = f"{arch}_{key}"
                 out["scaling"][tag] = scaling_analysis(
-                    points, out_dir, tag, int(sweep_cfg.get("fit_starts", 8))) if points else \
+                    points, out_dir, tag, int(sweep_cfg.get("fit_starts", 8)),
+                    float(sweep_cfg.get("frontier_from", 0.5))) if points else \
                     {"num_runs": 0, "errors": {"points": f"no run has {key!r}"}}
     if "mot_vs_dense" in analyses:
         baseline, candidate = tuple(sweep_cfg.compare)

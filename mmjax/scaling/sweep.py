@@ -143,6 +143,8 @@ def point_setup(sweep_cfg, sweep_dir: str, point: grid.Point, base, info: Mappin
             "image_fraction": fraction, "train_flops_per_token": fpt,
             "flops": fpt * steps * batch * seq_len,
             "n_params_total": counts["total"], "n_params_active": counts["active_per_token"],
+            # One modality's blocks and final norm: what a token uses, no embeddings or heads.
+            "n_params_backbone": counts["per_modality"],
             # Non-embedding parameters one token uses (MoT: one modality's backbone copy).
             "n_params_non_embedding": counts["active_per_token"] - counts["embedding"]}
 
