@@ -42,7 +42,7 @@ class Point:
 
 
 def resolve_path(path: str) -> str:
-    """`path` as given if it exists, else relative to the repository (so specs work from any cwd)."""
+    """`path` if it exists, else relative to the repository (so specs work from any cwd)."""
     if os.path.exists(path) or os.path.isabs(path):
         return path
     candidate = os.path.join(_REPO_ROOT, path)
@@ -68,7 +68,7 @@ def _as_dict(value) -> dict:
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any], where: str,
                     allowed: tuple[str, ...] | None = None) -> ml_collections.ConfigDict:
-    """A copy of `config` with nested `overrides` set; ValueError names unknown or forbidden keys."""
+    """A copy of `config` with nested `overrides` set; ValueError names bad or forbidden keys."""
     out = copy.deepcopy(config)
     for block, fields in _as_dict(overrides).items():
         if block == "flops":

@@ -40,8 +40,8 @@ def crossing(flops: Sequence[float], losses: Sequence[float], target: float
     return float(f[i - 1] + frac * (f[i] - f[i - 1])), False
 
 
-def flops_fraction(baseline: Sequence[Mapping[str, float]], candidate: Sequence[Mapping[str, float]],
-                   key: str) -> dict[str, Any]:
+def flops_fraction(baseline: Sequence[Mapping[str, float]],
+                   candidate: Sequence[Mapping[str, float]], key: str) -> dict[str, Any]:
     """Fraction of the baseline's FLOPs at which `candidate` first reaches its final `key` loss.
 
     Curves are [{flops, <key>}, ...] in training order (a result's `curve`).
