@@ -27,11 +27,14 @@ def environment() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def write_results(name: str, results: dict, out: str | None = None) -> str:
+def write_results(name: str, results: dict, out: str | None = None, quiet: bool = False) -> str:
+    """Write results + environment as JSON; quiet=True for the partial writes a long run makes
+    after each item, so a run cut off by a time limit still leaves what it measured."""
     path = out or os.path.join(RESULTS_DIR, f"{name}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump({"environment": environment(), **results}, f, indent=2)
-    print(json.dumps(results, indent=2))
-    print(f"wrote {path}")
+    if not quiet:
+        print(json.dumps(results, indent=2))
+        print(f"wrote {path}")
     return path

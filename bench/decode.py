@@ -126,7 +126,7 @@ def main(_):
               f"{r['per_token_s'] * 1e3:>9.3f} {r['no_cache_forward_s'] * 1e3:>11.2f}")
     ratio = rows[-1]["per_token_s"] / rows[0]["per_token_s"] if len(rows) > 1 else None
     write_results("decode", {"size": FLAGS.size, "dtype": config.model.dtype,
-                             "mot_impl": resolved_impl(config.model.mot_impl),
+                             "mot_impl": resolved_impl(config.model.mot_impl, FLAGS.batch_size),
                              "steps": FLAGS.steps, "rows": rows,
                              "per_token_ratio_last_vs_first": ratio}, FLAGS.out)
 

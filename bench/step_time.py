@@ -87,7 +87,11 @@ def main(_):
     for size in FLAGS.sizes:
         rows.append(run_size(size, mesh))
         r = rows[-1]
-        print(f"{size}: {r['step_s'] * 1e3:.1f} ms/step, {r['tokens_per_s']:.0f} tok/s", flush=True)
+        mfu = "" if r["mfu"] is None else f", MFU {100 * r['mfu']:.1f}%"
+        print(f"{size}: {r['step_s'] * 1e3:.1f} ms/step, {r['tokens_per_s']:.0f} tok/s{mfu}",
+              flush=True)
+        write_results("step_time", {"mesh": dict(mesh.shape), "peak_flops": peak_flops(),
+                                    "steps": FLAGS.steps, "runs": rows}, FLAGS.out, quiet=True)
     header = (f"{'size':<6} {'params':>10} {'active':>10} {'GFLOP/tok':>9} {'batch':>5} "
               f"{'ms/step':>9} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6}")
     print(header)

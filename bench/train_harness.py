@@ -75,14 +75,13 @@ def token_stats(batch) -> dict[str, float]:
 
 
 def available_impls() -> tuple[str, ...]:
-    """The concrete `model.mot_impl` choices this checkout has ('auto' is an alias, left out)."""
-    return tuple(i for i in getattr(mot, "IMPLS", ("ragged", "masked")) if i != "auto")
+    """The concrete `model.mot_impl` choices ('auto' is an alias, left out)."""
+    return tuple(i for i in mot.IMPLS if i != "auto")
 
 
-def resolved_impl(impl: str) -> str:
-    """What `impl` runs as on this backend ('auto' resolved where the checkout supports it)."""
-    resolve = getattr(mot, "resolve_impl", None)
-    return resolve(impl) if resolve else impl
+def resolved_impl(impl: str, rows: int | None = None) -> str:
+    """What `impl` runs as on this backend for a call of `rows` (B x T) positions."""
+    return mot.resolve_impl(impl, rows)
 
 
 class BenchTask:

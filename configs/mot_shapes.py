@@ -76,5 +76,6 @@ def get_config(arg: str = "demo"):
     c.train.eval_batches = 2 if size == "smoke" else 8
     c.sample.num_samples = 4 if size == "smoke" else 16
     c.sample.ode_steps = 4 if size == "smoke" else 16
-    c.sample.max_text_len = 8 if size == "smoke" else 24
+    if size == "smoke":
+        c.sample.max_text_len = 8
     return c

@@ -127,7 +127,7 @@ def sample_config() -> ml_collections.ConfigDict:
     c.temperature = 1.0  # Text sampling temperature (0 -> greedy).
     c.top_k = 0  # Text: keep the k most likely tokens (0 disables).
     c.top_p = 1.0  # Text: nucleus sampling mass (1 disables).
-    c.max_text_len = 24  # Max tokens generated for a caption.
+    c.max_text_len = 29  # Max tokens generated for a caption (data.max_caption_len + eos).
     c.ode_solver = "euler"  # Flow head ODE solver: "euler" | "heun".
     c.ode_steps = 16  # ODE integration steps per image token.
     c.cfg_scale = 2.0  # Classifier-free guidance scale (1 = off).

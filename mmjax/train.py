@@ -315,10 +315,11 @@ def _loop(config, tc, task, setup, state, start, iterator, manager, writer, run_
             if stopping and step != total:
                 logging.warning("%s stopped at step %d (checkpoint saved)", task.name, step)
                 return {"step": step, "train": last_metrics, "preempted": True}
-    if bar is not None:
-        bar.close()
-    val = _validation(config, task, setup, state, tc, run_dir)
-    writer.write(step, val)
+        if bar is not None:
+            bar.close()
+        # Inside the mesh context, like the periodic evals: eval_step then compiles only once.
+        val = _validation(config, task, setup, state, tc, run_dir)
+        writer.write(step, val)
     return {"step": step, "train": last_metrics, "validation": val, "preempted": False,
             "state": state}
 

@@ -164,3 +164,13 @@ def test_text_ignores_image_weights():
     f = jax.jit(lambda p, b: model.apply({"params": p}, b))
     np.testing.assert_array_equal(f(params, text_only), f(bumped, text_only))
     assert not np.allclose(f(params, mixed), f(bumped, mixed), atol=1e-3)
+
+
+def test_auto_impl_picks_ragged_below_one_tile_on_cpu():
+    """A decode step (B x 1 rows) would pad every group to a whole tile under 'tiled'."""
+    assert jax.default_backend() == "cpu"
+    assert mot.resolve_impl("auto", rows=4096, tile=128) == "tiled"
+    assert mot.resolve_impl("auto", rows=1, tile=128) == "ragged"
+    assert mot.resolve_impl("auto") == "tiled"
+    assert mot.resolve_impl("masked", rows=1) == "masked"
+    assert mot.routing_shards(8, "auto", rows=8, tile=128) == 1

@@ -149,8 +149,9 @@ class MultimodalLM(nn.Module):
             raise ValueError(f"batch['modality'] holds ids outside [0, {self.num_modalities}) "
                              f"(model.num_modalities={self.num_modalities}).")
         b, t = tokens.shape
-        routing = mot.make_routing(modality, self.num_modalities,
-                                   mot.routing_shards(b, _cfg(self.model_cfg, "mot_impl")))
+        shards = mot.routing_shards(b, _cfg(self.model_cfg, "mot_impl"), b * t,
+                                    int(_cfg(self.model_cfg, "mot_tile")))
+        routing = mot.make_routing(modality, self.num_modalities, shards)
         x = self.embed_inputs(tokens, batch["codes"], modality, train=train)
         d = x.shape[-1]
         x = mot.to_sorted(x, routing).reshape(b, t, d)

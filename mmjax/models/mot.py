@@ -18,13 +18,10 @@ residual were kept in the original order and sorted around each projection group
 hidden state is un-sorted once. With one modality the permutation is the identity and is skipped
 (statically), so `num_modalities=1` is a plain dense transformer with no gathers at all.
 
-The sort is over the flattened batch ([B*L] tokens), as `ragged_dot` takes one 2-D left operand.
-The sorted stream is still laid out as [B, L, D] between blocks (its "batch" rows are token chunks
-of mixed documents), so the logical sharding constraints still apply. Known cost on a mesh: the
-permutation is global, so with the batch sharded XLA's SPMD partitioner replicates the gathered
-q/k/v/o ("involuntary full rematerialization" warnings) — correct, but it adds all-gathers per
-layer. Sorting inside each data shard (shard_map around the routed matmuls) removes them; that
-is the next step if multi-device MoT step time matters (one device and tests are unaffected).
+Where the sort runs on a mesh: 'tiled' and 'masked' sort inside each data x fsdp batch shard
+(`routing_shards`), so every gather stays on its own device. 'ragged' sorts the flattened batch
+globally ([B*L] rows: `ragged_dot` takes one 2-D left operand), so under data parallelism XLA adds
+collectives around its gathers; on one device (and in every test) the two are the same.
 """
 from __future__ import annotations
 
@@ -53,14 +50,14 @@ class Routing(NamedTuple):
     modality: jax.Array  # [S * n] int32 modality id of each *sorted* row
 
 
-def routing_shards(batch_size: int, impl: str) -> int:
+def routing_shards(batch_size: int, impl: str, rows: int | None = None, tile: int = 128) -> int:
     """Batch shards to sort within: the mesh's data x fsdp size (dividing `batch_size`).
 
     'ragged' sorts globally (1 shard): `ragged_dot` cannot be vmapped over shards that share one
     weight, so under data parallelism its un-sort gathers cross devices (XLA inserts the
     collectives); 'tiled' and 'masked' keep every gather on its own device.
     """
-    if resolve_impl(impl) == "ragged":
+    if resolve_impl(impl, rows, tile) == "ragged":
         return 1
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
@@ -172,11 +169,19 @@ def tiled_grouped_matmul(x: jax.Array, kernel: jax.Array, group_sizes: jax.Array
 IMPLS = ("auto", "ragged", "tiled", "masked")
 
 
-def resolve_impl(impl: str) -> str:
-    """'auto' -> 'ragged' where XLA has a grouped-matmul kernel (GPU/TPU), 'tiled' on CPU."""
-    if impl == "auto":
-        return "tiled" if jax.default_backend() == "cpu" else "ragged"
-    return impl
+def resolve_impl(impl: str, rows: int | None = None, tile: int = 128) -> str:
+    """'auto' -> 'ragged' where XLA has a grouped-matmul kernel (GPU/TPU), 'tiled' on CPU.
+
+    Except on CPU for calls with fewer than `tile` rows (a KV-cache decode step): 'tiled' pads
+    every group to a whole tile (up to M x tile rows), 'ragged''s masked matmul costs M x rows,
+    so below one tile 'ragged' is the cheaper of the two (bench/decode.py: ~5x per token).
+    `rows` is static (the call's B x T), so every layer and `routing_shards` agree.
+    """
+    if impl != "auto":
+        return impl
+    if jax.default_backend() != "cpu":
+        return "ragged"
+    return "ragged" if rows is not None and rows < tile else "tiled"
 
 
 class ModalityDense(nn.Module):
@@ -209,7 +214,7 @@ class ModalityDense(nn.Module):
         x = x.astype(self.dtype)
         if m == 1:
             return x @ kernel[0]
-        impl = resolve_impl(self.impl)
+        impl = resolve_impl(self.impl, x.shape[0], self.tile)
         shards = routing.group_sizes.shape[0]
         if impl == "ragged":
             if shards != 1:
