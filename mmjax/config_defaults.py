@@ -117,7 +117,7 @@ def mesh_config() -> ml_collections.ConfigDict:
     c.data = -1  # Pure data parallelism (params replicated).
     c.fsdp = 1  # ZeRO-3 style sharding of params and optimizer state (and the batch).
     c.tensor = 1  # Tensor parallelism over heads / mlp.
-    c.dcn_data = 1  # Multi-slice: how many slices (over DCN) the data axis spans.
+    c.dcn_data = 1  # Multi-slice: TPU slices (GPU: processes) the data axis spans over DCN.
     return c
 
 

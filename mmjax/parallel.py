@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from flax import linen as nn
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -77,11 +78,16 @@ def create_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
         if shape[0] % dcn_data:
             raise ValueError(f"mesh.dcn_data={dcn_data} must divide mesh.data={shape[0]}.")
         ici = (shape[0] // dcn_data, shape[1], shape[2])
-        array = jax.experimental.mesh_utils.create_hybrid_device_mesh(
-            ici, (dcn_data, 1, 1), devices=devices)
+        # TPU slices carry `slice_index`; elsewhere (multi-node GPU) each process is a granule.
+        granules = {} if hasattr(devices[0], "slice_index") else {"process_is_granule": True}
+        try:
+            array = mesh_utils.create_hybrid_device_mesh(ici, (dcn_data, 1, 1), devices=devices,
+                                                         **granules)
+        except ValueError as e:
+            raise ValueError(f"mesh.dcn_data={dcn_data}: cannot split the data axis over "
+                             f"{dcn_data} slices/processes of these devices ({e}).") from e
     else:
         try:
-            from jax.experimental import mesh_utils
             array = mesh_utils.create_device_mesh(shape, devices=devices)
         except (ValueError, NotImplementedError, AssertionError):
             array = np.asarray(devices).reshape(shape)

@@ -267,7 +267,10 @@ def test_bad_mesh_configs_name_the_field(reference):
     bad.mesh.update(dict(data=-1, fsdp=3, tensor=1))  # 3 does not divide 8 devices
     with pytest.raises(ValueError, match=r"mesh\.data=-1"):
         train.train(bad, "/nonexistent", task)
-    bad.mesh.update(dict(data=1, fsdp=1, tensor=3))
+    bad.mesh.update(dict(data=-1, fsdp=1, tensor=1, dcn_data=2))  # one process, no slices
+    with pytest.raises(ValueError, match=r"mesh\.dcn_data=2"):
+        train.train(bad, "/nonexistent", task)
+    bad.mesh.update(dict(data=1, fsdp=1, tensor=3, dcn_data=1))
     with pytest.raises(ValueError, match=r"mesh\.data\*mesh\.fsdp\*mesh\.tensor"):
         train.train(bad, "/nonexistent", task)
     # d_model 36 is not divisible by fsdp=8; 2 heads are not divisible by tensor=4.
