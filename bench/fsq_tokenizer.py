@@ -19,6 +19,8 @@ from mmjax.metrics_writer import read_jsonl
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("runs", ["demo:8,5,5,5", "demo:8,8,8,5,5,5"], "budget:levels")
 flags.DEFINE_string("workdir", "/tmp/mmjax_bench_fsq", "Root of the runs' workdirs.")
+flags.DEFINE_integer("steps", 0, "Override the budget's training steps (0: keep), e.g. a longer "
+                     "run of the demo budget: --runs=demo:8,5,5,5 --steps=2400.")
 flags.DEFINE_string("out", None, "Output JSON (default bench/results/fsq_tokenizer.json).")
 
 
@@ -26,7 +28,11 @@ def run_one(budget: str, levels: tuple[int, ...], root: str) -> dict:
     config = load_config(f"configs/fsq_shapes.py:{budget}")
     config.fsq.levels = levels
     config.tokenizer_train.progress_bar = False
-    workdir = os.path.join(root, f"{budget}_{'-'.join(map(str, levels))}")
+    name = f"{budget}_{'-'.join(map(str, levels))}"
+    if FLAGS.steps:
+        config.tokenizer_train.steps = FLAGS.steps
+        name += f"_{FLAGS.steps}steps"
+    workdir = os.path.join(root, name)
     start = time.perf_counter()
     results = stages.run_mode(config, workdir, "tokenizer")
     wall = time.perf_counter() - start

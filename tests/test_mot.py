@@ -112,27 +112,52 @@ def test_routing_roundtrip_and_group_sizes():
 
 
 def test_modality_dense_grouped_equals_naive_and_masked():
+    """Each impl with its own sorted layout ('tiled': groups padded to tiles of 4 rows), checked
+    in the original token order against a per-token loop: values and gradients."""
     rng = np.random.default_rng(0)
     modality = jnp.asarray(rng.choice([0, 2], size=(3, 7)))  # modality 1 absent: an empty group
-    routing = mot.make_routing(modality, 3)
-    x = jnp.asarray(rng.normal(size=(21, 6)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(3, 7, 6)), jnp.float32)
     outs, grads = {}, {}
     for impl in ("ragged", "masked", "tiled"):
+        routing = mot.make_routing(modality, 3, tile=4 if impl == "tiled" else None)
         layer = mot.ModalityDense(3, (6,), (2, 5), ("embed",), ("heads", "kv"), impl=impl, tile=4)
-        params = layer.init(jax.random.key(1), x, routing)
-        loss = lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x, routing)))  # noqa: E731
-        outs[impl] = layer.apply(params, x, routing)
-        grads[impl] = jax.grad(loss, argnums=(0, 1))(params, x)
+        params = layer.init(jax.random.key(1), mot.to_sorted(x, routing), routing)
+
+        def forward(p, x, layer=layer, routing=routing):
+            y = layer.apply(p, mot.to_sorted(x, routing), routing)
+            return mot.from_sorted(y, routing, (3, 7, 10))
+
+        outs[impl] = forward(params, x)
+        grads[impl] = jax.grad(lambda p, x, f=forward: jnp.sum(jnp.sin(f(p, x))),
+                               argnums=(0, 1))(params, x)
+    assert outs["tiled"].shape == (3, 7, 10)
     kernel = np.asarray(nn.unbox(params)["params"]["kernel"]).reshape(3, 6, 10)
-    naive = np.stack([np.asarray(x[i]) @ kernel[int(routing.modality[i])] for i in range(21)])
-    np.testing.assert_allclose(outs["ragged"], naive, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(outs["masked"], naive, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(outs["tiled"], naive, rtol=1e-5, atol=1e-5)
+    naive = np.stack([[np.asarray(x[b, t]) @ kernel[int(modality[b, t])] for t in range(7)]
+                      for b in range(3)])
+    for impl in ("ragged", "masked", "tiled"):
+        np.testing.assert_allclose(outs[impl], naive, rtol=1e-5, atol=1e-5)
     for other in ("masked", "tiled"):
         for a, b in zip(jax.tree.leaves(grads["ragged"]), jax.tree.leaves(grads[other])):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     assert nn.get_partition_spec(params)["params"]["kernel"] == jax.sharding.PartitionSpec(
         "modality", "embed", "heads", "kv")
+
+
+def test_padded_routing_layout():
+    """'tiled' routing: each group starts on a tile boundary, pad rows are zero, round trip."""
+    modality = jnp.array([[2, 0, 1, 0], [1, 1, 2, 0]])
+    r = mot.make_routing(modality, 3, tile=2)  # 8 tokens -> ceil(8/2) + 3 - 1 = 6 tiles
+    np.testing.assert_array_equal(r.tile_group, [[0, 0, 1, 1, 2, 2]])
+    np.testing.assert_array_equal(r.modality, [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
+    x = jnp.arange(1.0, 9.0).reshape(2, 4)
+    s = mot.to_sorted(x, r)
+    np.testing.assert_array_equal(s, [2, 4, 8, 0, 3, 5, 6, 0, 1, 7, 0, 0])
+    np.testing.assert_array_equal(mot.from_sorted(s, r, (2, 4)), x)
+    two = mot.make_routing(modality, 3, shards=2, tile=2)  # per shard: 2 + 2 tiles
+    assert two.perm.shape == (2, 8) and two.tile_group.shape == (2, 4)
+    np.testing.assert_array_equal(mot.from_sorted(mot.to_sorted(x, two), two, (2, 4)), x)
+    np.testing.assert_array_equal(mot.sorted_layout(mot.to_sorted(x[..., None], two), two, 2, 4)
+                                  .shape, (2, 8, 1))
 
 
 def test_model_equals_per_token_reference_for_one_and_two_modalities():
@@ -173,4 +198,4 @@ def test_auto_impl_picks_ragged_below_one_tile_on_cpu():
     assert mot.resolve_impl("auto", rows=1, tile=128) == "ragged"
     assert mot.resolve_impl("auto") == "tiled"
     assert mot.resolve_impl("masked", rows=1) == "masked"
-    assert mot.routing_shards(8, "auto", rows=8, tile=128) == 1
+    assert mot.routing_shards(8, "ragged") == 1

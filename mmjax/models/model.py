@@ -149,18 +149,19 @@ class MultimodalLM(nn.Module):
             raise ValueError(f"batch['modality'] holds ids outside [0, {self.num_modalities}) "
                              f"(model.num_modalities={self.num_modalities}).")
         b, t = tokens.shape
-        shards = mot.routing_shards(b, _cfg(self.model_cfg, "mot_impl"), b * t,
-                                    int(_cfg(self.model_cfg, "mot_tile")))
-        routing = mot.make_routing(modality, self.num_modalities, shards)
+        tile = int(_cfg(self.model_cfg, "mot_tile"))
+        impl = mot.resolve_impl(_cfg(self.model_cfg, "mot_impl"), b * t, tile)
+        routing = mot.make_routing(modality, self.num_modalities, mot.routing_shards(b, impl),
+                                   tile if impl == "tiled" else None)
         x = self.embed_inputs(tokens, batch["codes"], modality, train=train)
         d = x.shape[-1]
-        x = mot.to_sorted(x, routing).reshape(b, t, d)
+        x = mot.sorted_layout(mot.to_sorted(x, routing), routing, b, t)
         new_kv = []
         for i, block in enumerate(self.blocks):
             kv = None if kv_layers is None else (kv_layers[i]["k"], kv_layers[i]["v"])
             x, kv = block(x, routing, batch["positions"], mask, kv, cache_index)
             new_kv.append(kv)
-        h = self.final_norm(x.reshape(b * t, d), routing)
+        h = self.final_norm(x.reshape(-1, d), routing)
         h = mot.from_sorted(h, routing, (b, t, d))
         h = jnp.where(self._valid_modality(jnp.asarray(modality))[..., None], h, jnp.nan)
         return layers.constrain(h, ("batch", "length", "embed")), new_kv

@@ -5,13 +5,17 @@ Grouped compute: tokens are sorted by modality id so that each modality's tokens
 and one `jax.lax.ragged_dot` multiplies every group by its own weight slice. A token therefore
 costs exactly what it costs in a dense model; nothing runs through another modality's weights.
 On CPU, XLA lowers `ragged_dot` to a masked dense matmul (M times the FLOPs), so `mot_impl="auto"`
-picks `tiled_grouped_matmul` there: groups padded to whole tiles, one batched matmul over tiles.
-(`mot_impl="masked"` does run every token through every modality and keeps its own; it exists
-only as a reference for tests and benchmarks.)
+picks `tiled_grouped_matmul` there: the sorted layout is padded so that each group starts on a
+tile boundary, and one batched matmul over tiles gives every tile its group's weight (dense cost
+plus at most M - 1 tiles; measured 1.3-1.45x a dense step on 2 CPU cores, bench/mot_overhead.py,
+where batched small matmuls are slower than one big one). `mot_impl="masked"` does run every
+token through every modality and keeps its own; it exists only as a reference for tests and
+benchmarks.
 
 Where the sort happens, and why: the modality layout is fixed for a whole forward pass, so the
 model sorts ONCE (`make_routing`) and keeps the residual stream in sorted order through every
-block. Norms, Q/K/V/O and the FFN then need no data movement at all; only attention needs the
+block (padded to tiles for 'tiled'). Norms, Q/K/V/O and the FFN then need no data movement at
+all; only attention needs the
 original order (RoPE positions, causal mask), so each block un-sorts q/k/v and re-sorts the
 attention output: 4 * d_model gathered values per token per layer, against 8 * d_model if the
 residual were kept in the original order and sorted around each projection group. The final
@@ -42,22 +46,28 @@ class Routing(NamedTuple):
     Tokens are sorted within each of S batch shards (S = the data x fsdp mesh size when a mesh is
     set, else 1), so under data parallelism every gather stays on its own device. perm / inv are
     None when there is a single modality (identity, skipped statically).
+
+    For 'tiled' the sorted layout is also *padded*: each group starts on a tile boundary and
+    R = (ceil(n / tile) + M - 1) * tile rows per shard (zero rows fill the gaps), so every tile
+    holds one modality and the grouped matmuls need no data movement of their own; `tile_group`
+    is set then (None otherwise) and the tile size is R // tile_group.shape[1].
     """
 
-    perm: jax.Array | None  # [S, n] int32: sorted row r of shard s holds its token perm[s, r]
+    perm: jax.Array | None  # [S, R] int32: sorted row r of shard s holds token perm[s, r] (n: pad)
     inv: jax.Array | None  # [S, n] int32: token j of shard s sits at sorted row inv[s, j]
     group_sizes: jax.Array  # [S, M] int32 tokens per modality and shard (what ragged_dot needs)
-    modality: jax.Array  # [S * n] int32 modality id of each *sorted* row
+    modality: jax.Array  # [S * R] int32 modality id of each *sorted* row (pad rows: their tile's)
+    tile_group: jax.Array | None = None  # [S, R // tile] int32 modality of each tile ('tiled')
 
 
-def routing_shards(batch_size: int, impl: str, rows: int | None = None, tile: int = 128) -> int:
+def routing_shards(batch_size: int, impl: str) -> int:
     """Batch shards to sort within: the mesh's data x fsdp size (dividing `batch_size`).
 
     'ragged' sorts globally (1 shard): `ragged_dot` cannot be vmapped over shards that share one
     weight, so under data parallelism its un-sort gathers cross devices (XLA inserts the
     collectives); 'tiled' and 'masked' keep every gather on its own device.
     """
-    if resolve_impl(impl, rows, tile) == "ragged":
+    if resolve_impl(impl) == "ragged":
         return 1
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
@@ -66,8 +76,9 @@ def routing_shards(batch_size: int, impl: str, rows: int | None = None, tile: in
     return math.gcd(int(shape.get("data", 1)) * int(shape.get("fsdp", 1)), int(batch_size))
 
 
-def make_routing(modality: jax.Array, num_modalities: int, shards: int = 1) -> Routing:
-    """Stable sort of each batch shard's tokens by modality id.
+def make_routing(modality: jax.Array, num_modalities: int, shards: int = 1,
+                 tile: int | None = None) -> Routing:
+    """Stable sort of each batch shard's tokens by modality id (padded to whole tiles if `tile`).
 
     With one modality every token shares the one weight set (a dense model still sees text and
     image tokens; only the input embedding tells them apart). Otherwise ids outside
@@ -82,7 +93,31 @@ def make_routing(modality: jax.Array, num_modalities: int, shards: int = 1) -> R
     perm = jnp.argsort(ids, axis=-1, stable=True).astype(jnp.int32)
     inv = jnp.argsort(perm, axis=-1).astype(jnp.int32)
     group_sizes = jax.vmap(lambda r: jnp.bincount(r, length=num_modalities))(ids).astype(jnp.int32)
-    return Routing(perm, inv, group_sizes, jnp.take_along_axis(ids, perm, axis=-1).reshape(-1))
+    if tile is None:
+        return Routing(perm, inv, group_sizes, jnp.take_along_axis(ids, perm, axis=-1).reshape(-1))
+    pad = functools.partial(_pad_to_tiles, num_modalities=num_modalities, tile=tile)
+    perm, inv, row_group = jax.vmap(pad)(perm, inv, ids, group_sizes)
+    return Routing(perm, inv, group_sizes, row_group.reshape(-1), row_group[:, ::tile])
+
+
+def _pad_to_tiles(perm, inv, ids, group_sizes, *, num_modalities: int, tile: int):
+    """One shard's sort, re-laid so that each group starts on a tile boundary.
+
+    sum_m ceil(g_m / tile) <= ceil(n / tile) + M - 1 gives a static number of tiles.
+    Returns (perm [R] with n for pad rows, inv [n] into the padded rows, group of each row [R]).
+    """
+    n, m = perm.shape[0], num_modalities
+    rows = jnp.arange((-(-n // tile) + m - 1) * tile, dtype=jnp.int32)
+    starts = jnp.cumsum(group_sizes) - group_sizes
+    padded_ends = jnp.cumsum((group_sizes + tile - 1) // tile * tile)
+    padded_starts = padded_ends - (group_sizes + tile - 1) // tile * tile
+    row_group = jnp.minimum(jnp.searchsorted(padded_ends, rows, side="right"), m - 1)
+    offset = rows - padded_starts[row_group]
+    real = offset < group_sizes[row_group]
+    padded_perm = jnp.where(real, perm[jnp.where(real, starts[row_group] + offset, 0)], n)
+    padded_inv = inv - starts[ids] + padded_starts[ids]
+    return (padded_perm.astype(jnp.int32), padded_inv.astype(jnp.int32),
+            row_group.astype(jnp.int32))
 
 
 @jax.custom_vjp
@@ -123,7 +158,15 @@ def to_sorted(x: jax.Array, routing: Routing) -> jax.Array:
     if routing.perm is None:
         return flat
     moved = jax.vmap(move_rows)(_per_shard(flat, routing.perm.shape[0]), routing.perm, routing.inv)
-    return moved.reshape(flat.shape)
+    return moved.reshape((-1,) + flat.shape[1:])
+
+
+def sorted_layout(x: jax.Array, routing: Routing, batch: int, length: int) -> jax.Array:
+    """Sorted rows [N, D] -> the 3-D layout blocks carry between them (shardable on its first
+    axis): [B, T, D], or [S, R, D] when padded to tiles (each shard's rows stay together)."""
+    if routing.tile_group is None:
+        return x.reshape(batch, length, x.shape[-1])
+    return x.reshape(routing.tile_group.shape[0], -1, x.shape[-1])
 
 
 def from_sorted(x: jax.Array, routing: Routing, shape: Sequence[int]) -> jax.Array:
@@ -134,36 +177,43 @@ def from_sorted(x: jax.Array, routing: Routing, shape: Sequence[int]) -> jax.Arr
     return moved.reshape(tuple(shape))
 
 
-def tiled_grouped_matmul(x: jax.Array, kernel: jax.Array, group_sizes: jax.Array,
-                         row_group: jax.Array, tile: int) -> jax.Array:
-    """x [N, K] (rows sorted by group) times kernel [M, K, F], each row with its group's weight.
+def tiled_grouped_matmul(x: jax.Array, kernel: jax.Array, tile_group: jax.Array) -> jax.Array:
+    """x [S * R, K] (rows sorted by group AND padded to whole tiles, see `make_routing`) times
+    kernel [M, K, F], each tile with its group's weight.
 
-    Why: XLA's CPU lowering of `ragged_dot` is a masked dense matmul (M times the FLOPs). Here
-    each group is padded to a multiple of `tile` rows so every tile belongs to one group; one
-    batched matmul then multiplies each tile by its own weight. The cost is that of
-    ceil(N / tile) + M - 1 tiles, i.e. dense cost plus at most M - 1 tiles, on any backend.
+    Why: XLA's CPU lowering of `ragged_dot` is a masked dense matmul (M times the FLOPs). With the
+    padded layout every tile belongs to one group, so one batched matmul over tiles does it: dense
+    cost plus at most M - 1 tiles per shard, and no gathers (the routing's one sort did them).
     """
-    n, m = x.shape[0], kernel.shape[0]
-    # sum_m ceil(g_m / tile) <= ceil(n / tile) + m - 1: a static bound on the tiles needed.
-    num_tiles = -(-n // tile) + m - 1
-    rows = jnp.arange(num_tiles * tile, dtype=jnp.int32)
-    padded = (group_sizes + tile - 1) // tile * tile
-    starts = jnp.cumsum(group_sizes) - group_sizes
-    padded_ends = jnp.cumsum(padded)
-    padded_starts = padded_ends - padded
-    # dest: padded row of each sorted row; source: sorted row of each padded row (n = padding).
-    dest = jnp.arange(n, dtype=jnp.int32) - starts[row_group] + padded_starts[row_group]
-    row_group_padded = jnp.minimum(jnp.searchsorted(padded_ends, rows, side="right"), m - 1)
-    offset = rows - padded_starts[row_group_padded]
-    source = jnp.where(offset < group_sizes[row_group_padded],
-                       starts[row_group_padded] + offset, n).astype(jnp.int32)
-    xp = move_rows(x, source, dest)
-    tile_group = row_group_padded[::tile]
-    # Each tile's weight via a one-hot contraction (its gradient is a matmul, not a scatter).
-    tile_kernel = jnp.einsum("tm,mkf->tkf", jax.nn.one_hot(tile_group, m, dtype=kernel.dtype),
-                             kernel)
-    y = jnp.einsum("tbk,tkf->tbf", xp.reshape(num_tiles, tile, -1), tile_kernel)
-    return move_rows(y.reshape(num_tiles * tile, -1), dest, source)
+    shards, num_tiles = tile_group.shape
+    tiles = x.reshape(shards, num_tiles, -1, x.shape[-1])
+    tile_kernel = take_weights(kernel, tile_group.reshape(-1)).reshape(
+        (shards, num_tiles) + kernel.shape[1:])
+    return jnp.einsum("stbk,stkf->stbf", tiles, tile_kernel).reshape(x.shape[0], -1)
+
+
+@jax.custom_vjp
+def take_weights(kernel: jax.Array, index: jax.Array) -> jax.Array:
+    """kernel[index] for a few rows of a small [M, ...] table.
+
+    Why custom: the gather's own gradient is a scatter-add, which XLA runs row by row on CPU, and
+    a one-hot einsum forward is a badly shaped contraction (M is tiny); here the forward is a
+    plain gather and the gradient one matmul, one_hot(index)^T @ g.
+    """
+    return jnp.take(kernel, index, axis=0)
+
+
+def _take_weights_fwd(kernel, index):
+    return jnp.take(kernel, index, axis=0), (index, kernel.shape[0])
+
+
+def _take_weights_bwd(res, g):
+    index, m = res
+    one_hot = jax.nn.one_hot(index, m, dtype=g.dtype)
+    return (one_hot.T @ g.reshape(g.shape[0], -1)).reshape((m,) + g.shape[1:]), None
+
+
+take_weights.defvjp(_take_weights_fwd, _take_weights_bwd)
 
 
 IMPLS = ("auto", "ragged", "tiled", "masked")
@@ -222,11 +272,10 @@ class ModalityDense(nn.Module):
                                  "vmapped over shards with shared weights); see routing_shards()")
             return jax.lax.ragged_dot(x, kernel, routing.group_sizes[0])
         if impl == "tiled":
-            grouped = functools.partial(tiled_grouped_matmul, tile=self.tile)
-            out = jax.vmap(grouped, in_axes=(0, None, 0, 0))(
-                _per_shard(x, shards), kernel, routing.group_sizes,
-                _per_shard(routing.modality, shards))
-            return out.reshape(x.shape[0], -1)
+            if routing.tile_group is None:
+                raise ValueError("mot_impl='tiled' needs rows padded to tiles: "
+                                 "make_routing(..., tile=model.mot_tile)")
+            return tiled_grouped_matmul(x, kernel, routing.tile_group)
         if impl == "masked":  # reference: M times the FLOPs
             every = jnp.einsum("nk,mkf->nmf", x, kernel)
             return jnp.take_along_axis(every, routing.modality[:, None, None], axis=1)[:, 0]
@@ -255,7 +304,8 @@ class ModalityRMSNorm(nn.Module):
 class MoTBlock(nn.Module):
     """Pre-norm transformer block, every weight per modality, global attention.
 
-    x: the sorted residual stream laid out as [B, T, D]; positions / mask in original order.
+    x: the sorted residual stream (`sorted_layout`: [B, T, D], or [S, R, D] when padded to tiles);
+    positions [B, T] / mask in original order.
     With `kv` = (cache_k, cache_v) [B, S, H, Dh] and `cache_index`, the chunk's keys/values are
     written at slots cache_index.. and attention runs over the whole cache (mask [B, T, S]).
     Returns (x, updated (k, v) or None).
@@ -278,10 +328,12 @@ class MoTBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, routing: Routing, positions, mask, kv=None, cache_index=None):
-        batch, length, d = x.shape
+        layout = x.shape
+        batch, length = positions.shape
+        d = layout[-1]
         heads = self.num_heads
         head_dim = d // heads
-        x = layers.constrain(x, ("batch", "length", "embed")).reshape(batch * length, d)
+        x = layers.constrain(x, ("batch", "length", "embed")).reshape(-1, d)
 
         h = ModalityRMSNorm(self.num_modalities, self.norm_eps, self.dtype, name="attn_norm")(
             x, routing)
@@ -307,5 +359,5 @@ class MoTBlock(nn.Module):
         up = self._dense((d,), (self.mlp_dim,), ("embed",), ("mlp",), "up")(h, routing)
         x = x + self._dense((self.mlp_dim,), (d,), ("mlp",), ("embed",), "down")(
             layers.swiglu(gate, up), routing)
-        x = layers.constrain(x.reshape(batch, length, d), ("batch", "length", "embed"))
+        x = layers.constrain(x.reshape(layout), ("batch", "length", "embed"))
         return x, new_kv
