@@ -15,11 +15,10 @@ benchmarks.
 Where the sort happens, and why: the modality layout is fixed for a whole forward pass, so the
 model sorts ONCE (`make_routing`) and keeps the residual stream in sorted order through every
 block (padded to tiles for 'tiled'). Norms, Q/K/V/O and the FFN then need no data movement at
-all; only attention needs the
-original order (RoPE positions, causal mask), so each block un-sorts q/k/v and re-sorts the
-attention output: 4 * d_model gathered values per token per layer, against 8 * d_model if the
-residual were kept in the original order and sorted around each projection group. The final
-hidden state is un-sorted once. With one modality the permutation is the identity and is skipped
+all; only attention needs the original order (RoPE positions, causal mask), so each block
+un-sorts q/k/v and re-sorts the attention output: 4 * d_model gathered values per token per
+layer, against 8 * d_model if the residual were kept in the original order and sorted around
+each projection group. The final hidden state is un-sorted once. With one modality the permutation is the identity and is skipped
 (statically), so `num_modalities=1` is a plain dense transformer with no gathers at all.
 
 Where the sort runs on a mesh: 'tiled' and 'masked' sort inside each data x fsdp batch shard
@@ -109,8 +108,9 @@ def _pad_to_tiles(perm, inv, ids, group_sizes, *, num_modalities: int, tile: int
     n, m = perm.shape[0], num_modalities
     rows = jnp.arange((-(-n // tile) + m - 1) * tile, dtype=jnp.int32)
     starts = jnp.cumsum(group_sizes) - group_sizes
-    padded_ends = jnp.cumsum((group_sizes + tile - 1) // tile * tile)
-    padded_starts = padded_ends - (group_sizes + tile - 1) // tile * tile
+    padded_sizes = (group_sizes + tile - 1) // tile * tile
+    padded_ends = jnp.cumsum(padded_sizes)
+    padded_starts = padded_ends - padded_sizes
     row_group = jnp.minimum(jnp.searchsorted(padded_ends, rows, side="right"), m - 1)
     offset = rows - padded_starts[row_group]
     real = offset < group_sizes[row_group]
@@ -225,7 +225,8 @@ def resolve_impl(impl: str, rows: int | None = None, tile: int = 128) -> str:
     Except on CPU for calls with fewer than `tile` rows (a KV-cache decode step): 'tiled' pads
     every group to a whole tile (up to M x tile rows), 'ragged''s masked matmul costs M x rows,
     so below one tile 'ragged' is the cheaper of the two (bench/decode.py: ~5x per token).
-    `rows` is static (the call's B x T), so every layer and `routing_shards` agree.
+    `rows` is static (the call's B x T; at least that when padded), so the model's routing and
+    every layer's choice agree.
     """
     if impl != "auto":
         return impl
