@@ -2,7 +2,7 @@
 
 Usage: python -m mmjax.main --config=configs/mot_shapes.py:ARG --workdir=DIR [--mode=pipeline]
 ARG = SIZE[,OPTION...]
-  SIZE:    smoke (seconds; tests) | demo (README; ~15 min on 2 CPU cores) | small | base
+  SIZE:    smoke (seconds; tests) | demo (README; ~13 min on 2 CPU cores) | small | base
            | 300m | 1b (accelerators; bf16, remat)
   OPTIONS: discrete (FSQ-index head instead of the flow head) | dense (one modality)
            | mot3 (three modalities: the third is unused by this data, for FLOPs/overhead studies)
