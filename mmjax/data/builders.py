@@ -76,9 +76,11 @@ class _EmbeddedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return {split: self._generate_examples(split, n) for split, n in sizes.items() if n > 0}
 
     def _split_sizes(self) -> dict[str, int]:
+        """Examples per split (each embedded dataset defines its own; this base is abstract)."""
         raise NotImplementedError
 
     def _record(self, split: str, index: int) -> dict:
+        """The deterministic record `index` of `split` (defined by each embedded dataset)."""
         raise NotImplementedError
 
     def _generate_examples(self, split: str, num: int):
