@@ -9,8 +9,10 @@ from typing import Any, Callable, Iterable
 
 import ml_collections
 
+from mmjax.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A config field holds a value mmjax cannot run with."""
 
 

@@ -17,6 +17,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from mmjax.errors import InputError, MmjaxError
+
 MODES = ("pipeline", "data", "tokenizer", "tokenize", "model", "sample", "eval")
 
 FLAGS = flags.FLAGS
@@ -57,7 +59,7 @@ def _configure_logging() -> None:
         handler.addFilter(_QuietLibraries())
 
 
-class UsageError(ValueError):
+class UsageError(InputError):
     """A missing or malformed command-line argument (one line, exit code 2; not absl's usage dump)."""
 
 
@@ -117,12 +119,13 @@ def _fail(error: BaseException, code: int) -> None:
 
 
 def entry() -> None:
-    """Turns expected user errors into one clear line (exit code 2) instead of a traceback.
+    """Turns mmjax's own errors (mmjax.errors: bad config values, stages run out of order,
+    unreadable files) into one clear line (exit code 2) instead of a traceback; any other
+    exception is a bug and keeps its traceback.
 
     A non-finite loss under train.nan_policy='stop' is one line too, with exit code 1 (the run
     failed; the input was fine). MMJAX_TRACEBACK=1 shows the traceback instead.
     """
-    from mmjax.config_validation import ConfigError
     try:
         app.run(main, flags_parser=_parse_flags)
     except (AttributeError, KeyError) as e:
@@ -135,7 +138,7 @@ def entry() -> None:
         print(f"mmjax: error: {bad[0].split('=')[0]}: no such config field {field!r}",
               file=sys.stderr)
         sys.exit(2)
-    except (ConfigError, ValueError, FileNotFoundError, OSError) as e:
+    except MmjaxError as e:
         if os.environ.get("MMJAX_TRACEBACK"):
             raise
         _fail(e, 2)

@@ -1,84 +1,42 @@
-"""The stages of the data flow, each a function of (config, workdir), run by `main --mode`.
+"""The stages of the data flow, each a module with `run(config, workdir)`, run by `main --mode`.
+
+    data -> tokenizer -> tokenize -> model -> sample
 
 Why stages: a pod job usually runs one stage (`--mode=model`), the README demo runs them all
 (`--mode=pipeline`), and every stage is idempotent: rerunning resumes or skips finished work and
-never overwrites data or checkpoints.
+never overwrites data or checkpoints. Only the data stage writes data; a later stage whose input
+is missing fails with one line naming the stage to run.
 """
 from __future__ import annotations
 
-import json
-import logging
-import os
-
 import jax
 
-from mmjax import train
+from mmjax import io
+from mmjax.errors import InputError
+from mmjax.stages import data, model, sample, tokenize, tokenizer
+from mmjax.workdir import Workdir
+
+STAGES = {"data": data, "tokenizer": tokenizer, "tokenize": tokenize, "model": model,
+          "sample": sample}
+MODEL_STAGES = ("tokenize", "model", "sample")  # need a config with a `model` block
 
 
-def build_data(config, workdir: str) -> dict:
-    """Prepares every split of the dataset and the SentencePiece model (if the config has text)."""
-    from mmjax.data import pipeline, text
-    sizes = {split: len(pipeline.image_caption_dataset(config.data, split, workdir))
-             for split in ("train", "validation", "test")}
-    out = {"num_examples": sizes}
-    if "model" in config:
-        out["sp_model"] = text.ensure_text_tokenizer(config.data, workdir)
-    logging.info("data ready: %s", out)
-    return out
-
-
-def _finished(summary: dict, stage: str) -> dict:
-    if summary.get("preempted"):
-        raise train.Preempted(f"{stage} stopped at step {summary['step']} (SIGTERM); its "
-                              "checkpoint is saved: rerun the same command to resume")
-    return summary
-
-
-def train_tokenizer(config, workdir: str) -> dict:
-    from mmjax.tasks.tokenizer_task import TokenizerTask, evaluate_tokenizer
-    summary = _finished(train.train(config, workdir, TokenizerTask()), "tokenizer training")
-    metrics = evaluate_tokenizer(config, workdir) if jax.process_index() == 0 else {}
-    logging.info("tokenizer: %s", metrics)
-    return {"step": summary["step"], **metrics}
-
-
-def tokenize_images(config, workdir: str) -> dict:
-    from mmjax.tasks import image_tokens
-    return image_tokens.tokenize_all_splits(config, workdir)
-
-
-def train_model(config, workdir: str) -> dict:
-    from mmjax.tasks.multimodal_task import MultimodalTask
-    summary = _finished(train.train(config, workdir, MultimodalTask()), "model training")
-    return {"step": summary["step"], **summary.get("validation", {})}
-
-
-def sample_and_evaluate(config, workdir: str) -> dict:
-    from mmjax.tasks import multimodal_eval
-    return multimodal_eval.run(config, workdir)
-
-
-def run_mode(config, workdir: str, mode: str) -> dict:
-    """Runs one stage, or for 'pipeline' every stage the config has blocks for."""
-    has_model = "model" in config
-    plan = {
-        "data": [build_data],
-        "tokenizer": [build_data, train_tokenizer],
-        "tokenize": [tokenize_images],
-        "model": [train_model],
-        "sample": [sample_and_evaluate],
-        "eval": [sample_and_evaluate],
-        "pipeline": [build_data, train_tokenizer]
-        + ([tokenize_images, train_model, sample_and_evaluate] if has_model else []),
-    }[mode]
-    if mode in ("tokenize", "model", "sample", "eval") and not has_model:
-        raise ValueError(f"--mode={mode} needs a config with a `model` block "
+def plan(mode: str, has_model: bool) -> list[str]:
+    """The stages `--mode=mode` runs, in order (`eval` is another name for `sample`)."""
+    if mode == "pipeline":
+        return ["data", "tokenizer"] + (list(MODEL_STAGES) if has_model else [])
+    stage = "sample" if mode == "eval" else mode
+    if stage in MODEL_STAGES and not has_model:
+        raise InputError(f"--mode={mode} needs a config with a `model` block "
                          "(e.g. configs/mot_shapes.py), not a tokenizer-only config")
-    results = {}
-    for stage in plan:
-        results[stage.__name__] = stage(config, workdir)
+    return ["data", "tokenizer"] if stage == "tokenizer" else [stage]
+
+
+def run_mode(config, workdir, mode: str) -> dict:
+    """Runs the stages of `mode`; process 0 writes their summaries to results_<mode>.json."""
+    wd = workdir if isinstance(workdir, Workdir) else Workdir.from_config(config, workdir)
+    io.make_dirs(wd.root)  # a root that cannot be a directory fails here, naming the path
+    results = {name: STAGES[name].run(config, wd) for name in plan(mode, "model" in config)}
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, f"results_{mode}.json"), "w") as f:
-            json.dump(results, f, indent=2, default=str)
+        io.write_json_atomic(wd.results(mode), results)
     return results
