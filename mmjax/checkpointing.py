@@ -123,14 +123,20 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, iterator
     return None, None
 
 
+def require_directory(directory) -> None:
+    """MissingArtifactError naming `directory` when a stage's checkpoints were never written."""
+    if not epath.Path(directory).is_dir():
+        raise MissingArtifactError(f"no checkpoint directory at {directory}; train that stage "
+                                   "first (--mode=tokenizer / --mode=model, or --mode=pipeline)")
+
+
 def restore_params(directory: str, abstract_params: Any) -> tuple[int, Any]:
     """(step, params) of the newest readable checkpoint in a run's dir (for sampling/evals).
 
     Only the params are read (not the optimizer state), placed as `abstract_params` says
     (ShapeDtypeStructs, optionally with shardings: a different mesh than training is fine).
     """
-    if not epath.Path(directory).is_dir():
-        raise MissingArtifactError(f"no checkpoint directory at {directory}; train that stage first")
+    require_directory(directory)
     manager = make_manager(directory, keep=1, read_only=True)
     steps = sorted(manager.all_steps(), reverse=True)
     if not steps:

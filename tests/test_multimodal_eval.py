@@ -42,7 +42,7 @@ results = main.run(config, workdir, "pipeline")
 np.savez(f"{workdir}/checker_calls.npz", **{f"{name}{i}": arr for i, call in enumerate(calls)
                                             for name, arr in zip(("images", "attributes"), call)})
 with open(f"{workdir}/test_metrics.json", "w") as f:
-    json.dump(results["sample_and_evaluate"], f)
+    json.dump(results["sample"], f)
 """
 # Fewer prompts than the smoke default (same code, less time); batches of 3 leave a padded last
 # batch.

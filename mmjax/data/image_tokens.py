@@ -20,16 +20,22 @@ def token_meta(workdir, split: str = "train") -> dict:
     return io.read_json(workdir.image_token_files(split)[1])
 
 
-def load_tokens(workdir, split: str, expected_len: int) -> grain.MapDataset:
-    """MapDataset of int32 index arrays for `split`; a clear error when missing or mismatched.
-
-    `workdir`: a mmjax.workdir.Workdir (its `image_tokens` dir honours `fsq.tokens_dir`).
-    """
+def require_tokens(workdir, split: str) -> None:
+    """MissingArtifactError naming the tokenize stage when `split` has no (complete) tokens."""
     data_path, meta_path = workdir.image_token_files(split)
     if not meta_path.exists() or not data_path.exists():
         raise MissingArtifactError(
             f"no image tokens for split {split!r} in {workdir.image_tokens}; run "
             "--mode=tokenize (or --mode=pipeline) first")
+
+
+def load_tokens(workdir, split: str, expected_len: int) -> grain.MapDataset:
+    """MapDataset of int32 index arrays for `split`; a clear error when missing or mismatched.
+
+    `workdir`: a mmjax.workdir.Workdir (its `image_tokens` dir honours `fsq.tokens_dir`).
+    """
+    require_tokens(workdir, split)
+    data_path, meta_path = workdir.image_token_files(split)
     meta = io.read_json(meta_path)
     if meta["num_records"] != expected_len:
         raise InputError(f"{meta_path}: {meta['num_records']} token records but the {split} "

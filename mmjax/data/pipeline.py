@@ -71,9 +71,11 @@ def build_dataset(data_cfg, data_dir) -> dict[str, int]:
     """The data stage's half: generates an embedded set into `data_dir` once (a no-op when it is
     already there) or checks that a standard TFDS set is prepared; returns the split sizes."""
     if data_cfg.name in builders.EMBEDDED:
-        builders.prepare_embedded(data_cfg, os.fspath(data_dir))
+        builder = builders.prepare_embedded(data_cfg, os.fspath(data_dir))
+    else:
+        builder = _standard_builder(data_cfg, None if data_dir is None else os.fspath(data_dir))
     return {split: len(image_caption_dataset(data_cfg, split, data_dir))
-            for split in ("train", "validation", "test")}
+            for split in ("train", "validation", "test") if split in builder.info.splits}
 
 
 def image_caption_dataset(data_cfg, split: str, data_dir) -> grain.MapDataset:

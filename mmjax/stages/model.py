@@ -9,6 +9,8 @@ from mmjax.tasks.multimodal import MultimodalTask
 
 def build_task(config, workdir) -> MultimodalTask:
     """The trainer task, after checking its inputs exist (each missing one names its stage)."""
+    for split in ("train", "validation"):  # the newest missing artifact is named first
+        image_tokens.require_tokens(workdir, split)
     tokenizer = text_tokenizer(workdir)
     for split in ("train", "validation"):
         records = pipeline.image_caption_dataset(config.data, split, workdir.data_dir)

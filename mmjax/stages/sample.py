@@ -125,6 +125,7 @@ def run(config, workdir) -> dict:
     """Samples, scores and writes <workdir>/samples/*; returns the metrics (see module doc)."""
     started = time.time()
     sc = config.sample
+    checkpointing.require_directory(workdir.model_checkpoints)  # the first thing missing
     tok = text_tokenizer(workdir)
     special = packing.special_ids(tok)
     model = multimodal_task.build_model(config, tok.vocab_size)
