@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # end to end: `-m 'not slow'` skips it
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FSQ, MOT = "--config=configs/fsq_shapes.py:smoke", "--config=configs/mot_shapes.py:smoke"
 WD = "--workdir={wd}"

@@ -27,6 +27,8 @@ from bench.common import load_config
 from mmjax import main
 from mmjax.evals import shapes_checker
 
+pytestmark = pytest.mark.slow  # end to end: `-m 'not slow'` skips it
+
 workdir, overrides = sys.argv[1], json.loads(sys.argv[2])
 config = load_config("configs/mot_shapes.py:smoke")
 for key, value in overrides.items():

@@ -27,6 +27,8 @@ from flax import linen as nn
 from mmjax import checkpointing, train
 from test_train import ToyTask, one_device_mesh, toy_config
 
+pytestmark = pytest.mark.slow  # end to end: `-m 'not slow'` skips it
+
 TESTS = pathlib.Path(__file__).resolve().parent
 REPO = TESTS.parent
 WORKER = TESTS / "reliability_worker.py"

@@ -16,6 +16,8 @@ from mmjax import io as mmjax_io
 from mmjax import parallel
 from mmjax.scaling import grid, report, study, sweep
 
+pytestmark = pytest.mark.slow  # end to end: `-m 'not slow'` skips it
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = "configs/sweep_scaling.py:micro"
 
