@@ -114,9 +114,11 @@ def test_caption_and_loss_metrics_are_in_range(pipeline):
 
 
 def test_text_metrics_units():
-    assert text_metrics.digit_caption_accuracy(
-        ["a handwritten digit seven", "a handwritten digit one", "garbage"], [7, 2, 3]) == {
-            "digit_acc": 1 / 3, "parse_rate": 2 / 3}
+    scores = text_metrics.digit_caption_accuracy(
+        ["a handwritten digit seven", "a handwritten digit one", "garbage"], [7, 2, 3])
+    assert {k: scores[k] for k in ("digit_acc", "parse_rate")} == {
+        "digit_acc": 1 / 3, "parse_rate": 2 / 3}
+    assert scores["digit_acc_lo"] < 1 / 3 < scores["digit_acc_hi"] and scores["digit_acc_n"] == 3
     mask = text_metrics.caption_only_mask(np.ones((1, 4)), np.array([[4, 9, 5, 3]]), (4, 5))
     assert mask.tolist() == [[0.0, 1.0, 0.0, 1.0]]
     with pytest.raises(ValueError, match="labels"):
