@@ -61,9 +61,21 @@ def make_schedule(tc) -> optax.Schedule:
         decay_steps=max(int(tc.steps), warmup + 1), end_value=tc.lr * tc.end_lr_ratio)
 
 
+DECAYED_PARAMS = ("kernel", "embedding")  # weight matrices; never norm scales or biases
+
+
+def decay_mask(params) -> Any:
+    """True for the leaves weight decay applies to: weight matrices by name, not by rank.
+
+    Why names: per-modality RMSNorm scales are [modalities, d_model] (rank 2), and decaying
+    them pulls every norm towards zero (about 40% shrink pressure over a 100k-step run).
+    """
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) in DECAYED_PARAMS, params)
+
+
 def make_optimizer(tc) -> optax.GradientTransformation:
-    """AdamW (decay on matrices only) behind global-norm clipping."""
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    """AdamW (decay on weight matrices only, see `decay_mask`) behind global-norm clipping."""
     adamw = optax.adamw(make_schedule(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay,
                         mask=decay_mask)
     return optax.chain(optax.clip_by_global_norm(tc.grad_clip), adamw) if tc.grad_clip > 0 else adamw

@@ -168,3 +168,21 @@ def test_config_changes_are_listed():
     new = {"train": {"steps": 8, "lr": 0.1}, "seed": 0, "extra": 1}
     assert train.config_changes(old, new) == ["extra: '<absent>' -> 1", "train.steps: 4 -> 8"]
     assert train.config_changes(old, old) == []
+
+
+def test_weight_decay_skips_norm_scales_and_biases():
+    """Decay applies to weight matrices by name: a per-modality norm scale [M, D] is rank 2 but
+    must not shrink, and a bias never does."""
+    params = {"block": {"norm": {"scale": jnp.ones((2, 4))}, "dense": {"kernel": jnp.ones((4, 4)),
+                                                                      "bias": jnp.ones(4)}},
+              "embed": {"embedding": jnp.ones((8, 4))}}
+    mask = train.decay_mask(params)
+    assert mask == {"block": {"norm": {"scale": False}, "dense": {"kernel": True, "bias": False}},
+                    "embed": {"embedding": True}}
+    tc = toy_config().train
+    tc.update(weight_decay=0.5, lr=0.1, warmup_steps=0, grad_clip=0.0)
+    tx = train.make_optimizer(tc)
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero_grads, tx.init(params), params)
+    moved = jax.tree.map(lambda u: bool(jnp.any(u != 0)), updates)
+    assert moved == mask  # with zero gradients only decayed leaves change
