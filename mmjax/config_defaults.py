@@ -107,7 +107,9 @@ def train_config() -> ml_collections.ConfigDict:
     c.eval_every = 0  # Run validation every this many steps (0: only at the end).
     c.eval_batches = 8  # Validation batches per evaluation.
     c.nan_policy = "stop"  # Non-finite loss: "stop" (raise, naming the step) | "skip" (drop the update).
-    c.progress_bar = True  # tqdm progress bar on process 0.
+    c.progress_bar = True  # tqdm bar on process 0 when stderr is a terminal (else plain log lines).
+    c.peak_tflops = 0.0  # Peak TFLOP/s of one device for MFU; 0 -> by device kind (mmjax.flops).
+    c.profile_steps = ()  # (start, stop): jax.profiler trace of those steps into <run>/profile.
     return c
 
 

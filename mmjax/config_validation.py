@@ -64,6 +64,10 @@ def validate_train_block(config, block: str) -> None:
     for b in ("b1", "b2"):
         _require(config, f"{block}.{b}", lambda v: 0 <= v < 1, "must be in [0, 1)")
     _one_of(config, f"{block}.nan_policy", ("stop", "skip"))
+    _nonneg(config, [f"{block}.peak_tflops"])
+    _require(config, f"{block}.profile_steps",
+             lambda v: len(v) == 0 or (len(v) == 2 and 0 <= int(v[0]) < int(v[1])),
+             "must be () or (start, stop) with 0 <= start < stop")
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -39,7 +39,7 @@ def write_bytes_atomic(path, data: bytes) -> epath.Path:
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         tmp.write_bytes(data)
-        tmp.rename(path)
+        tmp.replace(path)  # rename over an existing file (epath: copy + delete on buckets)
     except OSError as e:
         raise StorageError(f"cannot write {path}: {e}") from e
     return path

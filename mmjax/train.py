@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import signal
-import time
 from typing import Any, Callable, Protocol
 
 import jax
@@ -21,7 +20,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from mmjax import checkpointing, parallel
+from mmjax import checkpointing, io, parallel, progress
 from mmjax.data.pipeline import batched_iterator
 from mmjax.errors import InputError
 from mmjax.metrics_writer import MetricsWriter
@@ -266,8 +265,13 @@ def train(config, workdir, task: Task, *, mesh=None, stop_at_step: int | None = 
     else:
         logging.info("resumed %s from step %d", task.name, start)
         _warn_config_changes(str(checkpoints), _config_json(config))
-    run = _Run(task, setup, iterator, manager, MetricsWriter(str(run_dir)), _config_json(config),
+    run = _Run(task, setup, iterator, manager, MetricsWriter(run_dir), _config_json(config),
                stop_at_step)
+    if jax.process_index() == 0:  # the resolved config, for people and for scripts
+        logging.info("%s config:\n%s", task.name, config.to_json_best_effort(indent=2))
+        io.write_json_atomic(run_dir / "config.json", run.config_json)
+        run.writer.write_text(start, "config", "```\n" + json.dumps(run.config_json, indent=2)
+                              + "\n```")
     try:
         summary = _loop(run, state, start)
     except BaseException:  # NaN, Ctrl-C, full disk: a good checkpoint still in flight lands
@@ -315,45 +319,56 @@ def _loop(run: _Run, state, start: int) -> dict:
     task, setup, tc = run.task, run.setup, run.task.train_config
     last_metrics: dict[str, float] = {}
     total = int(tc.steps)
-    bar = _progress(tc, start, total, task.name)
-    t0, s0 = time.perf_counter(), start
+    watch = progress.Watch(task, tc, start, run.writer.run_dir)
     step = start
     unchecked = []  # (step, device metrics) of steps whose finiteness the host has not seen yet
-    with _Preemption() as preempt, jax.set_mesh(setup.mesh), \
-            nn.logical_axis_rules(setup.rules):
-        while step < total:
-            batch = parallel.shard_batch(next(run.iterator), setup.mesh)
-            state, metrics = setup.train_step(state, batch)
-            step += 1
-            unchecked.append((step, {k: metrics[k] for k in ("finite", "loss", "grad_norm")}))
-            stopping = preempt.requested or step == run.stop_at_step or step == total
-            due_ckpt = step % tc.checkpoint_every == 0 or stopping
-            if step % tc.log_every == 0 or due_ckpt:
-                _check_finite(unchecked, tc)
-                unchecked = []
-                last_metrics = _host_metrics(metrics)
-                elapsed = time.perf_counter() - t0
-                last_metrics["steps_per_sec"] = (step - s0) / max(elapsed, 1e-9)
-                run.writer.write(step, last_metrics)
-                t0, s0 = time.perf_counter(), step
-            if tc.eval_every and step % tc.eval_every == 0 and step != total:
-                run.writer.write(step, _validation(task, setup, state))
-            if due_ckpt:
-                checkpointing.save(run.manager, step, state, run.iterator, run.config_json)
-            if bar is not None:
-                bar.update(1)
-                if "loss" in last_metrics:  # nothing to show before the first logged step
-                    bar.set_postfix(loss=f"{last_metrics['loss']:.4f}", refresh=False)
-            if stopping and step != total:
-                logging.warning("%s stopped at step %d (checkpoint saved)", task.name, step)
-                return {"step": step, "train": last_metrics, "preempted": True}
-        if bar is not None:
-            bar.close()
-        # Inside the mesh context, like the periodic evals: eval_step then compiles only once.
-        val = _validation(task, setup, state)
-        run.writer.write(step, val)
+    try:
+        with _Preemption() as preempt, jax.set_mesh(setup.mesh), \
+                nn.logical_axis_rules(setup.rules):
+            while step < total:
+                host_batch = next(run.iterator)
+                watch.count(host_batch)
+                watch.before_step(step)
+                state, metrics = setup.train_step(state,
+                                                  parallel.shard_batch(host_batch, setup.mesh))
+                step += 1
+                unchecked.append((step, {k: metrics[k] for k in ("finite", "loss", "grad_norm")}))
+                stopping = preempt.requested or step == run.stop_at_step or step == total
+                due_ckpt = step % tc.checkpoint_every == 0 or stopping
+                if step % tc.log_every == 0 or due_ckpt:
+                    _check_finite(unchecked, tc)
+                    unchecked = []
+                    last_metrics = {**_host_metrics(metrics), **watch.rates(step)}
+                    run.writer.write(step, last_metrics)
+                    watch.log_line(step, last_metrics)
+                if tc.eval_every and step % tc.eval_every == 0 and step != total:
+                    run.writer.write(step, _validation(task, setup, state))
+                    _periodic(run, state, step)
+                if due_ckpt:
+                    checkpointing.save(run.manager, step, state, run.iterator, run.config_json)
+                watch.after_step(step, last_metrics)
+                if stopping and step != total:
+                    logging.warning("%s stopped at step %d (checkpoint saved)", task.name, step)
+                    return {"step": step, "train": last_metrics, "preempted": True}
+            watch.close()
+            # Inside the mesh context, like the periodic evals: eval_step then compiles once.
+            val = _validation(task, setup, state)
+            run.writer.write(step, val)
+    finally:
+        watch.close()
     return {"step": step, "train": last_metrics, "validation": val, "preempted": False,
             "state": state}
+
+
+def _periodic(run: _Run, state, step: int) -> None:
+    """The task's own look at the model every train.eval_every steps (samples, grids, rule
+    checker), written to TensorBoard as images, text and scalars; optional (`task.observe`)."""
+    observe = getattr(run.task, "observe", None)
+    if observe is None:
+        return
+    report = observe(state["params"], step)
+    if jax.process_index() == 0 and report:
+        run.writer.write_report(step, report)
 
 
 def _check_finite(unchecked, tc) -> None:
@@ -386,13 +401,6 @@ def _validation(task, setup, state) -> dict[str, float]:
                           process_index=jax.process_index(), process_count=jax.process_count())
     metrics = evaluate_loss(setup, state["params"], iter(it), int(tc.eval_batches))
     return {f"val_{k}": v for k, v in metrics.items()}
-
-
-def _progress(tc, start: int, total: int, name: str):
-    if not tc.progress_bar or jax.process_index() != 0:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, initial=start, desc=name, dynamic_ncols=True)
 
 
 def _flatten(tree, prefix: str = "") -> dict:
