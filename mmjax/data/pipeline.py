@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import logging
 import os
 from typing import Any, Sequence
@@ -160,6 +161,16 @@ def _to_rgb_size(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.BICUBIC))
 
 
+def _decode(data: bytes, spec: RecordSpec, split: str, index: int) -> np.ndarray:
+    """RGB uint8 array of an encoded image (JPEG: decoded at a reduced scale close to the target)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.draft("RGB", (spec.image_size, spec.image_size))  # DCT scaling: decode less for big JPEGs
+            return np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:
+        _fail(spec, split, index, f"image bytes do not decode ({e})")
+
+
 def to_record(index: int, raw: dict, *, spec: RecordSpec, split: str) -> dict:
     """One validated contract record; ValueError naming split and index when it is corrupt."""
     if not isinstance(raw, dict):
@@ -167,6 +178,10 @@ def to_record(index: int, raw: dict, *, spec: RecordSpec, split: str) -> dict:
     image = raw.get(spec.image_key)
     if image is None:
         _fail(spec, split, index, f"missing image {spec.image_key!r}")
+    if isinstance(image, np.ndarray) and image.dtype == object and image.ndim == 0:
+        image = image.item()
+    if isinstance(image, (bytes, np.bytes_)):  # imported sets keep the encoded file (import_images)
+        image = _decode(image, spec, split, index)
     image = np.asarray(image)
     if image.dtype != np.uint8:
         if not np.issubdtype(image.dtype, np.integer) or image.size == 0 or image.min() < 0 or image.max() > 255:
