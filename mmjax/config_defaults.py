@@ -29,7 +29,9 @@ def data_config() -> ml_collections.ConfigDict:
     # SentencePiece text tokenizer.
     c.sp_model_path = ""  # Path to a user .model file; "" -> train one from the captions.
     c.sp_vocab_size = 256  # Vocabulary size when training SentencePiece from the captions.
-    c.max_caption_len = 28  # Caption tokens per document (longer captions are an error).
+    c.max_caption_len = 28  # Caption tokens per document (longer ones follow data.long_captions).
+    c.long_captions = "truncate"  # Captions over max_caption_len tokens: "truncate" (at a word
+    # boundary) | "drop" (the record leaves the split) | "error" (stop, naming the record).
     c.sp_max_sentences = 100_000  # Captions (evenly strided over the train split) used to train SentencePiece.
     return c
 

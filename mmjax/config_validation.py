@@ -76,6 +76,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                   "data.max_objects", "data.sp_vocab_size"])
     _require(config, "data.image_size", lambda v: v >= 8, "must be at least 8 pixels")
     _require(config, "data.max_objects", lambda v: v <= 9, "at most 9 (one shape per 3x3 cell)")
+    if "long_captions" in config.data:
+        _one_of(config, "data.long_captions", ("truncate", "drop", "error"))
     _require(config, "fsq.levels", _check_levels,
              "needs at least one level and every level must be an integer >= 2")
     _require(config, "fsq.channels", lambda v: len(v) > 0 and all(c > 0 for c in v),

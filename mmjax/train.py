@@ -235,7 +235,8 @@ def train(config, workdir: str, task: Task, *, mesh=None, stop_at_step: int | No
     pid, nproc = jax.process_index(), jax.process_count()
     train_ds = task.dataset(config, workdir, "train", train=True)
     iterator = iter(batched_iterator(train_ds, int(tc.batch_size), seed=config.data.shuffle_seed,
-                                     shuffle=True, process_index=pid, process_count=nproc))
+                                     shuffle=True, process_index=pid, process_count=nproc,
+                                     worker_count=int(config.data.get("worker_count", 0))))
     example = _local_example(train_ds, local_bs)
     setup = build_setup(task, config, tc, example, mesh, rules)
     manager = checkpointing.make_manager(f"{run_dir}/checkpoints", tc.keep_checkpoints)

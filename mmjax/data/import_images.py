@@ -76,7 +76,7 @@ class Settings:
     def identity(self) -> dict:
         """What must match for a rerun to resume an interrupted import."""
         d = dataclasses.asdict(self)
-        for k in ("process_index", "overwrite"):
+        for k in ("process_index", "overwrite", "on_error"):  # do not change what a unit holds
             d.pop(k)
         d["splits"] = [list(s) for s in self.splits]
         return d

@@ -83,6 +83,12 @@ def image_caption_dataset(data_cfg, split: str, workdir: str) -> grain.MapDatase
     Embedded sets ("shapes", "digits") are generated into the data dir on first use (idempotent).
     Any other name must be a TFDS dataset already prepared (as ArrayRecord) in the data dir.
     """
+    source, spec = _source_and_spec(data_cfg, split, workdir)
+    return records_from_source(source, spec, split)
+
+
+def _source_and_spec(data_cfg, split: str, workdir: str):
+    """(random-access source of raw records, how to read them) for `split`."""
     data_dir = data_dir_for(data_cfg, workdir)
     if data_cfg.name in builders.EMBEDDED:
         builder = builders.prepare_embedded(data_cfg, data_dir)
@@ -98,7 +104,7 @@ def image_caption_dataset(data_cfg, split: str, workdir: str) -> grain.MapDatase
             f"TFDS dataset {data_cfg.name!r} in {builder.data_dir} is not in a random-access format "
             f"(need array_record): {err}"
         ) from err
-    return records_from_source(source, spec, split)
+    return source, spec
 
 
 def _standard_spec(data_cfg, features) -> RecordSpec:
@@ -121,6 +127,22 @@ def _standard_spec(data_cfg, features) -> RecordSpec:
         label_names = tuple(label.names)
     return RecordSpec(data_cfg.name, int(data_cfg.image_size), int(data_cfg.max_objects),
                       data_cfg.image_key, caption_key, data_cfg.label_key, label_names)
+
+
+def caption_dataset(data_cfg, split: str, workdir: str) -> grain.MapDataset:
+    """The captions of `split` alone (str), in record order, without decoding any image, so a
+    pass over every caption (data.long_captions) stays cheap."""
+    source, spec = _source_and_spec(data_cfg, split, workdir)
+
+    def caption(index, raw):
+        if spec.label_names is not None:
+            return to_record(index, raw, spec=spec, split=split)["caption"]
+        text = _as_text(raw.get(spec.caption_key))
+        if not text or not text.strip():
+            _fail(spec, split, index, f"missing or empty caption {spec.caption_key!r}")
+        return text
+
+    return grain.MapDataset.source(source).map_with_index(caption)
 
 
 def records_from_source(source: Sequence[Any], spec: RecordSpec, split: str) -> grain.MapDataset:

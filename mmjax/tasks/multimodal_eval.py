@@ -160,8 +160,9 @@ def run(config, workdir: str) -> dict:
         raise ValueError("the test split is empty: nothing to sample (data.num_test)")
     recs = [records[i] for i in range(n_eval)]
     true_tokens = np.stack([token_ds[i] for i in range(n_eval)]).astype(np.int32)
-    encoded = [multimodal_task.encode_caption(tok, r["caption"], int(config.data.max_caption_len))
-               for r in recs]
+    policy = multimodal_task.long_caption_policy(config)  # "drop": long prompts are cut here
+    encoded = [multimodal_task.encode_caption(tok, r["caption"], int(config.data.max_caption_len),
+                                              "truncate" if policy == "drop" else policy) for r in recs]
     ids = np.stack([e[0] for e in encoded])
     lengths = np.array([e[1] for e in encoded], np.int32)
     settings = sampling.SampleSettings.from_config(sc)

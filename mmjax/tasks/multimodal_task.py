@@ -8,12 +8,15 @@ is both generated and captioned over training while rows stay random-access (exa
 from __future__ import annotations
 
 import functools
+import json
+import logging
 
 import grain
+import ml_collections
 import numpy as np
 
 from mmjax import objectives
-from mmjax.data import packing, pipeline, text
+from mmjax.data import captions, packing, pipeline, text
 from mmjax.models import model as model_lib
 from mmjax.tasks import image_tokens
 from mmjax.tokenizers.fsq import FSQ
@@ -33,29 +36,54 @@ def build_model(config, vocab_size: int) -> model_lib.MultimodalLM:
                                   tuple(int(v) for v in config.fsq.levels))
 
 
-def encode_caption(tokenizer, caption: str, max_len: int) -> tuple[np.ndarray, int]:
-    """Caption ids padded to `max_len`; a clear error if the caption does not fit."""
-    ids = tokenizer.encode(caption)
-    if len(ids) > max_len:
-        raise ValueError(f"caption {caption!r} has {len(ids)} tokens > data.max_caption_len="
-                         f"{max_len}; raise data.max_caption_len (and model.max_seq_len)")
+def long_caption_policy(config) -> str:
+    return str(config.data.get("long_captions", "truncate"))
+
+
+def encode_caption(tokenizer, caption: str, max_len: int,
+                   policy: str = "error") -> tuple[np.ndarray, int]:
+    """Caption ids padded to `max_len`; too long ones follow `policy` (drop is an error here:
+    dropping happens when the split is scanned, see tokenized_examples)."""
+    ids, _ = captions.fit_caption(tokenizer, caption, max_len, "error" if policy == "drop" else policy)
     out = np.zeros(max_len, np.int32)
     out[: len(ids)] = ids
     return out, len(ids)
 
 
 def tokenized_examples(config, workdir: str, split: str) -> grain.MapDataset:
-    """{caption_ids, caption_len, image_indices} per record of `split`."""
+    """{caption_ids, caption_len, image_indices} per kept record of `split` (data.long_captions)."""
     records = pipeline.image_caption_dataset(config.data, split, workdir)
     tokens = image_tokens.load_tokens(workdir, split, len(records), config)
     tok = text_tokenizer(config, workdir)
     max_len = int(config.data.max_caption_len)
+    policy = long_caption_policy(config)
+    kept, _ = _scan(config, workdir, split, max_len, policy)
+    policy = "error" if policy == "drop" else policy  # the scan removed the long ones
 
-    def make(i: int) -> dict:
-        ids, n = encode_caption(tok, records[i]["caption"], max_len)
+    def make(j: int) -> dict:
+        i = int(kept[j])
+        ids, n = encode_caption(tok, records[i]["caption"], max_len, policy)
         return {"caption_ids": ids, "caption_len": np.int32(n), "image_indices": tokens[i]}
 
-    return grain.MapDataset.range(len(records)).map(make)
+    return grain.MapDataset.range(len(kept)).map(make)
+
+
+@functools.lru_cache(maxsize=16)
+def _scan_cached(data_json: str, workdir: str, split: str, sp_path: str, max_len: int, policy: str):
+    data_cfg = ml_collections.ConfigDict(json.loads(data_json))
+    return captions.scan(_text_tokenizer(sp_path), pipeline.caption_dataset(data_cfg, split, workdir),
+                         max_len, policy, split)
+
+
+def _scan(config, workdir, split, max_len, policy):
+    """Kept record indices and caption counts of `split`, computed once per process."""
+    sp_path = text.ensure_text_tokenizer(config.data, workdir)
+    return _scan_cached(config.data.to_json(), workdir, split, sp_path, max_len, policy)
+
+
+def caption_counts(config, workdir: str, split: str) -> dict:
+    """How many captions of `split` are too long, truncated or dropped (logged at training start)."""
+    return _scan(config, workdir, split, int(config.data.max_caption_len), long_caption_policy(config))[1]
 
 
 def packed_dataset(config, workdir: str, split: str, *, train: bool) -> grain.MapDataset:
@@ -82,6 +110,7 @@ class MultimodalTask:
 
     def __init__(self):
         self._vocab_size = None
+        self.caption_counts: dict[str, dict] = {}  # per split: too long / truncated / dropped
 
     def prepare(self, config, workdir: str) -> None:
         """Checks the tokens exist and fixes the text vocabulary (the model's vocab size)."""
@@ -89,6 +118,9 @@ class MultimodalTask:
         for split in ("train", "validation"):
             image_tokens.load_tokens(workdir, split, len(
                 pipeline.image_caption_dataset(config.data, split, workdir)), config)
+            self.caption_counts[split] = caption_counts(config, workdir, split)
+        logging.info("captions (data.long_captions=%s, max %d tokens): %s", long_caption_policy(config),
+                     int(config.data.max_caption_len), self.caption_counts)
 
     def dataset(self, config, workdir: str, split: str, *, train: bool):
         return packed_dataset(config, workdir, split, train=train)
