@@ -231,7 +231,8 @@ def test_missing_parquet_column_names_the_file(tmp_path):
 
 
 SMOKE = """
-import json, sys
+import json, logging, sys
+logging.basicConfig(level=logging.INFO)
 from bench.common import load_config
 from mmjax import main
 config = load_config("configs/mot_shapes.py:smoke")
