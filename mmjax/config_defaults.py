@@ -143,6 +143,15 @@ def sample_config() -> ml_collections.ConfigDict:
     return c
 
 
+def eval_config() -> ml_collections.ConfigDict:
+    """Image-quality metrics of the sample stage."""
+    c = ml_collections.ConfigDict()
+    c.inception_weights = ""  # .npz of pytorch-fid's InceptionV3 state dict (mmjax/evals/fid.py); "" -> FID/KID off.
+    c.fid_batch_size = 32  # Images per jitted InceptionV3 call.
+    c.kid_subset_size = 1000  # KID subset size (capped at the number of images; 100 subsets).
+    return c
+
+
 def tokenizer_train_config() -> ml_collections.ConfigDict:
     """Training of the FSQ autoencoder (same fields as `train`, its own defaults)."""
     c = train_config()
@@ -197,4 +206,5 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = train_config()
     c.mesh = mesh_config()
     c.sample = sample_config()
+    c.eval = eval_config()
     return c

@@ -31,7 +31,7 @@ from flax import linen as nn
 
 from mmjax import checkpointing, objectives, sampling
 from mmjax.data import packing, pipeline
-from mmjax.evals import shapes_checker, text_metrics
+from mmjax.evals import fid, shapes_checker, text_metrics
 from mmjax.models import model as model_lib
 from mmjax.tasks import image_tokens, multimodal_task, tokenizer_task
 from mmjax.tokenizers import autoencoder as ae
@@ -188,6 +188,8 @@ def run(config, workdir: str) -> dict:
         for prefix, pictures in (("t2i", images), ("recon", recon), ("gt", truth)):
             metrics.update(_prefixed(prefix, shapes_checker.score_batch(pictures, attributes)))
 
+    metrics.update(fid.maybe_fid_kid(config.get("eval"), images, truth))  # {} + a log line when off
+
     t0 = time.time()
     codes = FSQ(tuple(config.fsq.levels)).indices_to_codes(true_tokens)
     i2t = _map_batches(lambda c, k: sampler.image_to_text(params, c, k), [codes], size,
@@ -239,7 +241,7 @@ def _write(workdir, config, metrics, shown, images, truth, captions, recs, chain
 def _print_summary(metrics: dict) -> None:
     keys = ("step", "t2i_prompt_acc", "t2i_object_acc", "recon_prompt_acc", "i2t_exact_acc",
             "i2t_object_acc", "i2t_digit_acc", "val_caption_ppl", "val_t2i_image_loss",
-            "val_t2i_bits_per_code", "t2i_seconds", "i2t_seconds")
+            "val_t2i_bits_per_code", "fid", "kid", "t2i_seconds", "i2t_seconds")
     shown = ", ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
     logging.info("sample/eval: %s", shown)
     print(f"mmjax sample/eval: {shown}")
