@@ -415,7 +415,9 @@ def finalize(s: Settings) -> dict:
     os.makedirs(build)
     split_infos = []
     for split, files in shards.items():
-        if not files:
+        if not files:  # e.g. a 1% split of a small source: training's eval would miss it
+            logging.warning("split %r got no record (fraction %s of %d records); it is left out",
+                            split, dict(s.splits)[split], sum(totals.splits.values()))
             continue
         dups = duplicate_positions([np.load(p[: -len(".array_record")] + ".idents.npy") for p, _ in files])
         lengths, size = [], 0
