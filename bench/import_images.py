@@ -1,6 +1,6 @@
 """Import throughput (images/s per core) and tokenizer-stage training speed on imported JPEGs.
 
-  PYTHONPATH=. python bench/import_images.py [--images 2000] [--steps 60]
+  python -m bench.import_images [--images 2000] [--steps 60]
 
 1. Writes `--images` JPEGs (160x160 crops of scikit-learn's sample photos, captioned) as a
    `folder` source, imports them with one process (so images/s is per core) as they came and with
@@ -87,7 +87,7 @@ def main():
             print(training[-1], flush=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     write_results("import_images", {
-        "command": "PYTHONPATH=. python bench/import_images.py " + " ".join(sys.argv[1:]),
+        "command": "python -m bench.import_images " + " ".join(sys.argv[1:]),
         "git_commit": commit, "import": imports, "tokenizer_training": training,
         "ratio_jpeg_w0_vs_shapes": training[1]["steps_per_sec"] / training[0]["steps_per_sec"],
         "ratio_jpeg_w2_vs_w0": training[2]["steps_per_sec"] / training[1]["steps_per_sec"]})
