@@ -14,7 +14,6 @@ Writes bench/results/import_images.json with the command and git commit.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import subprocess

@@ -6,7 +6,6 @@ a shape error deep inside jit, or worse, as a silently wrong run.
 from __future__ import annotations
 
 import os
-
 from typing import Any, Callable, Iterable
 
 import ml_collections

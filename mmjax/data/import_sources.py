@@ -275,19 +275,23 @@ def _parquet_units(spec: SourceSpec) -> Iterator[Unit]:
         meta = pq.ParquetFile(path).metadata
         columns = set(pq.read_schema(path).names)
         name = os.path.basename(path)
+        first = 0  # file row of the row group's first row (for messages)
         for g in range(meta.num_row_groups):
-            def read(path=path, g=g, name=name, rows=meta.row_group(g).num_rows):
+            def read(path=path, g=g, name=name, rows=meta.row_group(g).num_rows, first=first):
                 missing = [c for c in (spec.image_key, spec.caption_key) if c not in columns]
                 if missing:
                     yield Bad(name, f"no column {missing[0]!r} (columns: {sorted(columns)})", rows)
                     return
                 table = pq.ParquetFile(path).read_row_group(g, columns=[spec.image_key, spec.caption_key])
+                row = first
                 for batch in table.to_batches(max_chunksize=256):
                     images = batch.column(spec.image_key).to_pylist()
                     captions = batch.column(spec.caption_key).to_pylist()
-                    for r, (image, caption) in enumerate(zip(images, captions)):
-                        yield _table_record(spec, f"{name}:row-group {g}", image, caption)
+                    for image, caption in zip(images, captions):
+                        yield _table_record(spec, f"{name}:row {row}", image, caption)
+                        row += 1
             yield Unit(f"{fi:05d}-{g:06d}", read)
+            first += meta.row_group(g).num_rows
 
 
 def _hf_units(spec: SourceSpec) -> Iterator[Unit]:
