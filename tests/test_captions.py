@@ -1,5 +1,7 @@
 """Long captions under data.long_captions with a real SentencePiece model: truncation keeps the
 longest word prefix that fits, drop removes exactly the long records, error names the record."""
+import os
+
 import numpy as np
 import pytest
 
@@ -36,3 +38,48 @@ def test_drop_and_error(tok):
     with pytest.raises(ValueError, match="split 'train' record 1: .*data.long_captions='error'"):
         captions.scan(tok, caps, MAX, "error", "train")
     assert isinstance(kept, np.ndarray)
+
+
+def test_training_examples_follow_the_policy(tmp_path):
+    """tokenized_examples on the embedded shapes set with a tight max_caption_len: `drop` keeps
+    exactly the records whose captions fit, each paired with *its own* image tokens;
+    `truncate` keeps all, every caption within the limit."""
+    import json
+
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from bench.common import load_config
+    from mmjax.data import pipeline
+    from mmjax.tasks import image_tokens, multimodal_task
+
+    config = load_config("configs/mot_shapes.py:smoke")
+    config.data.num_train, config.data.max_caption_len = 24, 9
+    workdir = str(tmp_path)
+    records = pipeline.image_caption_dataset(config.data, "train", workdir)
+    tok = multimodal_task.text_tokenizer(config, workdir)
+    lengths = [len(tok.encode(records[i]["caption"])) for i in range(len(records))]
+    fits = [i for i, n in enumerate(lengths) if n <= 9]
+    assert 0 < len(fits) < len(records)  # the limit really splits the set
+    # image tokens whose row i is [i, i, ...]: shows which record an example came from
+    os.makedirs(image_tokens.tokens_dir(workdir, config))
+    data_path, meta_path = image_tokens._paths(workdir, "train", config)
+    writer = ArrayRecordWriter(data_path, "group_size:1")
+    for i in range(len(records)):
+        writer.write(np.full(4, i, np.int32).tobytes())
+    writer.close()
+    with open(meta_path, "w") as f:
+        json.dump({"num_records": len(records), "grid": [2, 2]}, f)
+
+    config.data.long_captions = "drop"
+    dropped = multimodal_task.tokenized_examples(config, workdir, "train")
+    assert [int(dropped[j]["image_indices"][0]) for j in range(len(dropped))] == fits
+    for j, i in enumerate(fits):
+        n = int(dropped[j]["caption_len"])
+        assert list(dropped[j]["caption_ids"][:n]) == list(tok.encode(records[i]["caption"]))
+    config.data.long_captions = "truncate"
+    kept = multimodal_task.tokenized_examples(config, workdir, "train")
+    assert len(kept) == len(records)
+    assert all(0 < int(kept[j]["caption_len"]) <= 9 for j in range(len(kept)))
+    config.data.long_captions = "error"
+    with pytest.raises(ValueError, match="data.long_captions='error'"):
+        multimodal_task.tokenized_examples(config, workdir, "train")
