@@ -30,7 +30,10 @@ setup(
     ],
     entry_points={"console_scripts": ["mmjax = mmjax.main:entry"]},
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6"],
+        # Importers of users' data (mmjax.data.import_images): parquet and hf_disk formats.
+        "import": ["pyarrow>=14", "datasets>=2.14"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6",
+                 "pyarrow>=14", "datasets>=2.14"],
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },

@@ -29,7 +29,9 @@ def data_config() -> ml_collections.ConfigDict:
     # SentencePiece text tokenizer.
     c.sp_model_path = ""  # Path to a user .model file; "" -> train one from the captions.
     c.sp_vocab_size = 256  # Vocabulary size when training SentencePiece from the captions.
-    c.max_caption_len = 28  # Caption tokens per document (longer captions are an error).
+    c.max_caption_len = 28  # Caption tokens per document (longer ones follow data.long_captions).
+    c.long_captions = "truncate"  # Captions over max_caption_len tokens: "truncate" (at a word
+    # boundary) | "drop" (the record leaves the split) | "error" (stop, naming the record).
     c.sp_max_sentences = 100_000  # Captions (evenly strided over the train split) used to train SentencePiece.
     return c
 
@@ -143,6 +145,15 @@ def sample_config() -> ml_collections.ConfigDict:
     return c
 
 
+def eval_config() -> ml_collections.ConfigDict:
+    """Image-quality metrics of the sample stage."""
+    c = ml_collections.ConfigDict()
+    c.inception_weights = ""  # .npz of pytorch-fid's InceptionV3 state dict (mmjax/evals/fid.py); "" -> FID/KID off.
+    c.fid_batch_size = 32  # Images per jitted InceptionV3 call.
+    c.kid_subset_size = 1000  # KID subset size (capped at the number of images; 100 subsets).
+    return c
+
+
 def tokenizer_train_config() -> ml_collections.ConfigDict:
     """Training of the FSQ autoencoder (same fields as `train`, its own defaults)."""
     c = train_config()
@@ -197,4 +208,5 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = train_config()
     c.mesh = mesh_config()
     c.sample = sample_config()
+    c.eval = eval_config()
     return c

@@ -5,6 +5,7 @@ a shape error deep inside jit, or worse, as a silently wrong run.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Iterable
 
 import ml_collections
@@ -82,6 +83,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                   "data.max_objects", "data.sp_vocab_size"])
     _require(config, "data.image_size", lambda v: v >= 8, "must be at least 8 pixels")
     _require(config, "data.max_objects", lambda v: v <= 9, "at most 9 (one shape per 3x3 cell)")
+    if "eval" in config:
+        _pos(config, ["eval.fid_batch_size", "eval.kid_subset_size"])
+        _require(config, "eval.inception_weights", lambda v: not v or os.path.isfile(os.fspath(v)),
+                 "does not exist (an .npz of pytorch-fid's InceptionV3 weights, or '' for no FID)")
+    if "long_captions" in config.data:
+        _one_of(config, "data.long_captions", ("truncate", "drop", "error"))
     _require(config, "fsq.levels", _check_levels,
              "needs at least one level and every level must be an integer >= 2")
     _require(config, "fsq.channels", lambda v: len(v) > 0 and all(c > 0 for c in v),

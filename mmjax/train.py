@@ -253,7 +253,8 @@ def train(config, workdir, task: Task, *, mesh=None, stop_at_step: int | None = 
     pid, nproc = jax.process_index(), jax.process_count()
     train_ds = task.dataset("train", train=True)
     iterator = iter(batched_iterator(train_ds, int(tc.batch_size), seed=config.data.shuffle_seed,
-                                     shuffle=True, process_index=pid, process_count=nproc))
+                                     shuffle=True, process_index=pid, process_count=nproc,
+                                     worker_count=int(config.data.get("worker_count", 0))))
     example = _local_example(train_ds, local_bs)
     setup = build_setup(task, example, mesh, rules)
     checkpoints = wd.checkpoints(task.name)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import logging
 import os
 from typing import Any, Sequence
@@ -86,6 +87,12 @@ def image_caption_dataset(data_cfg, split: str, data_dir) -> grain.MapDataset:
     a MissingArtifactError naming `--mode=data`. Any other name must be a TFDS dataset already
     prepared (as ArrayRecord) in the data dir.
     """
+    source, spec = _source_and_spec(data_cfg, split, data_dir)
+    return records_from_source(source, spec, split)
+
+
+def _source_and_spec(data_cfg, split: str, data_dir):
+    """(random-access source of raw records, how to read them) for `split`."""
     data_dir = None if data_dir is None else os.fspath(data_dir)
     if data_cfg.name in builders.EMBEDDED:
         builder = builders.embedded_builder(data_cfg, data_dir)
@@ -105,7 +112,7 @@ def image_caption_dataset(data_cfg, split: str, data_dir) -> grain.MapDataset:
             f"TFDS dataset {data_cfg.name!r} in {builder.data_dir} is not in a random-access format "
             f"(need array_record): {err}"
         ) from err
-    return records_from_source(source, spec, split)
+    return source, spec
 
 
 def _standard_spec(data_cfg, features) -> RecordSpec:
@@ -128,6 +135,22 @@ def _standard_spec(data_cfg, features) -> RecordSpec:
         label_names = tuple(label.names)
     return RecordSpec(data_cfg.name, int(data_cfg.image_size), int(data_cfg.max_objects),
                       data_cfg.image_key, caption_key, data_cfg.label_key, label_names)
+
+
+def caption_dataset(data_cfg, split: str, data_dir) -> grain.MapDataset:
+    """The captions of `split` alone (str), in record order, without decoding any image, so a
+    pass over every caption (data.long_captions) stays cheap."""
+    source, spec = _source_and_spec(data_cfg, split, data_dir)
+
+    def caption(index, raw):
+        if spec.label_names is not None:
+            return to_record(index, raw, spec=spec, split=split)["caption"]
+        text = _as_text(raw.get(spec.caption_key))
+        if not text or not text.strip():
+            _fail(spec, split, index, f"missing or empty caption {spec.caption_key!r}")
+        return text
+
+    return grain.MapDataset.source(source).map_with_index(caption)
 
 
 def records_from_source(source: Sequence[Any], spec: RecordSpec, split: str) -> grain.MapDataset:
@@ -168,6 +191,16 @@ def _to_rgb_size(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.BICUBIC))
 
 
+def _decode(data: bytes, spec: RecordSpec, split: str, index: int) -> np.ndarray:
+    """RGB uint8 array of an encoded image (JPEG: decoded at a reduced scale close to the target)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.draft("RGB", (spec.image_size, spec.image_size))  # DCT scaling: decode less for big JPEGs
+            return np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:
+        _fail(spec, split, index, f"image bytes do not decode ({e})")
+
+
 def to_record(index: int, raw: dict, *, spec: RecordSpec, split: str) -> dict:
     """One validated contract record; ValueError naming split and index when it is corrupt."""
     if not isinstance(raw, dict):
@@ -175,6 +208,10 @@ def to_record(index: int, raw: dict, *, spec: RecordSpec, split: str) -> dict:
     image = raw.get(spec.image_key)
     if image is None:
         _fail(spec, split, index, f"missing image {spec.image_key!r}")
+    if isinstance(image, np.ndarray) and image.dtype == object and image.ndim == 0:
+        image = image.item()
+    if isinstance(image, (bytes, np.bytes_)):  # imported sets keep the encoded file (import_images)
+        image = _decode(image, spec, split, index)
     image = np.asarray(image)
     if image.dtype != np.uint8:
         if not np.issubdtype(image.dtype, np.integer) or image.size == 0 or image.min() < 0 or image.max() > 255:

@@ -28,7 +28,7 @@ from flax import linen as nn
 from mmjax import checkpointing, io, objectives, pictures, sampling
 from mmjax.data import image_tokens, packing, pipeline
 from mmjax.errors import InputError
-from mmjax.evals import shapes_checker, text_metrics
+from mmjax.evals import fid, shapes_checker, text_metrics
 from mmjax.models import model as model_lib
 from mmjax.stages import tokenizer as tokenizer_stage
 from mmjax.stages.common import text_tokenizer
@@ -139,8 +139,9 @@ def run(config, workdir) -> dict:
         raise InputError("the test split is empty: nothing to sample (data.num_test)")
     recs = [records[i] for i in range(n_eval)]
     true_tokens = np.stack([token_ds[i] for i in range(n_eval)]).astype(np.int32)
-    encoded = [multimodal_task.encode_caption(tok, r["caption"], int(config.data.max_caption_len))
-               for r in recs]
+    policy = multimodal_task.long_caption_policy(config)  # "drop": long prompts are cut here
+    encoded = [multimodal_task.encode_caption(tok, r["caption"], int(config.data.max_caption_len),
+                                              "truncate" if policy == "drop" else policy) for r in recs]
     ids = np.stack([e[0] for e in encoded])
     lengths = np.array([e[1] for e in encoded], np.int32)
     settings = sampling.SampleSettings.from_config(sc)
@@ -165,6 +166,8 @@ def run(config, workdir) -> dict:
         attributes = np.stack([r["attributes"] for r in recs])
         for prefix, scored in (("t2i", images), ("recon", recon), ("gt", truth)):
             metrics.update(_prefixed(prefix, shapes_checker.score_batch(scored, attributes)))
+
+    metrics.update(fid.maybe_fid_kid(config.get("eval"), images, truth))  # {} + a log line when off
 
     t0 = time.time()
     codes = FSQ(tuple(config.fsq.levels)).indices_to_codes(true_tokens)
@@ -214,7 +217,7 @@ def _write(workdir, config, metrics, shown, images, truth, captions, recs, chain
 def _print_summary(metrics: dict) -> None:
     keys = ("step", "t2i_prompt_acc", "t2i_object_acc", "recon_prompt_acc", "i2t_exact_acc",
             "i2t_object_acc", "i2t_digit_acc", "val_caption_ppl", "val_t2i_image_loss",
-            "val_t2i_bits_per_code", "t2i_seconds", "i2t_seconds")
+            "val_t2i_bits_per_code", "fid", "kid", "t2i_seconds", "i2t_seconds")
     shown = ", ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
     logging.info("sample/eval: %s", shown)
     print(f"mmjax sample/eval: {shown}")

@@ -4,15 +4,20 @@ Data: (image, caption) records + precomputed FSQ tokens -> tokenized examples ->
 (mmjax.data.packing). Each example appears `objective.direction_redraws` times per pass with an
 independently drawn direction (text->image or image->caption) and caption dropout, so every image
 is both generated and captioned over training while rows stay random-access (exactly resumable).
+Captions longer than `data.max_caption_len` follow `data.long_captions` (mmjax.data.captions).
 """
 from __future__ import annotations
 
+import functools
+import json
+import logging
+
 import grain
+import ml_collections
 import numpy as np
 
 from mmjax import objectives
-from mmjax.data import image_tokens, packing, pipeline
-from mmjax.errors import InputError
+from mmjax.data import captions, image_tokens, packing, pipeline
 from mmjax.models import model as model_lib
 from mmjax.tokenizers.fsq import FSQ
 
@@ -22,29 +27,59 @@ def build_model(config, vocab_size: int) -> model_lib.MultimodalLM:
                                   tuple(int(v) for v in config.fsq.levels))
 
 
-def encode_caption(tokenizer, caption: str, max_len: int) -> tuple[np.ndarray, int]:
-    """Caption ids padded to `max_len`; a clear error if the caption does not fit."""
-    ids = tokenizer.encode(caption)
-    if len(ids) > max_len:
-        raise InputError(f"caption {caption!r} has {len(ids)} tokens > data.max_caption_len="
-                         f"{max_len}; raise data.max_caption_len (and model.max_seq_len)")
+def long_caption_policy(config) -> str:
+    return str(config.data.get("long_captions", "truncate"))
+
+
+def encode_caption(tokenizer, caption: str, max_len: int,
+                   policy: str = "error") -> tuple[np.ndarray, int]:
+    """Caption ids padded to `max_len`; too long ones follow `policy` (drop is an error here:
+    dropping happens when the split is scanned, see tokenized_examples)."""
+    ids, _ = captions.fit_caption(tokenizer, caption, max_len,
+                                  "error" if policy == "drop" else policy)
     out = np.zeros(max_len, np.int32)
     out[: len(ids)] = ids
     return out, len(ids)
 
 
 def tokenized_examples(config, workdir, tokenizer, split: str) -> grain.MapDataset:
-    """{caption_ids, caption_len, image_indices} per record of `split` (records and tokens must
-    exist: the data and tokenize stages wrote them)."""
+    """{caption_ids, caption_len, image_indices} per kept record of `split` (data.long_captions;
+    records and tokens must exist: the data and tokenize stages wrote them)."""
     records = pipeline.image_caption_dataset(config.data, split, workdir.data_dir)
     tokens = image_tokens.load_tokens(workdir, split, len(records))
     max_len = int(config.data.max_caption_len)
+    policy = long_caption_policy(config)
+    kept, _ = _scan(config, workdir, tokenizer, split, max_len, policy)
+    policy = "error" if policy == "drop" else policy  # the scan removed the long ones
 
-    def make(i: int) -> dict:
-        ids, n = encode_caption(tokenizer, records[i]["caption"], max_len)
+    def make(j: int) -> dict:
+        i = int(kept[j])
+        ids, n = encode_caption(tokenizer, records[i]["caption"], max_len, policy)
         return {"caption_ids": ids, "caption_len": np.int32(n), "image_indices": tokens[i]}
 
-    return grain.MapDataset.range(len(records)).map(make)
+    return grain.MapDataset.range(len(kept)).map(make)
+
+
+@functools.lru_cache(maxsize=16)
+def _scan_cached(data_json: str, data_dir: str, split: str, tokenizer, max_len: int,
+                 policy: str):
+    data_cfg = ml_collections.ConfigDict(json.loads(data_json))
+    data_dir = data_dir or None
+    return captions.scan(tokenizer, pipeline.caption_dataset(data_cfg, split, data_dir),
+                         max_len, policy, split)
+
+
+def _scan(config, workdir, tokenizer, split, max_len, policy):
+    """Kept record indices and caption counts of `split`, computed once per process."""
+    data_dir = workdir.data_dir
+    return _scan_cached(config.data.to_json(), "" if data_dir is None else str(data_dir), split,
+                        tokenizer, max_len, policy)
+
+
+def caption_counts(config, workdir, tokenizer, split: str) -> dict:
+    """How many captions of `split` are too long, truncated or dropped (logged at training start)."""
+    return _scan(config, workdir, tokenizer, split, int(config.data.max_caption_len),
+                 long_caption_policy(config))[1]
 
 
 def packed_dataset(config, workdir, tokenizer, split: str, *, train: bool) -> grain.MapDataset:
@@ -75,6 +110,14 @@ class MultimodalTask:
         self.train_config = config.train
         self.model = build_model(config, vocab_size)
         self._data = data
+        self.caption_counts: dict[str, dict] = {}  # per split: too long / truncated / dropped
+        if data is not None:
+            workdir, tokenizer = data
+            for split in ("train", "validation"):
+                self.caption_counts[split] = caption_counts(config, workdir, tokenizer, split)
+            logging.info("captions (data.long_captions=%s, max %d tokens): %s",
+                         long_caption_policy(config), int(config.data.max_caption_len),
+                         self.caption_counts)
 
     def dataset(self, split: str, *, train: bool):
         if self._data is None:
