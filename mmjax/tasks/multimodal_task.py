@@ -12,7 +12,7 @@ import functools
 import grain
 import numpy as np
 
-from mmjax import objectives
+from mmjax import config_validation, objectives
 from mmjax.data import packing, pipeline, text
 from mmjax.models import model as model_lib
 from mmjax.tasks import image_tokens
@@ -29,8 +29,8 @@ def text_tokenizer(config, workdir: str) -> text.TextTokenizer:
 
 
 def build_model(config, vocab_size: int) -> model_lib.MultimodalLM:
-    return model_lib.MultimodalLM(config.model, int(vocab_size),
-                                  tuple(int(v) for v in config.fsq.levels))
+    """MultimodalLM of the config's checked ModelConfig (model block + vocab + fsq.levels)."""
+    return model_lib.MultimodalLM(config_validation.model_config(config, int(vocab_size)))
 
 
 def encode_caption(tokenizer, caption: str, max_len: int) -> tuple[np.ndarray, int]:
@@ -97,8 +97,9 @@ class MultimodalTask:
         return model_lib.init_params(self.model(config), rng, batch)
 
     def loss_fn(self, config, params, batch, rng, train):
-        return objectives.compute_losses(self.model(config), params, batch, rng, config.objective,
-                                         config.model, train=train)
+        return objectives.compute_losses(self.model(config), params, batch, rng,
+                                         config_validation.objective_config(config.objective),
+                                         train=train)
 
     def model(self, config) -> model_lib.MultimodalLM:
         if self._vocab_size is None:
