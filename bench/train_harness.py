@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 
-from mmjax import objectives, parallel, train
+from mmjax import config_validation, objectives, parallel, train
 from mmjax.data import packing
 from mmjax.models import model as model_lib
 from mmjax.models import mot
@@ -93,14 +93,15 @@ class BenchTask:
         self.vocab_size = vocab_size
 
     def model(self, config):
-        return model_lib.MultimodalLM(config.model, self.vocab_size, tuple(config.fsq.levels))
+        return model_lib.MultimodalLM(config_validation.model_config(config, self.vocab_size))
 
     def init_params(self, config, rng, batch):
         return model_lib.init_params(self.model(config), rng, batch)
 
     def loss_fn(self, config, params, batch, rng, train_):
         return objectives.compute_losses(self.model(config), params, batch, rng,
-                                         config.objective, config.model, train=train_)
+                                         config_validation.objective_config(config.objective),
+                                         train=train_)
 
 
 def mesh_from_flag(spec: str, devices=None):

@@ -121,9 +121,10 @@ def param_counts(cfg, vocab_size=None, fsq_levels=None) -> dict[str, int]:
                 backbone=m * per_modality, lm_head=lm_head, image_head=image_head)
 
 
-def flops_per_token(cfg, *args, causal: bool = True) -> dict[str, float]:
-    """flops_per_token(cfg, seq_len, image_fraction): forward / training FLOPs per token of
-    MultimodalLM(cfg), averaged over a sequence of `seq_len` positions. (Transitional form:
+def flops_per_token(cfg, seq_len: int, image_fraction: float, *legacy,
+                    causal: bool = True) -> dict[str, float]:
+    """Forward / training FLOPs per token of MultimodalLM(cfg) for a ModelConfig `cfg`, averaged
+    over a sequence of `seq_len` positions. (Transitional form, see `_typed`:
     flops_per_token(model_block, vocab_size, fsq_levels, seq_len, image_fraction).)
 
     Keys: forward, train (= 3 x forward), backbone (block matmuls), attention (QK^T and AV),
@@ -132,9 +133,9 @@ def flops_per_token(cfg, *args, causal: bool = True) -> dict[str, float]:
     parameters: the usual approximation of `train`, for comparison). Independent of
     num_modalities by construction (see module doc).
     """
-    if len(args) == 4:
-        cfg, args = _typed(cfg, args[0], args[1]), args[2:]
-    seq_len, image_fraction = args
+    if legacy:
+        cfg = _typed(cfg, seq_len, image_fraction)
+        seq_len, image_fraction = legacy
     if int(seq_len) != seq_len or seq_len <= 0:
         raise ValueError(f"seq_len={seq_len!r}: must be a positive integer")
     if not 0.0 <= image_fraction <= 1.0:

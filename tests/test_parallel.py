@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mmjax import checkpointing, config_defaults, objectives, parallel, train
+from mmjax import checkpointing, config_defaults, config_validation, objectives, parallel, train
 from mmjax.data import packing
 from mmjax.data.pipeline import batched_iterator
 from mmjax.metrics_writer import read_jsonl
@@ -74,14 +74,15 @@ class SyntheticTask:
             lambda i: synthetic_row(i, offset, self.fixed_layout))
 
     def model(self, config):
-        return model_lib.MultimodalLM(config.model, VOCAB, tuple(config.fsq.levels))
+        return model_lib.MultimodalLM(config_validation.model_config(config, VOCAB))
 
     def init_params(self, config, rng, batch):
         return model_lib.init_params(self.model(config), rng, batch)
 
     def loss_fn(self, config, params, batch, rng, train):
         return objectives.compute_losses(self.model(config), params, batch, rng,
-                                         config.objective, config.model, train=train)
+                                         config_validation.objective_config(config.objective),
+                                         train=train)
 
 
 def tiny_config(steps=4, model=None, **train_overrides):
