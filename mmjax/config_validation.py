@@ -6,8 +6,8 @@ a shape error deep inside jit, or worse, as a silently wrong run. Why here only:
 this one home. The model, the objective, the sampler and the FLOPs counts take the typed blocks
 built below (`model_config`, `objective_config`, `sample_settings`) and do not check them again;
 they check only what they alone can see at run time (batch shapes, modality ids, cache overflow).
-Choice lists come from mmjax.choices; the FSQ-levels rule is the public `FSQ` class's own (it is
-usable standalone), so it is called here rather than written twice.
+Choice lists come from mmjax.choices; the FSQ-levels rule is the public `FSQ` class's own
+(`fsq.levels_problem`, so FSQ stays usable standalone), called here rather than written twice.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from mmjax.choices import CHOICES
 from mmjax.models.config import ModelConfig
 from mmjax.objectives import ObjectiveConfig
 from mmjax.sampling import SampleSettings
-from mmjax.tokenizers.fsq import FSQ
+from mmjax.tokenizers import fsq
 
 
 class ConfigError(ValueError):
@@ -66,12 +66,8 @@ def _one_of(config, path: str, kind: str | None = None) -> None:
 
 
 def _fsq_levels_error(levels) -> str | None:
-    """FSQ's own message when `levels` cannot make an FSQ quantizer (the rule's one home)."""
-    try:
-        FSQ(levels)
-    except ValueError as e:
-        return str(e)
-    return None
+    """Why `levels` cannot make an FSQ quantizer (fsq.levels_problem: the rule's one home)."""
+    return fsq.levels_problem(levels)
 
 
 def validate_train_block(config, block: str) -> None:
@@ -166,13 +162,12 @@ def model_block(model_cfg: Mapping, vocab_size: int, fsq_levels: Sequence[int]) 
     if levels_error:
         raise ConfigError(f"fsq_levels={tuple(fsq_levels)!r}: {levels_error}")
     _validate_model({"model": model_cfg})
-    kw = _fields(ModelConfig, "model", {**dict(model_cfg), "image_head": None},
-                 skip=("head", "vocab_size", "fsq_levels"))
+    kw = _fields(ModelConfig, "model", model_cfg, skip=("head", "vocab_size", "fsq_levels"))
     kinds = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
     cast = {"int": int, "float": float, "bool": bool, "str": str}
     kw = {k: cast[kinds[k]](v) for k, v in kw.items()}
     return ModelConfig(**kw, head=image_heads.get(model_cfg["image_head"]),
-                       vocab_size=int(vocab_size), fsq_levels=FSQ(fsq_levels).levels)
+                       vocab_size=int(vocab_size), fsq_levels=fsq.FSQ(fsq_levels).levels)
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
