@@ -67,7 +67,7 @@ def _flow_flops(cfg) -> float:
 
 def _flow_init(model, hidden, batch):
     x = batch["codes"].astype(jnp.float32)
-    return model.flow_velocity(hidden, x, jnp.zeros(x.shape[:-1]))
+    return model.apply_image_head(hidden, x, jnp.zeros(x.shape[:-1]))
 
 
 FLOW = ImageHead(
@@ -84,7 +84,7 @@ FLOW = ImageHead(
 DISCRETE = ImageHead(
     name="discrete", attr="index_head",
     module=lambda cfg, dtype: heads.IndexHead(cfg.fsq_levels, cfg.discrete_factorized, dtype),
-    init_outputs=lambda model, hidden, batch: model.index_logits(hidden),
+    init_outputs=lambda model, hidden, batch: model.apply_image_head(hidden),
     loss_terms=objectives.discrete_terms,
     sample_token=sampling.discrete_token,
     param_count=lambda cfg: flops.discrete_head_counts(
