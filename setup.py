@@ -26,7 +26,9 @@ setup(
         "matplotlib>=3.8",
         "tqdm>=4.66",
         "tensorboardX>=2.6",
+        "tensorboard>=2.15",  # so `tensorboard --logdir WORKDIR` works after the README install
     ],
+    entry_points={"console_scripts": ["mmjax = mmjax.main:entry"]},
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6"],
         "gpu": ["jax[cuda12]"],

@@ -23,8 +23,9 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from bench.common import load_config, write_results  # noqa: E402
-from bench.train_harness import BenchTask, mesh_from_flag, synthetic_rows  # noqa: E402
+from bench.train_harness import mesh_from_flag, synthetic_rows  # noqa: E402
 from mmjax import parallel, train  # noqa: E402
+from mmjax.tasks.multimodal import MultimodalTask  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("sizes", ["demo"], "configs/mot_shapes.py sizes to materialise and measure.")
@@ -37,7 +38,7 @@ def setup_for(config, n: int):
     vocab = int(config.data.sp_vocab_size)
     example = synthetic_rows(config, n, vocab)  # batch only sets shapes; n rows shard over fsdp
     mesh = mesh_from_flag(f"1,{n},1", devices=jax.devices()[:n])
-    return train.build_setup(BenchTask(vocab), config, config.train, example, mesh,
+    return train.build_setup(MultimodalTask(config, vocab), example, mesh,
                              parallel.logical_rules())
 
 

@@ -15,10 +15,10 @@ import time
 import jax
 import numpy as np
 
-from mmjax import config_validation, objectives, parallel, train
+from mmjax import parallel, train
 from mmjax.data import packing
-from mmjax.models import model as model_lib
 from mmjax.models import mot
+from mmjax.tasks.multimodal import MultimodalTask
 from mmjax.tokenizers.fsq import FSQ
 
 SPECIAL = packing.SpecialIds(bos=1, eos=2, boi=3, eoi=4)
@@ -84,26 +84,6 @@ def resolved_impl(impl: str, rows: int | None = None) -> str:
     return mot.resolve_impl(impl, rows)
 
 
-class BenchTask:
-    """The real MultimodalLM and loss (what MultimodalTask does, minus the data)."""
-
-    name = "bench"
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-
-    def model(self, config):
-        return model_lib.MultimodalLM(config_validation.model_config(config, self.vocab_size))
-
-    def init_params(self, config, rng, batch):
-        return model_lib.init_params(self.model(config), rng, batch)
-
-    def loss_fn(self, config, params, batch, rng, train_):
-        return objectives.compute_losses(self.model(config), params, batch, rng,
-                                         config_validation.objective_config(config.objective),
-                                         train=train_)
-
-
 def mesh_from_flag(spec: str, devices=None):
     """'data,fsdp,tensor' (e.g. '-1,1,1') -> a mesh over `devices` (default: all)."""
     sizes = [int(v) for v in spec.split(",")]
@@ -123,10 +103,9 @@ class TimedTrainStep:
     """
 
     def __init__(self, config, vocab_size: int, batches: list[dict], mesh, warmup: int = 1):
-        task = BenchTask(vocab_size)
+        task = MultimodalTask(config, vocab_size)  # the real model and loss, no data
         self.mesh = mesh
-        self.setup = train.build_setup(task, config, config.train, batches[0], mesh,
-                                       parallel.logical_rules())
+        self.setup = train.build_setup(task, batches[0], mesh, parallel.logical_rules())
         self._i = 0
         with jax.set_mesh(mesh):
             self.batches = [parallel.shard_batch(b, mesh) for b in batches]

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from mmjax.errors import MissingArtifactError, StorageError
 
 STATE, DATA, CONFIG = "state", "data", "config"
 
@@ -31,7 +32,7 @@ def make_manager(directory: str, keep: int, *, read_only: bool = False) -> ocp.C
             probe.write_text("ok")
             probe.unlink()
         except OSError as e:
-            raise OSError(f"checkpoint directory {directory} is not writable: {e}") from e
+            raise StorageError(f"checkpoint directory {directory} is not writable: {e}") from e
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=not read_only, read_only=read_only,
         enable_async_checkpointing=True)
@@ -70,7 +71,7 @@ def wait_until_finished(manager: ocp.CheckpointManager) -> None:
         raise _write_error(manager, e) from e
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(StorageError):
     """A checkpoint could not be written (disk full, permissions, a vanished mount)."""
 
 
@@ -83,7 +84,7 @@ def _write_error(manager, error: Exception) -> CheckpointWriteError:
         "complete checkpoint")
 
 
-class CheckpointRestoreError(OSError):
+class CheckpointRestoreError(StorageError):
     """Checkpoints exist but none can be restored (corrupt, or written with another config)."""
 
 
@@ -122,18 +123,24 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, iterator
     return None, None
 
 
+def require_directory(directory) -> None:
+    """MissingArtifactError naming `directory` when a stage's checkpoints were never written."""
+    if not epath.Path(directory).is_dir():
+        raise MissingArtifactError(f"no checkpoint directory at {directory}; train that stage "
+                                   "first (--mode=tokenizer / --mode=model, or --mode=pipeline)")
+
+
 def restore_params(directory: str, abstract_params: Any) -> tuple[int, Any]:
     """(step, params) of the newest readable checkpoint in a run's dir (for sampling/evals).
 
     Only the params are read (not the optimizer state), placed as `abstract_params` says
     (ShapeDtypeStructs, optionally with shardings: a different mesh than training is fine).
     """
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no checkpoint directory at {directory}")
+    require_directory(directory)
     manager = make_manager(directory, keep=1, read_only=True)
     steps = sorted(manager.all_steps(), reverse=True)
     if not steps:
-        raise FileNotFoundError(f"no checkpoint found in {directory}")
+        raise MissingArtifactError(f"no checkpoint found in {directory}")
     for step in steps:
         try:
             target = {"params": jax.tree.map(_with_default_sharding, abstract_params)}
@@ -145,14 +152,14 @@ def restore_params(directory: str, abstract_params: Any) -> tuple[int, Any]:
         except Exception as e:  # noqa: BLE001
             logging.warning("checkpoint at step %d in %s is unreadable (%s); trying the previous "
                             "one", step, directory, e)
-    raise FileNotFoundError(f"no readable checkpoint in {directory}")
+    raise MissingArtifactError(f"no readable checkpoint in {directory}")
 
 
 def latest_step(directory: str) -> int:
     """Newest step saved in `directory` (an error when there is none)."""
     step = make_manager(directory, keep=1, read_only=True).latest_step()
     if step is None:
-        raise FileNotFoundError(f"no checkpoint found in {directory}")
+        raise MissingArtifactError(f"no checkpoint found in {directory}")
     return int(step)
 
 

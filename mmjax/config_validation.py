@@ -18,13 +18,14 @@ import ml_collections
 
 from mmjax import image_heads
 from mmjax.choices import CHOICES
+from mmjax.errors import InputError
 from mmjax.models.config import ModelConfig
 from mmjax.objectives import ObjectiveConfig
 from mmjax.sampling import SampleSettings
 from mmjax.tokenizers import fsq
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config field holds a value mmjax cannot run with."""
 
 
@@ -80,6 +81,10 @@ def validate_train_block(config, block: str) -> None:
     for b in ("b1", "b2"):
         _require(config, f"{block}.{b}", lambda v: 0 <= v < 1, "must be in [0, 1)")
     _one_of(config, f"{block}.nan_policy", "train.nan_policy")
+    _nonneg(config, [f"{block}.peak_tflops"])
+    _require(config, f"{block}.profile_steps",
+             lambda v: len(v) == 0 or (len(v) == 2 and 0 <= int(v[0]) < int(v[1])),
+             "must be () or (start, stop) with 0 <= start < stop")
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

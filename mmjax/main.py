@@ -1,12 +1,18 @@
 """mmjax command line: one entry point for every stage, configured by an ml_collections file.
 
-  python -m mmjax.main --config=configs/mot_shapes.py:demo --workdir=/tmp/mmjax --mode=pipeline
-  python -m mmjax.main --config=configs/fsq_shapes.py:smoke --workdir=DIR --mode=tokenizer \
-      --config.fsq.levels='(8,8,8,5,5,5)' --config.tokenizer_train.steps=100
+Examples (`mmjax` is the same program as `python -m mmjax.main`):
 
-Modes run stages of the data flow in docs (data -> tokenizer -> tokenize -> model -> sample/eval);
-`pipeline` runs all that the config has blocks for. Multi-host: --coordinator_address,
---num_processes, --process_id (or MMJAX_* env vars, or auto-detection on TPU pods / SLURM).
+  mmjax --config=configs/mot_shapes.py:demo --workdir=/tmp/mmjax_demo
+  mmjax --config=configs/mot_shapes.py:demo,discrete --workdir=/tmp/disc --mode=model
+  mmjax --config=configs/fsq_shapes.py:smoke --workdir=/tmp/fsq --mode=tokenizer
+        --config.fsq.levels='(8,8,8,5,5,5)' --config.tokenizer_train.steps=100
+  mmjax --config=configs/mot_shapes.py:1b --workdir=gs://BUCKET/run --mode=model
+
+--mode picks the stages of the data flow: data -> tokenizer -> tokenize -> model -> sample
+(`eval` = sample); `pipeline` (the default) runs all that the config has blocks for. Every stage
+resumes or skips finished work. Multi-host: --coordinator_address, --num_processes, --process_id
+(or MMJAX_COORDINATOR / MMJAX_NUM_PROCESSES / MMJAX_PROCESS_ID, or MMJAX_DISTRIBUTED_AUTO=1 to let
+JAX detect TPU pods and SLURM).
 """
 from __future__ import annotations
 
@@ -16,6 +22,8 @@ import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from mmjax.errors import InputError, MmjaxError
 
 MODES = ("pipeline", "data", "tokenizer", "tokenize", "model", "sample", "eval")
 
@@ -57,7 +65,7 @@ def _configure_logging() -> None:
         handler.addFilter(_QuietLibraries())
 
 
-class UsageError(ValueError):
+class UsageError(InputError):
     """A missing or malformed command-line argument (one line, exit code 2; not absl's usage dump)."""
 
 
@@ -117,14 +125,23 @@ def _fail(error: BaseException, code: int) -> None:
 
 
 def entry() -> None:
-    """Turns expected user errors into one clear line (exit code 2) instead of a traceback.
+    """Turns mmjax's own errors (mmjax.errors: bad config values, stages run out of order,
+    unreadable files) into one clear line (exit code 2) instead of a traceback; any other
+    exception is a bug and keeps its traceback.
 
     A non-finite loss under train.nan_policy='stop' is one line too, with exit code 1 (the run
     failed; the input was fine). MMJAX_TRACEBACK=1 shows the traceback instead.
     """
-    from mmjax.config_validation import ConfigError
+    main_module = sys.modules.get("__main__")
+    if main_module is not None and main_module.__doc__ is None:  # the `mmjax` console script:
+        main_module.__doc__ = __doc__  # absl's --help prints the __main__ docstring and the
+        sys.argv[0] = __name__  # flags of the module named by argv[0]
     try:
         app.run(main, flags_parser=_parse_flags)
+    except SystemExit as e:
+        if e.code == 1 and {"--help", "-h", "--helpshort", "--helpfull"} & set(sys.argv[1:]):
+            sys.exit(0)  # absl exits 1 after printing help; asking for help is not a failure
+        raise
     except (AttributeError, KeyError) as e:
         # ml_collections raises these while applying a --config.x.y=... override to a field that
         # does not exist; name the override instead of showing a traceback.
@@ -135,7 +152,7 @@ def entry() -> None:
         print(f"mmjax: error: {bad[0].split('=')[0]}: no such config field {field!r}",
               file=sys.stderr)
         sys.exit(2)
-    except (ConfigError, ValueError, FileNotFoundError, OSError) as e:
+    except MmjaxError as e:
         if os.environ.get("MMJAX_TRACEBACK"):
             raise
         _fail(e, 2)

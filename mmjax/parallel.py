@@ -19,6 +19,8 @@ from flax import linen as nn
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mmjax.errors import InputError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Priority-ordered: flax assigns a rule only while its mesh axes are still free in that array, so
@@ -50,19 +52,19 @@ def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
     sizes = {name: int(mesh_cfg[name]) for name in MESH_AXES}
     for name, size in sizes.items():
         if size == 0 or size < -1:
-            raise ValueError(f"mesh.{name}={size}: axis sizes must be positive or -1 (the rest).")
+            raise InputError(f"mesh.{name}={size}: axis sizes must be positive or -1 (the rest).")
     free = [name for name, size in sizes.items() if size == -1]
     if len(free) > 1:
-        raise ValueError(f"mesh: only one axis may be -1, got {', '.join('mesh.' + f for f in free)}.")
+        raise InputError(f"mesh: only one axis may be -1, got {', '.join('mesh.' + f for f in free)}.")
     fixed = math.prod(size for size in sizes.values() if size != -1)
     if free:
         if num_devices % fixed:
-            raise ValueError(
+            raise InputError(
                 f"mesh.{free[0]}=-1: the other axes multiply to {fixed}, which does not divide "
                 f"the {num_devices} devices.")
         sizes[free[0]] = num_devices // fixed
     if math.prod(sizes.values()) != num_devices:
-        raise ValueError(
+        raise InputError(
             f"mesh.data*mesh.fsdp*mesh.tensor = {sizes['data']}*{sizes['fsdp']}*{sizes['tensor']} "
             f"= {math.prod(sizes.values())}, but there are {num_devices} devices.")
     return sizes["data"], sizes["fsdp"], sizes["tensor"]
@@ -76,7 +78,7 @@ def create_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
     num_slices = len({getattr(d, "slice_index", 0) for d in devices})
     if dcn_data > 1 or num_slices > 1:
         if shape[0] % dcn_data:
-            raise ValueError(f"mesh.dcn_data={dcn_data} must divide mesh.data={shape[0]}.")
+            raise InputError(f"mesh.dcn_data={dcn_data} must divide mesh.data={shape[0]}.")
         ici = (shape[0] // dcn_data, shape[1], shape[2])
         # TPU slices carry `slice_index`; elsewhere (multi-node GPU) each process is a granule.
         granules = {} if hasattr(devices[0], "slice_index") else {"process_is_granule": True}
@@ -84,7 +86,7 @@ def create_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
             array = mesh_utils.create_hybrid_device_mesh(ici, (dcn_data, 1, 1), devices=devices,
                                                          **granules)
         except ValueError as e:
-            raise ValueError(f"mesh.dcn_data={dcn_data}: cannot split the data axis over "
+            raise InputError(f"mesh.dcn_data={dcn_data}: cannot split the data axis over "
                              f"{dcn_data} slices/processes of these devices ({e}).") from e
     else:
         try:
@@ -125,7 +127,7 @@ def check_divisible(shapes_and_specs, mesh: Mesh, what: str) -> None:
             axes = axes if isinstance(axes, tuple) else (axes,)
             size = math.prod(mesh.shape[a] for a in axes)
             if dim % size:
-                raise ValueError(
+                raise InputError(
                     f"{what}{path}: dimension {dim} is not divisible by mesh axes {axes} of size "
                     f"{size}; change mesh.{axes[0]} or the model size.")
 
@@ -152,7 +154,7 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
     auto = os.environ.get("MMJAX_DISTRIBUTED_AUTO", "") == "1"
     if coordinator_address:
         if num_processes < 1 or not 0 <= process_id < num_processes:
-            raise ValueError(
+            raise InputError(
                 f"--num_processes={num_processes} / --process_id={process_id} are invalid for "
                 f"coordinator {coordinator_address} (need 0 <= process_id < num_processes).")
         jax.distributed.initialize(coordinator_address, num_processes, process_id)

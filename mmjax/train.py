@@ -7,10 +7,10 @@ build its data, initialise its parameters and compute its loss (see docs/INTERFA
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import signal
-import time
 from typing import Any, Callable, Protocol
 
 import jax
@@ -20,21 +20,24 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from mmjax import checkpointing, parallel
+from mmjax import checkpointing, io, parallel, progress
 from mmjax.data.pipeline import batched_iterator
+from mmjax.errors import InputError
 from mmjax.metrics_writer import MetricsWriter
+from mmjax.workdir import Workdir
 
 
 class Task(Protocol):
-    """What the trainer needs from a (model, data) pair. See docs/INTERFACES.md."""
+    """What the trainer needs from a (model, data) pair, built once with everything it needs
+    (its config block, data paths, vocabulary); the stage that builds it has already checked that
+    its inputs exist. See docs/INTERFACES.md."""
 
-    name: str
+    name: str  # the run's directory under the workdir ("tokenizer", "model")
+    train_config: ml_collections.ConfigDict  # the optimisation block (train / tokenizer_train)
 
-    def train_config(self, config) -> ml_collections.ConfigDict: ...
-    def prepare(self, config, workdir: str) -> None: ...
-    def dataset(self, config, workdir: str, split: str, *, train: bool): ...
-    def init_params(self, config, rng, batch) -> Any: ...
-    def loss_fn(self, config, params, batch, rng, train: bool) -> tuple[jax.Array, dict]: ...
+    def dataset(self, split: str, *, train: bool): ...
+    def init_params(self, rng, batch) -> Any: ...
+    def loss_fn(self, params, batch, rng, train: bool) -> tuple[jax.Array, dict]: ...
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -57,9 +60,21 @@ def make_schedule(tc) -> optax.Schedule:
         decay_steps=max(int(tc.steps), warmup + 1), end_value=tc.lr * tc.end_lr_ratio)
 
 
+DECAYED_PARAMS = ("kernel", "embedding")  # weight matrices; never norm scales or biases
+
+
+def decay_mask(params) -> Any:
+    """True for the leaves weight decay applies to: weight matrices by name, not by rank.
+
+    Why names: per-modality RMSNorm scales are [modalities, d_model] (rank 2), and decaying
+    them pulls every norm towards zero (about 40% shrink pressure over a 100k-step run).
+    """
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) in DECAYED_PARAMS, params)
+
+
 def make_optimizer(tc) -> optax.GradientTransformation:
-    """AdamW (decay on matrices only) behind global-norm clipping."""
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    """AdamW (decay on weight matrices only, see `decay_mask`) behind global-norm clipping."""
     adamw = optax.adamw(make_schedule(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay,
                         mask=decay_mask)
     return optax.chain(optax.clip_by_global_norm(tc.grad_clip), adamw) if tc.grad_clip > 0 else adamw
@@ -78,10 +93,10 @@ class Setup:
     eval_step: Callable
 
 
-def _state_shardings(task, config, tx, example, mesh, rules):
+def _state_shardings(task, tx, example, mesh, rules):
     """Shardings of {params, opt_state, step, rng} from the params' logical axis names."""
     rng = jax.random.PRNGKey(0)
-    boxed = jax.eval_shape(lambda r: task.init_params(config, r, example), rng)
+    boxed = jax.eval_shape(lambda r: task.init_params(r, example), rng)
     logical = nn.get_partition_spec(boxed)
     param_sh = parallel.logical_to_sharding(logical, mesh, rules)
     abstract_params = nn.unbox(boxed)
@@ -100,9 +115,9 @@ def _state_shardings(task, config, tx, example, mesh, rules):
     return shardings, abstract
 
 
-def _grads(task, config, params, batch, rng, grad_accum: int):
+def _grads(task, params, batch, rng, grad_accum: int):
     """Loss, metrics and gradients, averaged over `grad_accum` microbatches (lax.scan)."""
-    loss_fn = lambda p, b, r: task.loss_fn(config, p, b, r, True)  # noqa: E731
+    loss_fn = lambda p, b, r: task.loss_fn(p, b, r, True)  # noqa: E731
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if grad_accum == 1:
         (loss, metrics), grads = grad_fn(params, batch, rng)
@@ -125,23 +140,24 @@ def _grads(task, config, params, batch, rng, grad_accum: int):
     return jax.tree.map(lambda x: x / grad_accum, total)
 
 
-def build_setup(task, config, tc, example, mesh, rules) -> Setup:
+def build_setup(task, example, mesh, rules) -> Setup:
     """Jits init / train step / eval step with shardings derived from the rules table."""
+    tc = task.train_config
     tx = make_optimizer(tc)
     schedule = make_schedule(tc)
-    shardings, abstract = _state_shardings(task, config, tx, example, mesh, rules)
+    shardings, abstract = _state_shardings(task, tx, example, mesh, rules)
     batch_sh = {k: parallel.batch_sharding(mesh, np.ndim(v)) for k, v in example.items()}
     repl = parallel.replicated(mesh)
 
     def init(rng):
         init_rng, state_rng = jax.random.split(rng)
-        params = nn.unbox(task.init_params(config, init_rng, example))
+        params = nn.unbox(task.init_params(init_rng, example))
         return {"params": params, "opt_state": tx.init(params),
                 "step": jnp.zeros((), jnp.int32), "rng": state_rng}
 
     def step(state, batch):
         rng = jax.random.fold_in(state["rng"], state["step"])
-        loss, metrics, grads = _grads(task, config, state["params"], batch, rng, tc.grad_accum)
+        loss, metrics, grads = _grads(task, state["params"], batch, rng, tc.grad_accum)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
@@ -158,7 +174,7 @@ def build_setup(task, config, tc, example, mesh, rules) -> Setup:
         return new_state, metrics
 
     def eval_step(params, batch):
-        _, metrics = task.loss_fn(config, params, batch, jax.random.PRNGKey(0), False)
+        _, metrics = task.loss_fn(params, batch, jax.random.PRNGKey(0), False)
         return metrics
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -175,9 +191,9 @@ def _check_batch(tc, mesh) -> int:
     bs, procs, accum = int(tc.batch_size), jax.process_count(), int(tc.grad_accum)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if bs <= 0 or accum <= 0:
-        raise ValueError(f"train.batch_size={bs} and train.grad_accum={accum} must be positive.")
+        raise InputError(f"train.batch_size={bs} and train.grad_accum={accum} must be positive.")
     if bs % (shards * accum) or bs % procs:
-        raise ValueError(
+        raise InputError(
             f"train.batch_size={bs} must be divisible by mesh.data*mesh.fsdp*train.grad_accum = "
             f"{shards}*{accum} and by the {procs} processes.")
     return bs // procs
@@ -220,47 +236,68 @@ def evaluate_loss(setup: Setup, params, iterator, num_batches: int) -> dict[str,
     return {k: v / max(count, 1) for k, v in sums.items()}
 
 
-def train(config, workdir: str, task: Task, *, mesh=None, stop_at_step: int | None = None) -> dict:
-    """Trains `task` to `train.steps`, resuming from <workdir>/<task.name>/checkpoints.
+def train(config, workdir, task: Task, *, mesh=None, stop_at_step: int | None = None) -> dict:
+    """Trains `task` to `train.steps`, resuming from the workdir's <task.name>/checkpoints.
 
-    `stop_at_step` ends this invocation early after checkpointing, as a preemption would (used by
-    resumption tests). Returns a summary dict (final step, last metrics, validation metrics).
+    `workdir`: a mmjax.workdir.Workdir or a path. From `config` the trainer reads only the mesh,
+    the seeds and (to store beside each checkpoint) the whole config as JSON. `stop_at_step` ends
+    this invocation early after checkpointing, as a preemption would (used by resumption tests).
+    Returns a summary dict (final step, last metrics, validation metrics).
     """
-    tc = task.train_config(config)
+    wd = workdir if isinstance(workdir, Workdir) else Workdir.from_config(config, workdir)
+    tc = task.train_config
     mesh = mesh or parallel.create_mesh(config.mesh)
     rules = parallel.logical_rules()
-    run_dir = f"{workdir}/{task.name}"
-    task.prepare(config, workdir)
+    run_dir = wd.run_dir(task.name)
     local_bs = _check_batch(tc, mesh)
     pid, nproc = jax.process_index(), jax.process_count()
-    train_ds = task.dataset(config, workdir, "train", train=True)
+    train_ds = task.dataset("train", train=True)
     iterator = iter(batched_iterator(train_ds, int(tc.batch_size), seed=config.data.shuffle_seed,
                                      shuffle=True, process_index=pid, process_count=nproc))
     example = _local_example(train_ds, local_bs)
-    setup = build_setup(task, config, tc, example, mesh, rules)
-    manager = checkpointing.make_manager(f"{run_dir}/checkpoints", tc.keep_checkpoints)
+    setup = build_setup(task, example, mesh, rules)
+    checkpoints = wd.checkpoints(task.name)
+    manager = checkpointing.make_manager(str(checkpoints), tc.keep_checkpoints)
     start, state = checkpointing.restore_latest(manager, setup.abstract_state, iterator)
     if state is None:
         state = setup.init_fn(jax.random.PRNGKey(config.seed))
         start = 0
     else:
         logging.info("resumed %s from step %d", task.name, start)
-        _warn_config_changes(f"{run_dir}/checkpoints", _config_json(config))
-    writer = MetricsWriter(run_dir)
+        _warn_config_changes(str(checkpoints), _config_json(config))
+    run = _Run(task, setup, iterator, manager, MetricsWriter(run_dir), _config_json(config),
+               stop_at_step)
+    if jax.process_index() == 0:  # the resolved config, for people and for scripts
+        logging.info("%s config:\n%s", task.name, config.to_json_best_effort(indent=2))
+        io.write_json_atomic(run_dir / "config.json", run.config_json)
+        run.writer.write_text(start, "config", "```\n" + json.dumps(run.config_json, indent=2)
+                              + "\n```")
     try:
-        summary = _loop(config, tc, task, setup, state, start, iterator, manager, writer,
-                        run_dir, stop_at_step)
+        summary = _loop(run, state, start)
     except BaseException:  # NaN, Ctrl-C, full disk: a good checkpoint still in flight lands
         _finish_saves_quietly(manager)
         raise
     finally:  # flush metrics even when the run fails, but keep the run's error
         try:
-            writer.close()
+            run.writer.close()
         except OSError as e:
             logging.warning("could not flush metrics to %s: %s", run_dir, e)
     checkpointing.wait_until_finished(manager)
     manager.close()
     return summary
+
+
+@dataclasses.dataclass
+class _Run:
+    """What one invocation of the loop works with (built once by `train`)."""
+
+    task: Task
+    setup: Setup
+    iterator: Any
+    manager: Any
+    writer: MetricsWriter
+    config_json: dict
+    stop_at_step: int | None
 
 
 def _finish_saves_quietly(manager) -> None:
@@ -278,50 +315,60 @@ def _local_example(ds, local_bs: int) -> dict:
     return {k: v for k, v in batch.items() if np.asarray(v).dtype != object}
 
 
-def _loop(config, tc, task, setup, state, start, iterator, manager, writer, run_dir,
-          stop_at_step) -> dict:
+def _loop(run: _Run, state, start: int) -> dict:
+    task, setup, tc = run.task, run.setup, run.task.train_config
     last_metrics: dict[str, float] = {}
-    cfg_json = _config_json(config)
     total = int(tc.steps)
-    bar = _progress(tc, start, total, task.name)
-    t0, s0 = time.perf_counter(), start
+    watch = progress.Watch(task, tc, start, run.writer.run_dir)
     step = start
     unchecked = []  # (step, device metrics) of steps whose finiteness the host has not seen yet
-    with _Preemption() as preempt, jax.set_mesh(setup.mesh), \
-            nn.logical_axis_rules(setup.rules):
-        while step < total:
-            batch = parallel.shard_batch(next(iterator), setup.mesh)
-            state, metrics = setup.train_step(state, batch)
-            step += 1
-            unchecked.append((step, {k: metrics[k] for k in ("finite", "loss", "grad_norm")}))
-            stopping = preempt.requested or step == stop_at_step or step == total
-            due_ckpt = step % tc.checkpoint_every == 0 or stopping
-            if step % tc.log_every == 0 or due_ckpt:
-                _check_finite(unchecked, tc)
-                unchecked = []
-                last_metrics = _host_metrics(metrics)
-                elapsed = time.perf_counter() - t0
-                last_metrics["steps_per_sec"] = (step - s0) / max(elapsed, 1e-9)
-                writer.write(step, last_metrics)
-                t0, s0 = time.perf_counter(), step
-            if tc.eval_every and step % tc.eval_every == 0 and step != total:
-                writer.write(step, _validation(config, task, setup, state, tc, run_dir))
-            if due_ckpt:
-                checkpointing.save(manager, step, state, iterator, cfg_json)
-            if bar is not None:
-                bar.update(1)
-                if "loss" in last_metrics:  # nothing to show before the first logged step
-                    bar.set_postfix(loss=f"{last_metrics['loss']:.4f}", refresh=False)
-            if stopping and step != total:
-                logging.warning("%s stopped at step %d (checkpoint saved)", task.name, step)
-                return {"step": step, "train": last_metrics, "preempted": True}
-        if bar is not None:
-            bar.close()
-        # Inside the mesh context, like the periodic evals: eval_step then compiles only once.
-        val = _validation(config, task, setup, state, tc, run_dir)
-        writer.write(step, val)
+    try:
+        with _Preemption() as preempt, jax.set_mesh(setup.mesh), \
+                nn.logical_axis_rules(setup.rules):
+            while step < total:
+                host_batch = next(run.iterator)
+                watch.count(host_batch)
+                watch.before_step(step)
+                state, metrics = setup.train_step(state,
+                                                  parallel.shard_batch(host_batch, setup.mesh))
+                step += 1
+                unchecked.append((step, {k: metrics[k] for k in ("finite", "loss", "grad_norm")}))
+                stopping = preempt.requested or step == run.stop_at_step or step == total
+                due_ckpt = step % tc.checkpoint_every == 0 or stopping
+                if step % tc.log_every == 0 or due_ckpt:
+                    _check_finite(unchecked, tc)
+                    unchecked = []
+                    last_metrics = {**_host_metrics(metrics), **watch.rates(step)}
+                    run.writer.write(step, last_metrics)
+                    watch.log_line(step, last_metrics)
+                if tc.eval_every and step % tc.eval_every == 0 and step != total:
+                    run.writer.write(step, _validation(task, setup, state))
+                    _periodic(run, state, step)
+                if due_ckpt:
+                    checkpointing.save(run.manager, step, state, run.iterator, run.config_json)
+                watch.after_step(step, last_metrics)
+                if stopping and step != total:
+                    logging.warning("%s stopped at step %d (checkpoint saved)", task.name, step)
+                    return {"step": step, "train": last_metrics, "preempted": True}
+            watch.close()
+            # Inside the mesh context, like the periodic evals: eval_step then compiles once.
+            val = _validation(task, setup, state)
+            run.writer.write(step, val)
+    finally:
+        watch.close()
     return {"step": step, "train": last_metrics, "validation": val, "preempted": False,
             "state": state}
+
+
+def _periodic(run: _Run, state, step: int) -> None:
+    """The task's own look at the model every train.eval_every steps (samples, grids, rule
+    checker), written to TensorBoard as images, text and scalars; optional (`task.observe`)."""
+    observe = getattr(run.task, "observe", None)
+    if observe is None:
+        return
+    report = observe(state["params"], step)
+    if jax.process_index() == 0 and report:
+        run.writer.write_report(step, report)
 
 
 def _check_finite(unchecked, tc) -> None:
@@ -347,19 +394,13 @@ def _host_metrics(metrics) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def _validation(config, task, setup, state, tc, run_dir) -> dict[str, float]:
-    ds = task.dataset(config, run_dir.rsplit("/", 1)[0], "validation", train=False)
+def _validation(task, setup, state) -> dict[str, float]:
+    tc = task.train_config
+    ds = task.dataset("validation", train=False)
     it = batched_iterator(ds, int(tc.batch_size), seed=0, shuffle=False, num_epochs=1,
                           process_index=jax.process_index(), process_count=jax.process_count())
     metrics = evaluate_loss(setup, state["params"], iter(it), int(tc.eval_batches))
     return {f"val_{k}": v for k, v in metrics.items()}
-
-
-def _progress(tc, start: int, total: int, name: str):
-    if not tc.progress_bar or jax.process_index() != 0:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, initial=start, desc=name, dynamic_ncols=True)
 
 
 def _flatten(tree, prefix: str = "") -> dict:
@@ -392,5 +433,4 @@ def _warn_config_changes(checkpoint_dir: str, current: dict) -> None:
 
 def _config_json(config) -> dict:
     """The config as plain JSON (stored beside each checkpoint; never pickled)."""
-    import json
     return json.loads(config.to_json_best_effort())

@@ -24,7 +24,7 @@ def main():
     from test_train import ToyTask, toy_config, losses  # noqa: E402
     config = toy_config(steps=5)
     config.mesh.data = -1
-    train.train(config, workdir, ToyTask())
+    train.train(config, workdir, ToyTask().build(config))
     if jax.process_index() == 0:
         print(json.dumps(losses(workdir)))
 

@@ -48,7 +48,7 @@ def _run_toy(config, workdir: str, mode: str) -> dict:
 
         parallel.shard_batch = slow_shard_batch
     nan_index = int(config.worker.nan_index)
-    summary = train.train(config, workdir, ToyTask(nan_index if nan_index >= 0 else None))
+    summary = train.train(config, workdir, ToyTask(nan_index if nan_index >= 0 else None).build(config))
     print(f"WORKER_DONE step={summary['step']} preempted={summary['preempted']}", flush=True)
     return summary
 

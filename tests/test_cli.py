@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # end to end: `-m 'not slow'` skips it
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FSQ, MOT = "--config=configs/fsq_shapes.py:smoke", "--config=configs/mot_shapes.py:smoke"
 WD = "--workdir={wd}"
@@ -102,3 +104,16 @@ def test_a_crash_still_shows_its_traceback(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          timeout=120)
     assert res.returncode == 1 and "Traceback" in res.stderr and "KeyError: 'bug'" in res.stderr
+
+
+def test_console_script_and_help_print_the_examples():
+    """`mmjax` is `python -m mmjax.main`; --help shows the examples, one per line."""
+    for cmd in ([sys.executable, "-m", "mmjax.main", "--help"],
+                [os.path.join(os.path.dirname(sys.executable), "mmjax"), "--help"]):
+        if not os.path.exists(cmd[0]):
+            pytest.skip("the mmjax console script is not installed (pip install -e .)")
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert res.returncode == 0, res.stderr
+        lines = res.stdout.splitlines()
+        assert "  mmjax --config=configs/mot_shapes.py:demo --workdir=/tmp/mmjax_demo" in lines
+        assert any(line.strip().startswith("--workdir:") for line in lines)

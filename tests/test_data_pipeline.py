@@ -11,12 +11,21 @@ from PIL import Image
 
 from mmjax import config_defaults
 from mmjax.data import builders, digits, pipeline, shapes
+from mmjax.errors import MissingArtifactError
+from mmjax.workdir import Workdir
 
 
 def _cfg(**overrides):
     cfg = config_defaults.data_config()
     cfg.update(dict(num_train=64, num_validation=16, num_test=16, image_size=32), **overrides)
     return cfg
+
+
+def _dataset(cfg, split, workdir):
+    """What a stage sees after the data stage ran: build (idempotent), then read."""
+    data_dir = Workdir.from_config({"data": cfg}, workdir).data_dir
+    pipeline.build_dataset(cfg, data_dir)
+    return pipeline.image_caption_dataset(cfg, split, data_dir)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +35,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def train_ds(workdir):
-    return pipeline.image_caption_dataset(_cfg(), "train", workdir)
+    return _dataset(_cfg(), "train", workdir)
 
 
 def test_shapes_records_match_generator_without_tensorflow(train_ds, workdir):
@@ -44,22 +53,28 @@ def test_shapes_records_match_generator_without_tensorflow(train_ds, workdir):
 def test_prepare_is_idempotent_and_settings_do_not_collide(train_ds, workdir):
     version_dir = builders.embedded_builder(_cfg(), os.path.join(workdir, "data")).data_dir
     stamp = {f: os.stat(os.path.join(version_dir, f)).st_mtime_ns for f in os.listdir(version_dir)}
-    pipeline.image_caption_dataset(_cfg(), "validation", workdir)
+    _dataset(_cfg(), "validation", workdir)
     assert stamp == {f: os.stat(os.path.join(version_dir, f)).st_mtime_ns for f in os.listdir(version_dir)}
-    other = pipeline.image_caption_dataset(_cfg(seed=1, num_train=8), "train", workdir)
+    other = _dataset(_cfg(seed=1, num_train=8), "train", workdir)
     assert len(other) == 8 and not np.array_equal(other[0]["image"], train_ds[0]["image"])
     assert len(train_ds) == 64  # still there
 
 
 def test_splits_disjoint(workdir, train_ds):
-    val = pipeline.image_caption_dataset(_cfg(), "validation", workdir)
-    test = pipeline.image_caption_dataset(_cfg(), "test", workdir)
+    val = _dataset(_cfg(), "validation", workdir)
+    test = _dataset(_cfg(), "test", workdir)
     sets = [{shapes.canonical(r["attributes"]).tobytes() for r in d} for d in (train_ds, val, test)]
     assert not sets[0] & sets[1] and not sets[0] & sets[2] and not sets[1] & sets[2]
 
 
+def test_reading_an_unbuilt_embedded_set_names_the_data_stage(tmp_path):
+    with pytest.raises(MissingArtifactError, match=r"not built in .*; run --mode=data"):
+        pipeline.image_caption_dataset(_cfg(), "train", tmp_path / "data")
+    assert list(tmp_path.iterdir()) == []  # reading never generates
+
+
 def test_digits_via_pipeline(workdir):
-    ds = pipeline.image_caption_dataset(_cfg(name="digits", num_train=40, num_test=500), "test", workdir)
+    ds = _dataset(_cfg(name="digits", num_train=40, num_test=500), "test", workdir)
     assert len(ds) == 180  # cap above the fixed split size
     rec = ds[5]
     assert digits.parse_caption(rec["caption"]) == rec["label"] and rec["image"].shape == (32, 32, 3)
@@ -67,15 +82,15 @@ def test_digits_via_pipeline(workdir):
 
 def test_unknown_split_and_bad_config(workdir):
     with pytest.raises(ValueError, match="dev"):
-        pipeline.image_caption_dataset(_cfg(), "dev", workdir)
+        _dataset(_cfg(), "dev", workdir)
     with pytest.raises(ValueError, match="max_objects"):
-        pipeline.image_caption_dataset(_cfg(max_objects=12), "train", workdir)
+        _dataset(_cfg(max_objects=12), "train", workdir)
 
 
 def test_missing_standard_dataset_names_it_and_data_dir(tmp_path):
     for name in ("mnist", "no_such_dataset_xyz"):
         with pytest.raises(ValueError) as err:
-            pipeline.image_caption_dataset(_cfg(name=name, data_dir=str(tmp_path)), "train", "unused")
+            _dataset(_cfg(name=name, data_dir=str(tmp_path)), "train", "unused")
         assert name in str(err.value) and str(tmp_path) in str(err.value)
     assert list(tmp_path.iterdir()) == []  # nothing was downloaded or written
 
@@ -109,7 +124,7 @@ class MmjaxTestPets(tfds.core.GeneratorBasedBuilder):
 def test_standard_tfds_dataset_resized_and_captioned_from_labels(tmp_path):
     MmjaxTestPets(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
     cfg = _cfg(name="mmjax_test_pets", data_dir=str(tmp_path), caption_key="")
-    ds = pipeline.image_caption_dataset(cfg, "train", "unused")
+    ds = _dataset(cfg, "train", "unused")
     seen = set()
     for rec in ds:  # TFDS shuffles standard datasets on write: identify examples by pixel value
         example = int(rec["image"][0, 0, 0]) // 60
@@ -120,7 +135,7 @@ def test_standard_tfds_dataset_resized_and_captioned_from_labels(tmp_path):
         seen.add(example)
     assert seen == {0, 1, 2, 3}
     # The default caption_key ("caption") is absent: labels are used, with a warning.
-    default = pipeline.image_caption_dataset(_cfg(name="mmjax_test_pets", data_dir=str(tmp_path)), "train", "x")
+    default = _dataset(_cfg(name="mmjax_test_pets", data_dir=str(tmp_path)), "train", "x")
     assert [r["caption"] for r in default] == [r["caption"] for r in ds]
 
 

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # end to end: `-m 'not slow'` skips it
+
 LAUNCH = pathlib.Path(__file__).resolve().parents[1] / "launch"
 SCRIPTS = ["tpu_pod.sh", "slurm_gpu.sbatch", "local_multiprocess.sh"]
 

@@ -7,6 +7,10 @@ import sys
 
 import numpy as np
 
+import pytest
+
+pytestmark = pytest.mark.slow  # end to end: `-m 'not slow'` skips it
+
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
 
 

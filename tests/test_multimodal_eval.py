@@ -27,6 +27,8 @@ from bench.common import load_config
 from mmjax import main
 from mmjax.evals import shapes_checker
 
+pytestmark = pytest.mark.slow  # end to end: `-m 'not slow'` skips it
+
 workdir, overrides = sys.argv[1], json.loads(sys.argv[2])
 config = load_config("configs/mot_shapes.py:smoke")
 for key, value in overrides.items():
@@ -42,7 +44,7 @@ results = main.run(config, workdir, "pipeline")
 np.savez(f"{workdir}/checker_calls.npz", **{f"{name}{i}": arr for i, call in enumerate(calls)
                                             for name, arr in zip(("images", "attributes"), call)})
 with open(f"{workdir}/test_metrics.json", "w") as f:
-    json.dump(results["sample_and_evaluate"], f)
+    json.dump(results["sample"], f)
 """
 # Fewer prompts than the smoke default (same code, less time); batches of 3 leave a padded last
 # batch.
@@ -112,9 +114,11 @@ def test_caption_and_loss_metrics_are_in_range(pipeline):
 
 
 def test_text_metrics_units():
-    assert text_metrics.digit_caption_accuracy(
-        ["a handwritten digit seven", "a handwritten digit one", "garbage"], [7, 2, 3]) == {
-            "digit_acc": 1 / 3, "parse_rate": 2 / 3}
+    scores = text_metrics.digit_caption_accuracy(
+        ["a handwritten digit seven", "a handwritten digit one", "garbage"], [7, 2, 3])
+    assert {k: scores[k] for k in ("digit_acc", "parse_rate")} == {
+        "digit_acc": 1 / 3, "parse_rate": 2 / 3}
+    assert scores["digit_acc_lo"] < 1 / 3 < scores["digit_acc_hi"] and scores["digit_acc_n"] == 3
     mask = text_metrics.caption_only_mask(np.ones((1, 4)), np.array([[4, 9, 5, 3]]), (4, 5))
     assert mask.tolist() == [[0.0, 1.0, 0.0, 1.0]]
     with pytest.raises(ValueError, match="labels"):

@@ -4,6 +4,10 @@ import os
 import nbformat
 from nbclient import NotebookClient
 
+import pytest
+
+pytestmark = pytest.mark.slow  # end to end: `-m 'not slow'` skips it
+
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          "notebooks")
 

@@ -55,33 +55,36 @@ def synthetic_row(index: int, offset: int = 0, fixed_layout: bool = False) -> di
 
 
 class SyntheticTask:
-    """MultimodalLM + objectives.compute_losses on synthetic packed rows (no prepare step)."""
+    """MultimodalLM + objectives.compute_losses on synthetic packed rows (no data stage).
+
+    `.build(config)` binds it to a config (the trainer's Task protocol); `setup_for` does that.
+    """
 
     name = "model"
 
-    def __init__(self, fixed_layout: bool = False):
+    def __init__(self, fixed_layout: bool = False, config=None):
         self.fixed_layout = fixed_layout
+        self.config = config
+        self.train_config = None if config is None else config.train
 
-    def train_config(self, config):
-        return config.train
+    def build(self, config):
+        return type(self)(self.fixed_layout, config)
 
-    def prepare(self, config, workdir):
-        pass
-
-    def dataset(self, config, workdir, split, *, train):
+    def dataset(self, split, *, train):
         offset = 0 if split == "train" else 1
         return grain.MapDataset.range(NUM_ROWS).map(
             lambda i: synthetic_row(i, offset, self.fixed_layout))
 
-    def model(self, config):
+    def model(self, config=None):
+        config = config or self.config
         return model_lib.MultimodalLM(config_validation.model_config(config, VOCAB))
 
-    def init_params(self, config, rng, batch):
-        return model_lib.init_params(self.model(config), rng, batch)
+    def init_params(self, rng, batch):
+        return model_lib.init_params(self.model(), rng, batch)
 
-    def loss_fn(self, config, params, batch, rng, train):
-        return objectives.compute_losses(self.model(config), params, batch, rng,
-                                         config_validation.objective_config(config.objective),
+    def loss_fn(self, params, batch, rng, train):
+        return objectives.compute_losses(self.model(), params, batch, rng,
+                                         config_validation.objective_config(self.config.objective),
                                          train=train)
 
 
@@ -104,20 +107,20 @@ def make_mesh(shape, devices=None):
 
 
 def example_batch(config, task):
-    ds = task.dataset(config, "", "train", train=True)
+    ds = task.dataset("train", train=True)
     return next(iter(batched_iterator(ds, int(config.train.batch_size), seed=0, shuffle=False)))
 
 
 def train_batches(config, task, n):
     """The first `n` global batches the trainer's iterator yields."""
-    ds = task.dataset(config, "", "train", train=True)
+    ds = task.dataset("train", train=True)
     it = iter(batched_iterator(ds, int(config.train.batch_size), seed=config.data.shuffle_seed,
                                shuffle=True))
     return [next(it) for _ in range(n)]
 
 
 def setup_for(config, task, mesh):
-    return train.build_setup(task, config, config.train, example_batch(config, task), mesh,
+    return train.build_setup(task.build(config), example_batch(config, task), mesh,
                              parallel.logical_rules())
 
 
@@ -167,7 +170,7 @@ def reference():
 def full_run(reference, tmp_path_factory):
     """The trainer itself (train.train) for 4 steps on (2, 4, 1), checkpoints at steps 2 and 4."""
     workdir = str(tmp_path_factory.mktemp("full"))
-    out = train.train(reference["config"], workdir, reference["task"], mesh=make_mesh((2, 4, 1)))
+    out = train.train(reference["config"], workdir, reference["task"].build(reference["config"]), mesh=make_mesh((2, 4, 1)))
     return dict(workdir=workdir, params=out["state"]["params"], losses=_losses(workdir))
 
 
@@ -253,7 +256,7 @@ def test_checkpoint_restores_onto_a_smaller_mesh(reference, full_run, tmp_path):
         assert {d.id for d in x.sharding.device_set} <= {0, 1}
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
-    resumed = train.train(config, resumed_dir, task, mesh=small)
+    resumed = train.train(config, resumed_dir, task.build(config), mesh=small)
     assert resumed["step"] == 4
     np.testing.assert_allclose(_losses(resumed_dir), full_run["losses"][2:], rtol=1e-4)
     for x, y in zip(jax.tree.leaves(resumed["state"]["params"]),
@@ -267,13 +270,13 @@ def test_bad_mesh_configs_name_the_field(reference):
     bad = config.copy_and_resolve_references()
     bad.mesh.update(dict(data=-1, fsdp=3, tensor=1))  # 3 does not divide 8 devices
     with pytest.raises(ValueError, match=r"mesh\.data=-1"):
-        train.train(bad, "/nonexistent", task)
+        train.train(bad, "/nonexistent", task.build(bad))
     bad.mesh.update(dict(data=-1, fsdp=1, tensor=1, dcn_data=2))  # one process, no slices
     with pytest.raises(ValueError, match=r"mesh\.dcn_data=2"):
-        train.train(bad, "/nonexistent", task)
+        train.train(bad, "/nonexistent", task.build(bad))
     bad.mesh.update(dict(data=1, fsdp=1, tensor=3, dcn_data=1))
     with pytest.raises(ValueError, match=r"mesh\.data\*mesh\.fsdp\*mesh\.tensor"):
-        train.train(bad, "/nonexistent", task)
+        train.train(bad, "/nonexistent", task.build(bad))
     # d_model 36 is not divisible by fsdp=8; 2 heads are not divisible by tensor=4.
     wide = tiny_config(model=dict(d_model=36))
     with pytest.raises(ValueError, match=r"dimension 36 .* change mesh\.fsdp"):

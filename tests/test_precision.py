@@ -22,7 +22,7 @@ def init_params():
     """Initial params of the tiny model (host copy), shared by every test here."""
     config, task = tiny_config(), SyntheticTask()
     batch = example_batch(config, task)
-    params = jax.jit(lambda k: nn.unbox(task.init_params(config, k, batch)))(
+    params = jax.jit(lambda k: nn.unbox(task.build(config).init_params(k, batch)))(
         jax.random.key(0, impl="unsafe_rbg"))
     return jax.device_get(params)
 
@@ -61,8 +61,8 @@ def test_bf16_compute_trains_with_float32_state(init_params):
 
 
 def loss_and_grads(config, task, params, batch):
-    fn = jax.value_and_grad(lambda p: task.loss_fn(config, p, batch, jax.random.PRNGKey(3),
-                                                   True)[0])
+    fn = jax.value_and_grad(lambda p: task.build(config).loss_fn(
+        p, batch, jax.random.PRNGKey(3), True)[0])
     return jax.jit(fn)(params)
 
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mmjax import pictures
 from mmjax.evals import recon
 
 
@@ -71,7 +72,7 @@ def test_save_reconstruction_grid_writes_png_of_expected_size(tmp_path):
     originals = rng.integers(0, 256, (5, 8, 6, 3), dtype=np.uint8)
     recons = rng.integers(0, 256, (5, 8, 6, 3), dtype=np.uint8)
     path = tmp_path / "sub" / "grid.png"
-    grid = recon.save_reconstruction_grid(originals, recons, str(path), ncols=3, pad=2)
+    grid = pictures.save_reconstruction_grid(originals, recons, str(path), ncols=3, pad=2)
     with Image.open(path) as img:
         assert img.format == "PNG"
         assert img.size == (3 * (6 + 2) + 2, 2 * 2 * (8 + 2) + 2)  # (width, height): 2 rows x 2
@@ -86,6 +87,6 @@ def test_save_reconstruction_grid_writes_png_of_expected_size(tmp_path):
 def test_grid_rejects_float_or_mismatched_inputs(tmp_path):
     x = np.zeros((2, 4, 4, 3), np.uint8)
     with pytest.raises(ValueError, match="originals must be uint8"):
-        recon.save_reconstruction_grid(x.astype(np.float32), x, str(tmp_path / "a.png"))
+        pictures.save_reconstruction_grid(x.astype(np.float32), x, str(tmp_path / "a.png"))
     with pytest.raises(ValueError, match="differ in shape"):
-        recon.save_reconstruction_grid(x, x[:1], str(tmp_path / "a.png"))
+        pictures.save_reconstruction_grid(x, x[:1], str(tmp_path / "a.png"))

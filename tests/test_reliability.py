@@ -27,6 +27,8 @@ from flax import linen as nn
 from mmjax import checkpointing, train
 from test_train import ToyTask, one_device_mesh, toy_config
 
+pytestmark = pytest.mark.slow  # end to end: `-m 'not slow'` skips it
+
 TESTS = pathlib.Path(__file__).resolve().parent
 REPO = TESTS.parent
 WORKER = TESTS / "reliability_worker.py"
@@ -131,7 +133,7 @@ def assert_matches_reference(rows, reference, steps=STEPS) -> None:
 def reference(tmp_path_factory):
     """step -> loss of an uninterrupted run (the workers' config, in this process)."""
     workdir = tmp_path_factory.mktemp("reference")
-    train.train(toy_config(steps=STEPS), str(workdir), ToyTask(), mesh=one_device_mesh())
+    train.train(toy_config(steps=STEPS), str(workdir), ToyTask().build(toy_config(steps=STEPS)), mesh=one_device_mesh())
     return dict(loss_rows(workdir))
 
 
@@ -192,7 +194,8 @@ def test_nonfinite_loss_stops_with_step_at_cli_and_skip_policy_skips(tmp_path, c
     with caplog.at_level(logging.WARNING):
         out = train.train(toy_config(steps=STEPS, log_every=5, checkpoint_every=2,
                                      nan_policy="skip"), str(tmp_path / "skip"),
-                          ToyTask(nan_index=0), mesh=one_device_mesh())
+                          ToyTask(nan_index=0).build(toy_config(steps=STEPS, log_every=5, checkpoint_every=2,
+                                     nan_policy="skip")), mesh=one_device_mesh())
     assert out["step"] == STEPS
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(out["state"]["params"]))
     skipped = [int(s) for s in re.findall(r"step (\d+): non-finite loss/gradient, update skipped",
@@ -297,7 +300,7 @@ def test_disk_full_during_save_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(ocp.CheckpointManager, "save", save)
     with pytest.raises(checkpointing.CheckpointWriteError,
                        match=rf"{tmp_path}/toy/checkpoints failed.*No space left on device"):
-        train.train(toy_config(steps=STEPS), str(tmp_path), ToyTask(), mesh=one_device_mesh())
+        train.train(toy_config(steps=STEPS), str(tmp_path), ToyTask().build(toy_config(steps=STEPS)), mesh=one_device_mesh())
     assert complete_checkpoints(tmp_path) == [4, 8]
 
 
@@ -308,7 +311,7 @@ def test_disk_full_during_save_is_a_clear_error(tmp_path, monkeypatch):
 def stopped_run(tmp_path_factory):
     """A run stopped at step 16 with checkpoints at 8, 12 and 16 (keep_checkpoints=3)."""
     workdir = tmp_path_factory.mktemp("stopped")
-    train.train(toy_config(steps=STEPS), str(workdir), ToyTask(), mesh=one_device_mesh(),
+    train.train(toy_config(steps=STEPS), str(workdir), ToyTask().build(toy_config(steps=STEPS)), mesh=one_device_mesh(),
                 stop_at_step=16)
     assert complete_checkpoints(workdir) == [8, 12, 16]
     return workdir
@@ -340,7 +343,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_training_finishes(
     shutil.copytree(stopped_run, workdir)
     corrupt(workdir / "toy/checkpoints/16")
     with caplog.at_level(logging.WARNING):
-        out = train.train(toy_config(steps=STEPS), str(workdir), ToyTask(),
+        out = train.train(toy_config(steps=STEPS), str(workdir), ToyTask().build(toy_config(steps=STEPS)),
                           mesh=one_device_mesh())
     assert out["step"] == STEPS and not out["preempted"]
     assert re.search(r"checkpoint at step 16 in \S+ is unreadable", caplog.text)
@@ -365,13 +368,13 @@ def test_incompatible_checkpoints_are_an_error_not_a_fresh_start(tmp_path, stopp
     """A changed model (here: other param shapes) in an old workdir must not restart silently."""
 
     class WiderToyTask(ToyTask):
-        def init_params(self, config, rng, batch):
+        def init_params(self, rng, batch):
             return WideToyModel().init(rng, batch["x"])["params"]
 
     workdir = tmp_path / "run"
     shutil.copytree(stopped_run, workdir)
     with pytest.raises(checkpointing.CheckpointRestoreError, match=r"steps \[8, 12, 16\]"):
-        train.train(toy_config(steps=STEPS), str(workdir), WiderToyTask(),
+        train.train(toy_config(steps=STEPS), str(workdir), WiderToyTask().build(toy_config(steps=STEPS)),
                     mesh=one_device_mesh())
     assert complete_checkpoints(workdir) == [8, 12, 16], "nothing may be deleted"
 
@@ -412,7 +415,7 @@ def test_restore_and_resume_never_unpickle(tmp_path, stopped_run, reference, mon
     workdir = tmp_path / "run"
     shutil.copytree(stopped_run, workdir)
     monkeypatch.setattr(checkpointing, "restore_latest", guarded(checkpointing.restore_latest))
-    train.train(toy_config(steps=STEPS), str(workdir), ToyTask(), mesh=one_device_mesh())
+    train.train(toy_config(steps=STEPS), str(workdir), ToyTask().build(toy_config(steps=STEPS)), mesh=one_device_mesh())
     guarded(checkpointing.restore_params)(f"{workdir}/toy/checkpoints", _abstract_toy_params())
     guarded(checkpointing.restore_config)(f"{workdir}/toy/checkpoints")
     assert not events, f"unpickled: {events}"

@@ -16,7 +16,8 @@ def _batch(n, size, split="test"):
 def test_exact_on_ground_truth_and_low_on_shuffled(size):
     images, attrs, _ = _batch(200 if size == 32 else 100, size)
     scores = shapes_checker.score_batch(images, attrs)
-    assert all(v == 1.0 for v in scores.values()), scores
+    rates = {k: v for k, v in scores.items() if not k.endswith(("_lo", "_n"))}
+    assert all(v == 1.0 for v in rates.values()), scores  # the upper bounds (_hi) too
     shuffled = shapes_checker.score_batch(images, np.roll(attrs, 1, axis=0))
     assert shuffled["prompt_acc"] < 0.1 and shuffled["object_acc"] < 0.2, shuffled
 

@@ -7,13 +7,23 @@ from mmjax import stages, train
 
 def test_preempted_training_stops_the_pipeline(monkeypatch, tmp_path):
     monkeypatch.setattr(train, "train", lambda *a, **k: {"step": 7, "preempted": True})
+    monkeypatch.setattr(stages.model, "build_task", lambda *a: None)
+    monkeypatch.setattr(stages.tokenizer, "TokenizerTask", lambda *a: None)
     later = []
-    monkeypatch.setattr(stages, "tokenize_images", lambda *a: later.append("tokenize"))
+    monkeypatch.setattr(stages.tokenize, "run", lambda *a: later.append("tokenize"))
     with pytest.raises(train.Preempted, match="step 7"):
-        stages.train_model(None, str(tmp_path))
+        stages.model.run(None, None)
     with pytest.raises(train.Preempted, match="tokenizer training stopped at step 7"):
-        stages.train_tokenizer(None, str(tmp_path))
+        stages.tokenizer.run(None, type("W", (), {"data_dir": None})())
     assert not later
+
+
+def test_plan_names_every_stage_in_order():
+    assert stages.plan("pipeline", True) == ["data", "tokenizer", "tokenize", "model", "sample"]
+    assert stages.plan("pipeline", False) == ["data", "tokenizer"]
+    assert stages.plan("eval", True) == ["sample"]
+    with pytest.raises(ValueError, match="--mode=model needs a config with a `model` block"):
+        stages.plan("model", False)
 
 
 def test_cli_exit_code_for_preemption(monkeypatch, capsys):

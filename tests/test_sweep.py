@@ -12,8 +12,11 @@ import ml_collections
 import numpy as np
 import pytest
 
+from mmjax import io as mmjax_io
 from mmjax import parallel
 from mmjax.scaling import grid, report, study, sweep
+
+pytestmark = pytest.mark.slow  # end to end: `-m 'not slow'` skips it
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = "configs/sweep_scaling.py:micro"
@@ -141,7 +144,7 @@ def _synthetic_results(sweep_dir, archs=("mot",), mot_gain=1.0, sizes=(1e4, 1e5,
                      "n_params_total": n * (2 if arch == "mot" else 1), "tokens": d,
                      "flops": 6 * n * d, "loss": curve[-1]["loss"],
                      "text_loss": curve[-1]["text_loss"], "curve": curve, "wall_s": 1.0}
-                sweep.write_json_atomic(os.path.join(sweep_dir, "runs", r["name"],
+                mmjax_io.write_json_atomic(os.path.join(sweep_dir, "runs", r["name"],
                                                      "result.json"), r)
                 index += 1
 

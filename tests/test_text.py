@@ -6,7 +6,9 @@ import pytest
 import sentencepiece as spm
 
 from mmjax import config_defaults
-from mmjax.data import shapes, text
+from mmjax.data import pipeline, shapes, text
+from mmjax.errors import MissingArtifactError
+from mmjax.workdir import Workdir
 
 
 @pytest.fixture(scope="module")
@@ -63,21 +65,27 @@ def test_user_model_without_mmjax_specials_gets_appended_ids(captions, tmp_path)
     assert tok.decode([tok.boi_id, *tok.encode("a large red circle"), tok.eos_id]) == "a large red circle"
 
 
-def test_ensure_text_tokenizer(tmp_path):
+def test_build_and_load_text_tokenizer(tmp_path):
     cfg = config_defaults.data_config()
     cfg.update(num_train=48, num_validation=8, num_test=8, sp_vocab_size=128)
-    path = text.ensure_text_tokenizer(cfg, str(tmp_path))
+    wd = Workdir.from_config({"data": cfg}, tmp_path)
+    with pytest.raises(MissingArtifactError, match="run --mode=data"):
+        text.load_text_tokenizer(wd.sp_model)  # later stages never train one as a side effect
+    pipeline.build_dataset(cfg, wd.data_dir)
+    train_split = pipeline.image_caption_dataset(cfg, "train", wd.data_dir)
+    path = text.build_text_tokenizer(cfg, wd.sp_model, train_split)
     assert path == str(tmp_path / "data" / "spm_shapes_128.model")
     stamp = os.stat(path).st_mtime_ns
-    assert text.ensure_text_tokenizer(cfg, str(tmp_path)) == path and os.stat(path).st_mtime_ns == stamp
-    tok = text.TextTokenizer(path)
+    assert text.build_text_tokenizer(cfg, wd.sp_model, train_split) == path
+    assert os.stat(path).st_mtime_ns == stamp  # never overwritten
+    tok = text.load_text_tokenizer(path)
     caption = shapes.generate_record(0, "train", 3)["caption"]
     assert tok.decode(tok.encode(caption)) == caption
     cfg.sp_model_path = path
-    assert text.ensure_text_tokenizer(cfg, "elsewhere") == path
+    assert Workdir.from_config({"data": cfg}, "elsewhere").sp_model == wd.sp_model
     cfg.sp_model_path = str(tmp_path / "missing.model")
-    with pytest.raises(ValueError, match="missing.model"):
-        text.ensure_text_tokenizer(cfg, str(tmp_path))
+    with pytest.raises(ValueError, match="data.sp_model_path=.*missing.model"):
+        text.load_text_tokenizer(Workdir.from_config({"data": cfg}, tmp_path).sp_model, users=True)
 
 
 def test_strided_captions():

@@ -26,20 +26,22 @@ class ToyModel(nn.Module):
 
 
 class ToyTask:
-    """y = <w, x> + noise; a record at `nan_index` carries inf to poison one step."""
+    """y = <w, x> + noise; a record at `nan_index` carries inf to poison one step.
+
+    `ToyTask(nan_index)` describes the task; `.build(config)` binds it to a run's config, as the
+    trainer's Task protocol wants (tasks are built once with what they need).
+    """
 
     name = "toy"
 
-    def __init__(self, nan_index=None):
+    def __init__(self, nan_index=None, config=None):
         self.nan_index = nan_index
+        self.train_config = None if config is None else config.train
 
-    def train_config(self, config):
-        return config.train
+    def build(self, config):
+        return type(self)(self.nan_index, config)
 
-    def prepare(self, config, workdir):
-        pass
-
-    def dataset(self, config, workdir, split, *, train):
+    def dataset(self, split, *, train):
         w = np.linspace(-1, 1, 8).astype(np.float32)
         offset = 0 if split == "train" else 10_000
 
@@ -53,10 +55,10 @@ class ToyTask:
 
         return grain.MapDataset.range(64).map(make)
 
-    def init_params(self, config, rng, batch):
+    def init_params(self, rng, batch):
         return ToyModel().init(rng, batch["x"])["params"]
 
-    def loss_fn(self, config, params, batch, rng, train):
+    def loss_fn(self, params, batch, rng, train):
         pred = ToyModel().apply({"params": params}, batch["x"])
         loss = jnp.mean((pred - batch["y"]) ** 2)
         return loss, {"mse": loss}
@@ -85,11 +87,11 @@ def one_device_mesh():
 
 
 def test_loss_drops_and_resume_is_bitwise_identical(tmp_path):
-    full = train.train(toy_config(), str(tmp_path / "a"), ToyTask(), mesh=one_device_mesh())
-    first = train.train(toy_config(), str(tmp_path / "b"), ToyTask(), mesh=one_device_mesh(),
+    full = train.train(toy_config(), str(tmp_path / "a"), ToyTask().build(toy_config()), mesh=one_device_mesh())
+    first = train.train(toy_config(), str(tmp_path / "b"), ToyTask().build(toy_config()), mesh=one_device_mesh(),
                         stop_at_step=6)
     assert first["preempted"] and first["step"] == 6
-    second = train.train(toy_config(), str(tmp_path / "b"), ToyTask(), mesh=one_device_mesh())
+    second = train.train(toy_config(), str(tmp_path / "b"), ToyTask().build(toy_config()), mesh=one_device_mesh())
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert len(a) == 12 and len(b) == 12
     assert a == b, "resumed run must see the same data and produce the same losses"
@@ -110,13 +112,13 @@ def test_sharded_equals_unsharded(tmp_path):
 
 
 def losses_of(workdir, mesh):
-    train.train(toy_config(steps=5), str(workdir), ToyTask(), mesh=mesh)
+    train.train(toy_config(steps=5), str(workdir), ToyTask().build(toy_config(steps=5)), mesh=mesh)
     return losses(workdir)
 
 
 def test_grad_accum_matches_full_batch(tmp_path):
     losses_of(tmp_path / "one", one_device_mesh())
-    train.train(toy_config(steps=5, grad_accum=2), str(tmp_path / "two"), ToyTask(),
+    train.train(toy_config(steps=5, grad_accum=2), str(tmp_path / "two"), ToyTask().build(toy_config(steps=5, grad_accum=2)),
                 mesh=one_device_mesh())
     np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
 
@@ -125,7 +127,7 @@ def test_nan_stops_with_step_and_writes_no_poisoned_checkpoint(tmp_path):
     # Without shuffling knowledge we poison every record's batch partner: index 0 is in some batch.
     workdir = str(tmp_path / "nan")
     with pytest.raises(train.NonFiniteLossError, match=r"at step \d+"):
-        train.train(toy_config(steps=20), workdir, ToyTask(nan_index=0), mesh=one_device_mesh())
+        train.train(toy_config(steps=20), workdir, ToyTask(nan_index=0).build(toy_config(steps=20)), mesh=one_device_mesh())
     manager = checkpointing.make_manager(f"{workdir}/toy/checkpoints", 3, read_only=True)
     for step in manager.all_steps():
         _, state = checkpointing.restore_params(f"{workdir}/toy/checkpoints")
@@ -133,7 +135,7 @@ def test_nan_stops_with_step_and_writes_no_poisoned_checkpoint(tmp_path):
 
 
 def test_nan_skip_policy_finishes_with_finite_params(tmp_path):
-    out = train.train(toy_config(steps=12, nan_policy="skip"), str(tmp_path), ToyTask(nan_index=0),
+    out = train.train(toy_config(steps=12, nan_policy="skip"), str(tmp_path), ToyTask(nan_index=0).build(toy_config(steps=12, nan_policy="skip")),
                       mesh=one_device_mesh())
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(out["state"]["params"]))
     rows = read_jsonl(os.path.join(tmp_path, "toy", "train_metrics.jsonl"))
@@ -142,7 +144,7 @@ def test_nan_skip_policy_finishes_with_finite_params(tmp_path):
 
 def test_bad_batch_size_names_the_field(tmp_path):
     with pytest.raises(ValueError, match="train.batch_size"):
-        train.train(toy_config(batch_size=6), str(tmp_path), ToyTask(),
+        train.train(toy_config(batch_size=6), str(tmp_path), ToyTask().build(toy_config(batch_size=6)),
                     mesh=parallel.create_mesh(ml_collections.ConfigDict(
                         dict(data=4, fsdp=2, tensor=1))))
 
@@ -155,7 +157,7 @@ def test_bad_mesh_names_the_field():
 
 
 def test_config_stored_as_json_beside_checkpoint(tmp_path):
-    train.train(toy_config(steps=4), str(tmp_path), ToyTask(), mesh=one_device_mesh())
+    train.train(toy_config(steps=4), str(tmp_path), ToyTask().build(toy_config(steps=4)), mesh=one_device_mesh())
     stored = checkpointing.restore_config(f"{tmp_path}/toy/checkpoints")
     assert stored["train"]["steps"] == 4
     json.dumps(stored)
@@ -166,3 +168,21 @@ def test_config_changes_are_listed():
     new = {"train": {"steps": 8, "lr": 0.1}, "seed": 0, "extra": 1}
     assert train.config_changes(old, new) == ["extra: '<absent>' -> 1", "train.steps: 4 -> 8"]
     assert train.config_changes(old, old) == []
+
+
+def test_weight_decay_skips_norm_scales_and_biases():
+    """Decay applies to weight matrices by name: a per-modality norm scale [M, D] is rank 2 but
+    must not shrink, and a bias never does."""
+    params = {"block": {"norm": {"scale": jnp.ones((2, 4))}, "dense": {"kernel": jnp.ones((4, 4)),
+                                                                      "bias": jnp.ones(4)}},
+              "embed": {"embedding": jnp.ones((8, 4))}}
+    mask = train.decay_mask(params)
+    assert mask == {"block": {"norm": {"scale": False}, "dense": {"kernel": True, "bias": False}},
+                    "embed": {"embedding": True}}
+    tc = toy_config().train
+    tc.update(weight_decay=0.5, lr=0.1, warmup_steps=0, grad_clip=0.0)
+    tx = train.make_optimizer(tc)
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero_grads, tx.init(params), params)
+    moved = jax.tree.map(lambda u: bool(jnp.any(u != 0)), updates)
+    assert moved == mask  # with zero gradients only decayed leaves change

@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mmjax.data import digits, shapes
+from mmjax.errors import InputError
 
 EMBEDDED = ("shapes", "digits")
 FILE_FORMAT = "array_record"
@@ -123,7 +124,7 @@ _BUILDERS = {"shapes": MmjaxShapes, "digits": MmjaxDigits}
 def config_from_data_cfg(data_cfg) -> EmbeddedConfig:
     """EmbeddedConfig from a `data` ConfigDict, validated, named after every setting."""
     if data_cfg.name not in EMBEDDED:
-        raise ValueError(f"data.name={data_cfg.name!r} is not an embedded dataset {EMBEDDED}")
+        raise InputError(f"data.name={data_cfg.name!r} is not an embedded dataset {EMBEDDED}")
     values = {
         "image_size": int(data_cfg.image_size),
         "num_train": int(data_cfg.num_train),
@@ -133,14 +134,14 @@ def config_from_data_cfg(data_cfg) -> EmbeddedConfig:
         "seed": int(data_cfg.seed),
     }
     if values["num_train"] < 1 or values["num_validation"] < 0 or values["num_test"] < 0:
-        raise ValueError(f"data.num_train must be >= 1 and num_validation/num_test >= 0, got {values}")
+        raise InputError(f"data.num_train must be >= 1 and num_validation/num_test >= 0, got {values}")
     if data_cfg.name == "shapes":
         if values["image_size"] < shapes.MIN_IMAGE_SIZE:
-            raise ValueError(f"data.image_size={values['image_size']} < {shapes.MIN_IMAGE_SIZE} for shapes")
+            raise InputError(f"data.image_size={values['image_size']} < {shapes.MIN_IMAGE_SIZE} for shapes")
         if not 1 <= values["max_objects"] <= shapes.GRID**2:
-            raise ValueError(f"data.max_objects={values['max_objects']} must be in [1, {shapes.GRID ** 2}]")
+            raise InputError(f"data.max_objects={values['max_objects']} must be in [1, {shapes.GRID ** 2}]")
     elif values["image_size"] < 8:
-        raise ValueError(f"data.image_size={values['image_size']} < 8 for digits")
+        raise InputError(f"data.image_size={values['image_size']} < 8 for digits")
     name = "s{image_size}_tr{num_train}_va{num_validation}_te{num_test}_o{max_objects}_seed{seed}".format(**values)
     return EmbeddedConfig(name=name, **values)
 

@@ -10,8 +10,7 @@ Records follow docs/INTERFACES.md: image uint8 [S, S, 3], caption str, attribute
 [max_objects, 5] (-1 padding), label int32, index int64 (position in the split). For standard TFDS
 sets with a ClassLabel, `label` is the class id (-1 when there is none).
 
-Multi-host: preparing an embedded set writes files; call `image_caption_dataset` on one process
-first (or give each host its own data dir), then on all.
+Only the data stage writes a dataset (`build_dataset`, on one process); every later stage reads it.
 """
 from __future__ import annotations
 
@@ -28,6 +27,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from mmjax.data import builders
+from mmjax.errors import InputError, MissingArtifactError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,20 +43,11 @@ class RecordSpec:
     label_names: tuple[str, ...] | None = None  # ClassLabel names when captions come from labels
 
 
-def data_dir_for(data_cfg, workdir: str) -> str | None:
-    """`data.data_dir`, else <workdir>/data for embedded sets and TFDS's default (None) otherwise."""
-    if data_cfg.data_dir:
-        return os.fspath(data_cfg.data_dir)
-    if data_cfg.name in builders.EMBEDDED:
-        return os.path.join(os.fspath(workdir), "data")
-    return None
-
-
 def _check_split(split: str, builder, dataset: str) -> None:
     """ValueError for a split the prepared dataset does not have (slices like train[:10%] allowed)."""
     available = sorted(builder.info.splits.keys())
     if split.split("[")[0] not in available:
-        raise ValueError(f"unknown split {split!r} for dataset {dataset!r}; available: {available}")
+        raise InputError(f"unknown split {split!r} for dataset {dataset!r}; available: {available}")
 
 
 def _standard_builder(data_cfg, data_dir: str | None):
@@ -65,26 +56,43 @@ def _standard_builder(data_cfg, data_dir: str | None):
     try:
         builder = tfds.builder(data_cfg.name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as err:
-        raise ValueError(
+        raise InputError(
             f"TFDS dataset {data_cfg.name!r} is not known to tensorflow_datasets (data_dir {where})"
         ) from err
     if not builder.is_prepared():
-        raise ValueError(
+        raise InputError(
             f"TFDS dataset {data_cfg.name!r} is not prepared in data_dir {where}; prepare it there first "
             f"(e.g. `tfds build {data_cfg.name} --data_dir=... --file_format=array_record`); mmjax never downloads"
         )
     return builder
 
 
-def image_caption_dataset(data_cfg, split: str, workdir: str) -> grain.MapDataset:
-    """Random-access dataset of contract records for `split`.
-
-    Embedded sets ("shapes", "digits") are generated into the data dir on first use (idempotent).
-    Any other name must be a TFDS dataset already prepared (as ArrayRecord) in the data dir.
-    """
-    data_dir = data_dir_for(data_cfg, workdir)
+def build_dataset(data_cfg, data_dir) -> dict[str, int]:
+    """The data stage's half: generates an embedded set into `data_dir` once (a no-op when it is
+    already there) or checks that a standard TFDS set is prepared; returns the split sizes."""
     if data_cfg.name in builders.EMBEDDED:
-        builder = builders.prepare_embedded(data_cfg, data_dir)
+        builder = builders.prepare_embedded(data_cfg, os.fspath(data_dir))
+    else:
+        builder = _standard_builder(data_cfg, None if data_dir is None else os.fspath(data_dir))
+    return {split: len(image_caption_dataset(data_cfg, split, data_dir))
+            for split in ("train", "validation", "test") if split in builder.info.splits}
+
+
+def image_caption_dataset(data_cfg, split: str, data_dir) -> grain.MapDataset:
+    """Random-access dataset of contract records for `split`, read from `data_dir`
+    (`Workdir.data_dir`; None = TFDS's default data dir).
+
+    Only the data stage writes datasets (`build_dataset`): an embedded set that was not built is
+    a MissingArtifactError naming `--mode=data`. Any other name must be a TFDS dataset already
+    prepared (as ArrayRecord) in the data dir.
+    """
+    data_dir = None if data_dir is None else os.fspath(data_dir)
+    if data_cfg.name in builders.EMBEDDED:
+        builder = builders.embedded_builder(data_cfg, data_dir)
+        if not builder.is_prepared():
+            raise MissingArtifactError(
+                f"dataset {data_cfg.name!r} is not built in {data_dir}; run --mode=data "
+                "(or --mode=pipeline) first")
         spec = RecordSpec(data_cfg.name, int(data_cfg.image_size), int(data_cfg.max_objects))
     else:
         builder = _standard_builder(data_cfg, data_dir)
@@ -93,7 +101,7 @@ def image_caption_dataset(data_cfg, split: str, workdir: str) -> grain.MapDatase
     try:
         source = builder.as_data_source(split)
     except NotImplementedError as err:  # prepared as TFRecord: no random access
-        raise ValueError(
+        raise InputError(
             f"TFDS dataset {data_cfg.name!r} in {builder.data_dir} is not in a random-access format "
             f"(need array_record): {err}"
         ) from err
@@ -104,7 +112,7 @@ def _standard_spec(data_cfg, features) -> RecordSpec:
     """RecordSpec for a standard TFDS dataset: which keys hold image and caption (or label)."""
     keys = set(features.keys())
     if data_cfg.image_key not in keys:
-        raise ValueError(f"data.image_key={data_cfg.image_key!r} not in {data_cfg.name!r} features {sorted(keys)}")
+        raise InputError(f"data.image_key={data_cfg.image_key!r} not in {data_cfg.name!r} features {sorted(keys)}")
     caption_key, label_names = data_cfg.caption_key, None
     if caption_key and caption_key not in keys:
         logging.warning("%r has no feature %r; building captions from %r", data_cfg.name, caption_key,
@@ -113,7 +121,7 @@ def _standard_spec(data_cfg, features) -> RecordSpec:
     if not caption_key:
         label = features[data_cfg.label_key] if data_cfg.label_key in keys else None
         if not isinstance(label, tfds.features.ClassLabel):
-            raise ValueError(
+            raise InputError(
                 f"{data_cfg.name!r} has no caption feature {data_cfg.caption_key!r} and no ClassLabel "
                 f"data.label_key={data_cfg.label_key!r} (features: {sorted(keys)})"
             )
@@ -128,7 +136,7 @@ def records_from_source(source: Sequence[Any], spec: RecordSpec, split: str) -> 
 
 
 def _fail(spec: RecordSpec, split: str, index: int, what: str):
-    raise ValueError(f"{spec.dataset} split {split!r} record {index}: {what}")
+    raise InputError(f"{spec.dataset} split {split!r} record {index}: {what}")
 
 
 def _as_text(value) -> str | None:
@@ -231,14 +239,14 @@ def batched_iterator(
     keeps them as numpy unicode arrays. `worker_count > 0` reads in that many grain processes.
     """
     if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
+        raise InputError(f"process_index={process_index} must be in [0, process_count={process_count})")
     if batch_size < 1 or batch_size % process_count:
-        raise ValueError(f"batch_size={batch_size} must be a positive multiple of process_count={process_count}")
+        raise InputError(f"batch_size={batch_size} must be a positive multiple of process_count={process_count}")
     if num_epochs is not None and num_epochs < 1:
-        raise ValueError(f"num_epochs={num_epochs} must be >= 1 or None (forever)")
+        raise InputError(f"num_epochs={num_epochs} must be >= 1 or None (forever)")
     local_batch = batch_size // process_count
     if len(ds) < batch_size and drop_remainder:
-        raise ValueError(f"dataset of {len(ds)} examples cannot fill one batch of {batch_size}")
+        raise InputError(f"dataset of {len(ds)} examples cannot fill one batch of {batch_size}")
     # Shuffle and repeat the *global* dataset, cut it into local-batch chunks and give process p
     # the chunks p, p+n, p+2n, ...: global batch k is then exactly batch k of a single-process run
     # with the same seed, so a multi-host run sees the same data as one host would.

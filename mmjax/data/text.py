@@ -22,6 +22,9 @@ from typing import Iterable
 import numpy as np
 import sentencepiece as spm
 
+from mmjax import io as mmjax_io
+from mmjax.errors import InputError, MissingArtifactError
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 BOI, EOI = "<boi>", "<eoi>"
 
@@ -40,10 +43,10 @@ def train_text_tokenizer(
     vocabulary may be smaller than `vocab_size` when the corpus is small (soft limit, see module doc).
     """
     if vocab_size < 8:
-        raise ValueError(f"vocab_size={vocab_size} is too small (6 ids are reserved for specials)")
+        raise InputError(f"vocab_size={vocab_size} is too small (6 ids are reserved for specials)")
     sentences = [c for c in (str(c).strip() for c in captions) if c]
     if not sentences:
-        raise ValueError(f"no non-empty captions to train the tokenizer {model_prefix_path!r} on")
+        raise InputError(f"no non-empty captions to train the tokenizer {model_prefix_path!r} on")
     writer = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
@@ -63,30 +66,27 @@ def train_text_tokenizer(
         minloglevel=2,
     )
     path = os.fspath(model_prefix_path) + ".model"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(writer.getvalue())
-    os.replace(tmp, path)
+    mmjax_io.write_bytes_atomic(path, writer.getvalue())
     return path
 
 
 class TextTokenizer:
     """Encode captions to ids (no specials added) and decode generated ids back to text."""
 
-    def __init__(self, path: str):
+    def __init__(self, path):
+        """Loads the model at `path` (local or gs://: the bytes are read through epath)."""
         self.path = os.fspath(path)
-        if not os.path.isfile(self.path):
-            raise ValueError(f"SentencePiece model file not found: {self.path!r}")
+        file = mmjax_io.as_path(path)
+        if not file.is_file():
+            raise InputError(f"SentencePiece model file not found: {self.path!r}")
         self._sp = spm.SentencePieceProcessor()
         try:
-            with open(self.path, "rb") as f:
-                self._sp.LoadFromSerializedProto(f.read())
+            self._sp.LoadFromSerializedProto(file.read_bytes())
         except (RuntimeError, OSError) as err:
-            raise ValueError(f"corrupt SentencePiece model file {self.path!r}: {err}") from err
+            raise InputError(f"corrupt SentencePiece model file {self.path!r}: {err}") from err
         size = self._sp.get_piece_size()
         if size == 0:
-            raise ValueError(f"corrupt SentencePiece model file {self.path!r}: empty vocabulary")
+            raise InputError(f"corrupt SentencePiece model file {self.path!r}: empty vocabulary")
         extra: list[str] = []
 
         def special(found: int, name: str) -> int:
@@ -137,37 +137,33 @@ class TextTokenizer:
         return self._sp.decode(kept)
 
 
-def default_model_path(data_cfg, workdir: str) -> str:
-    """<workdir>/data/spm_<name>_<vocab>.model, where a trained tokenizer is kept."""
-    name = str(data_cfg.name).replace("/", "_").replace(":", "_")
-    return os.path.join(os.fspath(workdir), "data", f"spm_{name}_{int(data_cfg.sp_vocab_size)}.model")
-
-
 def strided_captions(dataset, max_sentences: int) -> list[str]:
     """Captions of at most `max_sentences` records evenly strided over `dataset` (deterministic)."""
     n = len(dataset)
     if n == 0:
-        raise ValueError("the train split is empty: no captions to train a tokenizer on")
+        raise InputError("the train split is empty: no captions to train a tokenizer on")
     stride = max(1, -(-n // max(1, int(max_sentences))))
     return [dataset[i]["caption"] for i in range(0, n, stride)]
 
 
-def ensure_text_tokenizer(data_cfg, workdir: str) -> str:
-    """Path of the text tokenizer: `data.sp_model_path` if set, else train one from train captions once.
+def build_text_tokenizer(data_cfg, path, train_split) -> str:
+    """The data stage's half: trains SentencePiece on the train captions into `path` once (an
+    existing model is never overwritten) and returns the path. `train_split`: the records."""
+    if mmjax_io.as_path(path).is_file():
+        return os.fspath(path)
+    captions = strided_captions(train_split, data_cfg.sp_max_sentences)
+    logging.info("training SentencePiece (vocab %d) on %d captions -> %s", data_cfg.sp_vocab_size,
+                 len(captions), path)
+    return train_text_tokenizer(captions, os.fspath(path)[: -len(".model")],
+                                int(data_cfg.sp_vocab_size))
 
-    An existing trained model is never overwritten.
-    """
-    if data_cfg.sp_model_path:
-        path = os.fspath(data_cfg.sp_model_path)
-        if not os.path.isfile(path):
-            raise ValueError(f"data.sp_model_path={path!r} does not exist")
-        return path
-    path = default_model_path(data_cfg, workdir)
-    if os.path.isfile(path):
-        return path
-    from mmjax.data import pipeline  # local: pipeline pulls in TFDS, only needed to train
 
-    dataset = pipeline.image_caption_dataset(data_cfg, "train", workdir)
-    captions = strided_captions(dataset, data_cfg.sp_max_sentences)
-    logging.info("training SentencePiece (vocab %d) on %d captions -> %s", data_cfg.sp_vocab_size, len(captions), path)
-    return train_text_tokenizer(captions, path[: -len(".model")], int(data_cfg.sp_vocab_size))
+def load_text_tokenizer(path, *, users: bool = False) -> TextTokenizer:
+    """The tokenizer at `path`; a missing file names the config field (a user's model) or the
+    data stage (a trained one) instead of training one as a side effect."""
+    if not mmjax_io.as_path(path).is_file():
+        if users:
+            raise InputError(f"data.sp_model_path={os.fspath(path)!r} does not exist")
+        raise MissingArtifactError(f"no SentencePiece model at {os.fspath(path)}; run --mode=data "
+                                   "(or --mode=pipeline) first")
+    return TextTokenizer(path)

@@ -1,40 +1,22 @@
-"""Reconstruction metrics for the image tokenizer, computed from arrays only (no model imports).
+"""Reconstruction metrics for the image tokenizer, computed from arrays only (no model is run).
 
 - `psnr`: peak signal-to-noise ratio of the *pooled* MSE (all pixels of all images together), so
-  evaluating in batches gives the same number as evaluating at once.
+  evaluating in batches gives the same number as evaluating at once. It is defined beside the
+  autoencoder's pixel range (mmjax.tokenizers.autoencoder), whose training loss reports it too.
 - `codebook_stats`: how much of the implicit FSQ codebook a set of tokens uses (fraction of codes
   seen at least once) and the perplexity of the code histogram (exp of its entropy, in codes:
   equals codebook_size for a perfectly uniform use, 1 when one code takes everything).
 - `evaluate_autoencoder`: both over a stream of batches, accumulating a histogram.
-- `save_reconstruction_grid`: a PNG of originals above their reconstructions (the only I/O here).
+- `make_grid`: originals above their reconstructions as one array (mmjax.pictures writes it).
 """
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Callable, Iterable
 
-import jax.numpy as jnp
 import numpy as np
 
-
-def psnr(a, b, max_val):
-    """PSNR in dB of the mean squared error over all elements of a and b (jittable).
-
-    `max_val` is the peak-to-peak signal range: 255 for uint8 pixels, 2.0 for images in [-1, 1].
-    Identical inputs give +inf (MSE is 0): no cap, so a perfect reconstruction is never mistaken
-    for a merely good one.
-    """
-    a = jnp.asarray(a, jnp.float32)
-    b = jnp.asarray(b, jnp.float32)
-    if a.shape != b.shape:
-        raise ValueError(f"psnr: shapes differ, {a.shape} vs {b.shape}.")
-    return psnr_from_mse(jnp.mean(jnp.square(a - b)), max_val)
-
-
-def psnr_from_mse(mse, max_val):
-    """10 log10(max_val^2 / mse); +inf where mse == 0."""
-    return 10.0 * jnp.log10(jnp.square(jnp.asarray(max_val, jnp.float32)) / mse)
+from mmjax.tokenizers.autoencoder import psnr, psnr_from_mse  # noqa: F401 (re-exported)
 
 
 def code_histogram(indices, codebook_size: int) -> np.ndarray:
@@ -98,13 +80,13 @@ def make_grid(originals: np.ndarray, recons: np.ndarray, ncols: int, pad: int = 
     originals, recons = np.asarray(originals), np.asarray(recons)
     for name, x in (("originals", originals), ("recons", recons)):
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
-            raise ValueError(f"save_reconstruction_grid: {name} must be uint8 [N, H, W, 1|3], got "
+            raise ValueError(f"make_grid: {name} must be uint8 [N, H, W, 1|3], got "
                              f"{x.dtype} {x.shape}.")
     if originals.shape != recons.shape:
-        raise ValueError(f"save_reconstruction_grid: originals {originals.shape} and recons "
+        raise ValueError(f"make_grid: originals {originals.shape} and recons "
                          f"{recons.shape} differ in shape.")
     if ncols < 1:
-        raise ValueError(f"save_reconstruction_grid: ncols={ncols} must be >= 1.")
+        raise ValueError(f"make_grid: ncols={ncols} must be >= 1.")
     if originals.shape[-1] == 1:
         originals, recons = np.repeat(originals, 3, -1), np.repeat(recons, 3, -1)
     n, h, w, _ = originals.shape
@@ -116,14 +98,4 @@ def make_grid(originals: np.ndarray, recons: np.ndarray, ncols: int, pad: int = 
         y = pad + 2 * r * (h + pad)
         grid[y:y + h, x:x + w] = originals[i]
         grid[y + h + pad:y + 2 * h + pad, x:x + w] = recons[i]
-    return grid
-
-
-def save_reconstruction_grid(originals, recons, path: str, ncols: int = 8, pad: int = 2) -> np.ndarray:
-    """Writes the `make_grid` image as a PNG at `path` (folders created) and returns it."""
-    from PIL import Image  # Imported here: only this function does I/O.
-
-    grid = make_grid(originals, recons, ncols, pad)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid).save(path, format="PNG")
     return grid

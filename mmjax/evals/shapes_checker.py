@@ -23,6 +23,7 @@ import numpy as np
 from scipy import ndimage, optimize
 
 from mmjax.data import shapes
+from mmjax.evals.intervals import rate_with_interval
 
 ATTRIBUTES = ("shape", "color", "size", "position")
 # Sub-pixel search of the template fit, in pixels (centre) and as offsets of the half-extent.
@@ -136,12 +137,20 @@ def check_image(image: np.ndarray, attributes: np.ndarray) -> dict:
 
 
 def _summarise(results: Sequence[dict]) -> dict:
-    """Per-attribute accuracy over objects; count and whole-prompt accuracy over prompts."""
+    """Per-attribute accuracy over objects; count and whole-prompt accuracy over prompts; each
+    with its 95% Wilson interval (`_lo`, `_hi`) and count (`_n`), and broken down by how many
+    objects the prompt asks for (`prompt_acc_1obj`, ...), where the difficulty lies."""
     objects = [o for r in results for o in r["objects"]]
-    out = {f"{name}_acc": float(np.mean([o[name] for o in objects])) if objects else 0.0
-           for name in ATTRIBUTES + ("object",)}
-    out["count_acc"] = float(np.mean([r["count"] for r in results])) if results else 0.0
-    out["prompt_acc"] = float(np.mean([r["correct"] for r in results])) if results else 0.0
+    out = {}
+    for name in ATTRIBUTES + ("object",):
+        out.update(rate_with_interval(f"{name}_acc", [o[name] for o in objects]))
+    out.update(rate_with_interval("count_acc", [r["count"] for r in results]))
+    out.update(rate_with_interval("prompt_acc", [r["correct"] for r in results]))
+    sizes = sorted({len(r["objects"]) for r in results})
+    for k in sizes:
+        group = [r for r in results if len(r["objects"]) == k]
+        out.update(rate_with_interval(f"prompt_acc_{k}obj", [r["correct"] for r in group]))
+        out.update(rate_with_interval(f"count_acc_{k}obj", [r["count"] for r in group]))
     return out
 
 
@@ -177,6 +186,7 @@ def caption_accuracy(generated_captions: Sequence[str], attributes_batch: np.nda
         results.append({"objects": match_objects(requested, said), "count": len(said) == len(requested),
                         "correct": exact})
     out = _summarise(results)
-    out["exact_acc"] = out.pop("prompt_acc")
+    for key in [k for k in out if k.startswith("prompt_acc")]:
+        out[key.replace("prompt_acc", "exact_acc", 1)] = out.pop(key)
     out["parse_rate"] = parsed / max(len(results), 1)
     return out

@@ -12,10 +12,12 @@ import numpy as np
 
 from mmjax.data import digits
 from mmjax.evals import shapes_checker
+from mmjax.evals.intervals import rate_with_interval
 
 
 def digit_caption_accuracy(captions: Sequence[str], labels: Sequence[int]) -> dict:
-    """{"digit_acc": fraction naming the right digit, "parse_rate": fraction that parse at all}.
+    """{"digit_acc": fraction naming the right digit (+ its 95% interval), "parse_rate":
+    fraction that parse at all}.
 
     A caption that does not parse (`digits.parse_caption` raises) counts as wrong.
     """
@@ -29,7 +31,7 @@ def digit_caption_accuracy(captions: Sequence[str], labels: Sequence[int]) -> di
             said.append(-1)
     said = np.asarray(said)
     n = max(len(said), 1)
-    return {"digit_acc": float(np.sum(said == np.asarray(labels)) / n),
+    return {**rate_with_interval("digit_acc", said == np.asarray(labels)),
             "parse_rate": float(np.sum(said >= 0) / n)}
 
 

@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from mmjax import io
 from mmjax.scaling import fits, plots
 
 
@@ -184,11 +185,10 @@ def group_by_arch(results: Sequence[Mapping]) -> dict[str, list[Mapping]]:
 def report(sweep_cfg, sweep_dir: str) -> dict:
     """Collects results, runs the config's analyses, writes report.json and figures."""
     from mmjax.scaling import study
-    from mmjax.scaling.sweep import write_json_atomic
     results = read_results(sweep_dir)
     if not results:
         raise ValueError(f"report: no finished runs in {os.path.join(sweep_dir, 'runs')}")
-    write_json_atomic(os.path.join(sweep_dir, "results.json"), results)
+    io.write_json_atomic(os.path.join(sweep_dir, "results.json"), results)
     out_dir = os.path.join(sweep_dir, "report")
     analyses = tuple(sweep_cfg.analyses)
     unknown = set(analyses) - {"scaling", "mot_vs_dense"}
@@ -212,6 +212,6 @@ def report(sweep_cfg, sweep_dir: str) -> dict:
         baseline, candidate = tuple(sweep_cfg.compare)
         out["mot_vs_dense"] = study.compare(results, baseline, candidate,
                                             tuple(sweep_cfg.loss_keys), out_dir)
-    write_json_atomic(os.path.join(out_dir, "report.json"), out)
+    io.write_json_atomic(os.path.join(out_dir, "report.json"), out)
     logging.info("report: wrote %s", os.path.join(out_dir, "report.json"))
     return out

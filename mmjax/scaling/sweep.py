@@ -21,12 +21,14 @@ import json
 import logging
 import os
 import time
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import jax
 import numpy as np
 
 from mmjax import flops as flops_lib
+from mmjax import io
+from mmjax.workdir import Workdir
 from mmjax.scaling import grid
 
 SHARED = "shared"
@@ -36,16 +38,6 @@ ATTEMPTS = "attempts.jsonl"
 
 
 # ----------------------------------------------------------------------------- files
-
-
-def write_json_atomic(path: str, obj: Any) -> str:
-    """Writes JSON to `path` via a temporary file and rename: readers never see half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=float)
-    os.replace(tmp, path)
-    return path
 
 
 def run_dir(sweep_dir: str, name: str) -> str:
@@ -69,15 +61,12 @@ def enable_compilation_cache(directory: str) -> None:
 
 def shared_overrides(base, sweep_dir: str) -> dict:
     """Config fields that point every run at the shared build in <sweep_dir>/shared."""
-    from mmjax.data import pipeline, text
-    from mmjax.tasks import image_tokens, tokenizer_task
-    workdir = os.path.abspath(os.path.join(sweep_dir, SHARED))
-    data_dir = pipeline.data_dir_for(base.data, workdir)
-    return {"data": {"data_dir": data_dir or base.data.data_dir,
-                     "sp_model_path": base.data.sp_model_path
-                     or text.default_model_path(base.data, workdir)},
-            "fsq": {"checkpoint_dir": tokenizer_task.checkpoint_dir(base, workdir),
-                    "tokens_dir": image_tokens.tokens_dir(workdir, base)}}
+    shared = Workdir.from_config(base, os.path.abspath(os.path.join(sweep_dir, SHARED)))
+    data_dir = shared.data_dir
+    return {"data": {"data_dir": str(data_dir) if data_dir else base.data.data_dir,
+                     "sp_model_path": str(shared.sp_model)},
+            "fsq": {"checkpoint_dir": str(shared.tokenizer_checkpoints),
+                    "tokens_dir": str(shared.image_tokens)}}
 
 
 def prepare_shared(base, sweep_dir: str) -> dict:
@@ -88,21 +77,21 @@ def prepare_shared(base, sweep_dir: str) -> dict:
     """
     from mmjax import config_validation, stages
     from mmjax.data import text
-    workdir = os.path.join(sweep_dir, SHARED)
-    marker = os.path.join(workdir, "shared.json")
+    workdir = Workdir.from_config(base, os.path.join(sweep_dir, SHARED))
+    marker = os.path.join(str(workdir), "shared.json")
     if os.path.exists(marker):
         with open(marker) as f:
             return json.load(f)
     config_validation.validate(base)
     t0 = time.perf_counter()
-    stages.build_data(base, workdir)
-    tokenizer = {} if base.fsq.checkpoint_dir else stages.train_tokenizer(base, workdir)
-    stages.tokenize_images(base, workdir)
+    stages.data.run(base, workdir)
+    tokenizer = {} if base.fsq.checkpoint_dir else stages.tokenizer.run(base, workdir)
+    stages.tokenize.run(base, workdir)
     sp_path = shared_overrides(base, sweep_dir)["data"]["sp_model_path"]
     info = {"vocab_size": int(text.TextTokenizer(sp_path).vocab_size),
             "tokenizer": tokenizer, "wall_s": time.perf_counter() - t0}
     if jax.process_index() == 0:
-        write_json_atomic(marker, info)
+        io.write_json_atomic(marker, info)
     logging.info("sweep: shared build ready in %.1fs: %s", info["wall_s"], info)
     return info
 
@@ -115,8 +104,9 @@ def measure_image_fraction(config, workdir: str, rows: int = 64) -> float:
 
     This is the `image_fraction` of mmjax.flops (where the image head runs).
     """
-    from mmjax.tasks import multimodal_task
-    ds = multimodal_task.packed_dataset(config, workdir, "train", train=True)
+    from mmjax.stages import model as model_stage
+    ds = model_stage.build_task(config, Workdir.from_config(config, workdir)).dataset(
+        "train", train=True)
     n = min(int(rows), len(ds))
     return float(np.mean([np.mean(ds[i]["image_mask"]) for i in range(n)]))
 
@@ -223,7 +213,7 @@ def run_point(sweep_cfg, sweep_dir: str, point: grid.Point, *, base=None, info=N
     """
     from mmjax import train
     from mmjax.metrics_writer import read_jsonl
-    from mmjax.tasks.multimodal_task import MultimodalTask
+    from mmjax.stages import model as model_stage
     workdir = run_dir(sweep_dir, point.name)
     result_path = os.path.join(workdir, RESULT)
     if os.path.exists(result_path):
@@ -238,8 +228,9 @@ def run_point(sweep_cfg, sweep_dir: str, point: grid.Point, *, base=None, info=N
                  setup["n_params_non_embedding"], setup["steps"], setup["flops"],
                  f", resuming at step {start}" if start else "")
     t0 = time.perf_counter()
-    summary = train.train(setup["config"], workdir, MultimodalTask(), mesh=mesh,
-                          stop_at_step=stop_at_step)
+    wd = Workdir.from_config(setup["config"], workdir)
+    summary = train.train(setup["config"], wd, model_stage.build_task(setup["config"], wd),
+                          mesh=mesh, stop_at_step=stop_at_step)
     attempt = {"start_step": start, "end_step": int(summary["step"]),
                "wall_s": time.perf_counter() - t0}
     _record_attempt(os.path.join(workdir, ATTEMPTS), attempt)
@@ -249,7 +240,7 @@ def run_point(sweep_cfg, sweep_dir: str, point: grid.Point, *, base=None, info=N
     result = make_result(point, setup, summary, rows,
                          _attempts(os.path.join(workdir, ATTEMPTS)), tuple(sweep_cfg.loss_keys))
     if jax.process_index() == 0:
-        write_json_atomic(result_path, result)
+        io.write_json_atomic(result_path, result)
     logging.info("sweep: %s done in %.1fs: %s", point.name, attempt["wall_s"],
                  {k: round(result[k], 4) for k in sweep_cfg.loss_keys if k in result})
     return {**result, "status": "trained"}
@@ -269,7 +260,7 @@ def run_sweep(sweep_cfg, sweep_dir: str, *, indices: Sequence[int] | None = None
     base = grid.base_config(sweep_cfg)
     info = prepare_shared(base, sweep_dir)
     if jax.process_index() == 0:
-        write_json_atomic(os.path.join(sweep_dir, "sweep_config.json"),
+        io.write_json_atomic(os.path.join(sweep_dir, "sweep_config.json"),
                           json.loads(sweep_cfg.to_json_best_effort()))
     out = [run_point(sweep_cfg, sweep_dir, p, base=base, info=info, mesh=mesh) for p in chosen]
     if report and jax.process_index() == 0:

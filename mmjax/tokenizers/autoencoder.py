@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.choices import CHOICES
-from mmjax.evals.recon import psnr
 from mmjax.tokenizers.fsq import FSQ
 
 LOSS_TYPES = CHOICES["fsq.loss"]
@@ -237,6 +236,25 @@ def make_recon_fn(model: FSQAutoencoder, params):
 
 
 # ---- loss --------------------------------------------------------------------------------------
+def psnr(a, b, max_val):
+    """PSNR in dB of the mean squared error over all elements of a and b (jittable).
+
+    `max_val` is the peak-to-peak signal range: 255 for uint8 pixels, 2.0 for images in [-1, 1].
+    Identical inputs give +inf (MSE is 0): no cap, so a perfect reconstruction is never mistaken
+    for a merely good one.
+    """
+    a = jnp.asarray(a, jnp.float32)
+    b = jnp.asarray(b, jnp.float32)
+    if a.shape != b.shape:
+        raise ValueError(f"psnr: shapes differ, {a.shape} vs {b.shape}.")
+    return psnr_from_mse(jnp.mean(jnp.square(a - b)), max_val)
+
+
+def psnr_from_mse(mse, max_val):
+    """10 log10(max_val^2 / mse); +inf where mse == 0."""
+    return 10.0 * jnp.log10(jnp.square(jnp.asarray(max_val, jnp.float32)) / mse)
+
+
 def reconstruction_loss(recon, target, loss_type: str = "l2", l1_weight: float = 0.1):
     """Scalar: mean squared error, plus `l1_weight` * mean absolute error for "l1+l2"."""
     if loss_type not in LOSS_TYPES:

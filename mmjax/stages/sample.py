@@ -1,4 +1,4 @@
-"""The `sample` / `eval` stage: sample from a trained multimodal LM and score it.
+"""The sample stage (`--mode=sample`, alias `eval`): sample from a trained multimodal LM and score it.
 
 On the TEST split (the first `sample.num_eval` records; the first `sample.num_samples` go into the
 pictures) it runs, with the checkpoint in <workdir>/model/checkpoints:
@@ -17,23 +17,22 @@ interleaved.png}, prints a summary and returns the metrics.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import textwrap
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from mmjax import checkpointing, config_validation, objectives, sampling
-from mmjax.data import packing, pipeline
+from mmjax import checkpointing, config_validation, io, objectives, pictures, sampling
+from mmjax.data import image_tokens, packing, pipeline
+from mmjax.errors import InputError
 from mmjax.evals import shapes_checker, text_metrics
 from mmjax.models import model as model_lib
-from mmjax.tasks import image_tokens, multimodal_task, tokenizer_task
+from mmjax.stages import tokenizer as tokenizer_stage
+from mmjax.stages.common import text_tokenizer
+from mmjax.tasks import multimodal as multimodal_task
 from mmjax.tokenizers import autoencoder as ae
 from mmjax.tokenizers.fsq import FSQ
 
@@ -53,7 +52,7 @@ def restore_model(config, workdir: str, model) -> tuple[int, dict]:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                             abstract)
-    return checkpointing.restore_params(os.path.join(workdir, "model", "checkpoints"), abstract)
+    return checkpointing.restore_params(str(workdir.model_checkpoints), abstract)
 
 
 def _batches(n: int, size: int):
@@ -74,33 +73,12 @@ def _map_batches(fn, arrays: list[np.ndarray], size: int, rng) -> list[np.ndarra
 
 
 # ---- pictures --------------------------------------------------------------------------------
-def save_titled_grid(images: np.ndarray, titles: list[str], path: str, ncols: int = 4) -> None:
-    """uint8 images [N, H, W, 3] with wrapped titles as one PNG (matplotlib, no pyplot state)."""
-    from matplotlib.figure import Figure
-
-    n = len(images)
-    ncols = max(1, min(ncols, n))
-    nrows = math.ceil(n / ncols)
-    wrapped = [textwrap.fill(t, 32) for t in titles]
-    lines = max([w.count("\n") + 1 for w in wrapped] + [1])
-    fig = Figure(figsize=(2.2 * ncols, (2.2 + 0.12 * lines) * nrows), dpi=100)
-    for i in range(nrows * ncols):
-        ax = fig.add_subplot(nrows, ncols, i + 1)
-        ax.axis("off")
-        if i < n:
-            ax.imshow(images[i], interpolation="nearest")
-            ax.set_title(wrapped[i], fontsize=6)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path)
-
-
 # ---- the evaluations -------------------------------------------------------------------------
 def _prefixed(prefix: str, metrics: dict) -> dict:
     return {f"{prefix}_{k}": float(v) for k, v in metrics.items()}
 
 
-def validation_losses(config, workdir: str, model, params, special) -> dict:
+def validation_losses(config, workdir, tokenizer, model, params, special) -> dict:
     """Caption perplexity given images (i2t rows) and image loss given captions (t2i rows).
 
     Uses train.eval_batches batches of train.batch_size packed validation rows per direction.
@@ -119,7 +97,7 @@ def validation_losses(config, workdir: str, model, params, special) -> dict:
     for direction, t2i_prob in (("i2t", 0.0), ("t2i", 1.0)):
         cfg = config.copy_and_resolve_references()
         cfg.objective.t2i_prob = t2i_prob
-        ds = multimodal_task.packed_dataset(cfg, workdir, "validation", train=False)
+        ds = multimodal_task.packed_dataset(cfg, workdir, tokenizer, "validation", train=False)
         size = min(int(config.train.batch_size), len(ds))
         rows = min(len(ds), size * int(config.train.eval_batches)) // size * size
         sums = {}
@@ -144,21 +122,22 @@ def validation_losses(config, workdir: str, model, params, special) -> dict:
     return out
 
 
-def run(config, workdir: str) -> dict:
+def run(config, workdir) -> dict:
     """Samples, scores and writes <workdir>/samples/*; returns the metrics (see module doc)."""
     started = time.time()
     sc = config.sample
-    tok = multimodal_task.text_tokenizer(config, workdir)
+    checkpointing.require_directory(workdir.model_checkpoints)  # the first thing missing
+    tok = text_tokenizer(workdir)
     special = packing.special_ids(tok)
     model = multimodal_task.build_model(config, tok.vocab_size)
     step, params = restore_model(config, workdir, model)
-    ae_model, ae_params = tokenizer_task.load_tokenizer(config, workdir)
-    records = pipeline.image_caption_dataset(config.data, "test", workdir)
-    token_ds = image_tokens.load_tokens(workdir, "test", len(records), config)
-    grid = tuple(image_tokens.token_meta(workdir, "test", config)["grid"])
+    ae_model, ae_params = tokenizer_stage.load_tokenizer(config, workdir)
+    records = pipeline.image_caption_dataset(config.data, "test", workdir.data_dir)
+    token_ds = image_tokens.load_tokens(workdir, "test", len(records))
+    grid = tuple(image_tokens.token_meta(workdir, "test")["grid"])
     n_eval = min(len(records), max(int(sc.num_eval), int(sc.num_samples)))
     if n_eval < 1:
-        raise ValueError("the test split is empty: nothing to sample (data.num_test)")
+        raise InputError("the test split is empty: nothing to sample (data.num_test)")
     recs = [records[i] for i in range(n_eval)]
     true_tokens = np.stack([token_ds[i] for i in range(n_eval)]).astype(np.int32)
     encoded = [multimodal_task.encode_caption(tok, r["caption"], int(config.data.max_caption_len))
@@ -185,8 +164,8 @@ def run(config, workdir: str) -> dict:
     truth = np.stack([r["image"] for r in recs])
     if config.data.name == "shapes":
         attributes = np.stack([r["attributes"] for r in recs])
-        for prefix, pictures in (("t2i", images), ("recon", recon), ("gt", truth)):
-            metrics.update(_prefixed(prefix, shapes_checker.score_batch(pictures, attributes)))
+        for prefix, scored in (("t2i", images), ("recon", recon), ("gt", truth)):
+            metrics.update(_prefixed(prefix, shapes_checker.score_batch(scored, attributes)))
 
     t0 = time.time()
     codes = FSQ(tuple(config.fsq.levels)).indices_to_codes(true_tokens)
@@ -195,7 +174,7 @@ def run(config, workdir: str) -> dict:
     captions = [tok.decode(t) for t in i2t["tokens"]]
     metrics["i2t_seconds"] = time.time() - t0
     metrics.update(_prefixed("i2t", text_metrics.caption_scores(config.data.name, captions, recs)))
-    metrics.update(validation_losses(config, workdir, model, params, special))
+    metrics.update(validation_losses(config, workdir, tok, model, params, special))
 
     chain = None
     rounds, n_show = int(sc.interleaved_rounds), min(int(sc.num_samples), n_eval)
@@ -212,28 +191,25 @@ def run(config, workdir: str) -> dict:
 
 # ---- outputs ---------------------------------------------------------------------------------
 def _write(workdir, config, metrics, shown, images, truth, captions, recs, chain, tok, to_pixels):
-    out = os.path.join(workdir, "samples")
-    os.makedirs(out, exist_ok=True)
-    save_titled_grid(images, [r["caption"] for r in shown], os.path.join(out, "text_to_image.png"))
-    save_titled_grid(truth, captions[:len(shown)], os.path.join(out, "image_to_text.png"))
+    out = workdir.samples
+    pictures.save_titled_grid(images, [r["caption"] for r in shown], out / "text_to_image.png")
+    pictures.save_titled_grid(truth, captions[:len(shown)], out / "image_to_text.png")
     lines = ["# image -> caption on the test split: index | true caption | generated caption"]
     lines += [f"{int(r['index'])} | {r['caption']} | {c}" for r, c in zip(recs, captions)]
     if chain is not None:  # row i: prompt -> image -> its caption -> image of that caption ...
         rounds = chain["indices"].shape[1]
-        pictures = to_pixels(chain["indices"].reshape(-1, chain["indices"].shape[-1]))
+        chain_images = to_pixels(chain["indices"].reshape(-1, chain["indices"].shape[-1]))
         said = [tok.decode(t) for t in chain["tokens"].reshape(-1, chain["tokens"].shape[-1])]
         texts = [[r["caption"]] + said[i * rounds:(i + 1) * rounds] for i, r in enumerate(shown)]
-        save_titled_grid(pictures, [t for row in texts for t in row[:rounds]],
-                         os.path.join(out, "interleaved.png"), ncols=rounds)
+        pictures.save_titled_grid(chain_images, [t for row in texts for t in row[:rounds]],
+                                  out / "interleaved.png", ncols=rounds)
         lines.append("# interleaved: prompt -> caption generated for its image -> caption of the "
                      "image of that caption ... (interleaved.png titles each image by its prompt)")
         lines += [" -> ".join(row) for row in texts]
-    with open(os.path.join(out, "captions.txt"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    io.write_text_atomic(out / "captions.txt", "\n".join(lines) + "\n")
     record = {"metrics": metrics, "sample": config.sample.to_dict(),
               "dataset": config.data.name, "image_head": config.model.image_head}
-    with open(os.path.join(out, "eval.json"), "w") as f:
-        json.dump(record, f, indent=2)
+    io.write_json_atomic(out / "eval.json", record)
 
 
 def _print_summary(metrics: dict) -> None:

@@ -1,0 +1,42 @@
+"""The stages of the data flow, each a module with `run(config, workdir)`, run by `main --mode`.
+
+    data -> tokenizer -> tokenize -> model -> sample
+
+Why stages: a pod job usually runs one stage (`--mode=model`), the README demo runs them all
+(`--mode=pipeline`), and every stage is idempotent: rerunning resumes or skips finished work and
+never overwrites data or checkpoints. Only the data stage writes data; a later stage whose input
+is missing fails with one line naming the stage to run.
+"""
+from __future__ import annotations
+
+import jax
+
+from mmjax import io
+from mmjax.errors import InputError
+from mmjax.stages import data, model, sample, tokenize, tokenizer
+from mmjax.workdir import Workdir
+
+STAGES = {"data": data, "tokenizer": tokenizer, "tokenize": tokenize, "model": model,
+          "sample": sample}
+MODEL_STAGES = ("tokenize", "model", "sample")  # need a config with a `model` block
+
+
+def plan(mode: str, has_model: bool) -> list[str]:
+    """The stages `--mode=mode` runs, in order (`eval` is another name for `sample`)."""
+    if mode == "pipeline":
+        return ["data", "tokenizer"] + (list(MODEL_STAGES) if has_model else [])
+    stage = "sample" if mode == "eval" else mode
+    if stage in MODEL_STAGES and not has_model:
+        raise InputError(f"--mode={mode} needs a config with a `model` block "
+                         "(e.g. configs/mot_shapes.py), not a tokenizer-only config")
+    return ["data", "tokenizer"] if stage == "tokenizer" else [stage]
+
+
+def run_mode(config, workdir, mode: str) -> dict:
+    """Runs the stages of `mode`; process 0 writes their summaries to results_<mode>.json."""
+    wd = workdir if isinstance(workdir, Workdir) else Workdir.from_config(config, workdir)
+    io.make_dirs(wd.root)  # a root that cannot be a directory fails here, naming the path
+    results = {name: STAGES[name].run(config, wd) for name in plan(mode, "model" in config)}
+    if jax.process_index() == 0:
+        io.write_json_atomic(wd.results(mode), results)
+    return results

@@ -1,0 +1,57 @@
+"""The tokenizer stage: train the FSQ autoencoder, then score it (PSNR, codebook use, PNG grid).
+
+`load_tokenizer` is how every later stage gets the trained tokenizer (load or fail, naming the
+stage to run).
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import linen as nn
+
+from mmjax import checkpointing, io, train
+from mmjax.data import pipeline
+from mmjax import pictures
+from mmjax.evals import recon
+from mmjax.stages.common import finished
+from mmjax.tasks.tokenizer import TokenizerTask
+from mmjax.tokenizers import autoencoder as ae
+
+EVAL_IMAGES = 512  # validation images scored after training (PSNR, codebook usage)
+GRID_IMAGES = 16  # originals shown above their reconstructions in the PNG
+
+
+def run(config, workdir) -> dict:
+    summary = finished(train.train(config, workdir, TokenizerTask(config, workdir.data_dir)),
+                       "tokenizer training")
+    metrics = evaluate(config, workdir) if jax.process_index() == 0 else {}
+    return {"step": summary["step"], **metrics}
+
+
+def load_tokenizer(config, workdir):
+    """(model, params) of the trained tokenizer; a clear error when it has not been trained."""
+    model = ae.autoencoder_from_config(config)
+    abstract = jax.eval_shape(
+        lambda: nn.unbox(ae.init_params(model, jax.random.PRNGKey(0), config.data.image_size)))
+    _, params = checkpointing.restore_params(str(workdir.tokenizer_checkpoints), abstract)
+    return model, params
+
+
+def evaluate(config, workdir, split: str = "validation", max_images: int = EVAL_IMAGES) -> dict:
+    """PSNR, codebook usage and perplexity on `split`; writes eval JSON and a recon PNG grid."""
+    model, params = load_tokenizer(config, workdir)
+    recon_fn = ae.make_recon_fn(model, params)
+    ds = pipeline.image_caption_dataset(config.data, split, workdir.data_dir)
+    n = min(len(ds), max_images)
+    bs = 64
+    batches = ({"image": np.stack([ds[i]["image"] for i in range(s, min(s + bs, n))])}
+               for s in range(0, n, bs))
+    metrics = recon.evaluate_autoencoder(recon_fn, batches, model.quantizer.codebook_size)
+    originals = np.stack([ds[i]["image"] for i in range(min(GRID_IMAGES, n))])
+    recons, _ = recon_fn(originals)
+    pictures.save_reconstruction_grid(originals, np.asarray(recons),
+                                   workdir.tokenizer / f"reconstructions_{split}.png")
+    metrics = {f"{split}_{k}": float(v) for k, v in metrics.items()}
+    metrics["codebook_size"] = model.quantizer.codebook_size
+    io.write_json_atomic(workdir.tokenizer / f"eval_{split}.json", metrics)
+    return metrics

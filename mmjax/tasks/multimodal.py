@@ -1,0 +1,91 @@
+"""The text <-> image Mixture-of-Transformers as a trainer task.
+
+Data: (image, caption) records + precomputed FSQ tokens -> tokenized examples -> packed rows
+(mmjax.data.packing). Each example appears `objective.direction_redraws` times per pass with an
+independently drawn direction (text->image or image->caption) and caption dropout, so every image
+is both generated and captioned over training while rows stay random-access (exactly resumable).
+"""
+from __future__ import annotations
+
+import grain
+import numpy as np
+
+from mmjax import config_validation, objectives
+from mmjax.data import image_tokens, packing, pipeline
+from mmjax.errors import InputError
+from mmjax.models import model as model_lib
+from mmjax.tokenizers.fsq import FSQ
+
+
+def build_model(config, vocab_size: int) -> model_lib.MultimodalLM:
+    """MultimodalLM of the config's checked ModelConfig (model block + vocab + fsq.levels)."""
+    return model_lib.MultimodalLM(config_validation.model_config(config, int(vocab_size)))
+
+
+def encode_caption(tokenizer, caption: str, max_len: int) -> tuple[np.ndarray, int]:
+    """Caption ids padded to `max_len`; a clear error if the caption does not fit."""
+    ids = tokenizer.encode(caption)
+    if len(ids) > max_len:
+        raise InputError(f"caption {caption!r} has {len(ids)} tokens > data.max_caption_len="
+                         f"{max_len}; raise data.max_caption_len (and model.max_seq_len)")
+    out = np.zeros(max_len, np.int32)
+    out[: len(ids)] = ids
+    return out, len(ids)
+
+
+def tokenized_examples(config, workdir, tokenizer, split: str) -> grain.MapDataset:
+    """{caption_ids, caption_len, image_indices} per record of `split` (records and tokens must
+    exist: the data and tokenize stages wrote them)."""
+    records = pipeline.image_caption_dataset(config.data, split, workdir.data_dir)
+    tokens = image_tokens.load_tokens(workdir, split, len(records))
+    max_len = int(config.data.max_caption_len)
+
+    def make(i: int) -> dict:
+        ids, n = encode_caption(tokenizer, records[i]["caption"], max_len)
+        return {"caption_ids": ids, "caption_len": np.int32(n), "image_indices": tokens[i]}
+
+    return grain.MapDataset.range(len(records)).map(make)
+
+
+def packed_dataset(config, workdir, tokenizer, split: str, *, train: bool) -> grain.MapDataset:
+    """Packed rows (docs/INTERFACES.md) of `split`; training redraws each example's direction."""
+    examples = tokenized_examples(config, workdir, tokenizer, split)
+    redraws = int(config.objective.direction_redraws) if train else 1
+    n = len(examples)
+    parent = grain.MapDataset.range(n * redraws).map(lambda i: examples[i % n])
+    obj = config.objective
+    return packing.PackedDataset(
+        parent, seq_len=int(config.model.max_seq_len), special=packing.special_ids(tokenizer),
+        index_to_code=FSQ(tuple(config.fsq.levels)).codebook(),
+        t2i_prob=float(obj.t2i_prob), caption_dropout=float(obj.caption_dropout) if train else 0.0,
+        seed=int(config.data.seed) + (0 if train else 1))
+
+
+class MultimodalTask:
+    """Trains MultimodalLM on packed text/image sequences with the `train` block.
+
+    Built once: `MultimodalTask(config, vocab_size)` has the model and the loss (benchmarks use
+    it so); `data=(workdir, text tokenizer)` adds the packed datasets the trainer reads.
+    """
+
+    name = "model"
+
+    def __init__(self, config, vocab_size: int, data: tuple | None = None):
+        self.config = config
+        self.train_config = config.train
+        self.model = build_model(config, vocab_size)
+        self.objective = config_validation.objective_config(config.objective)
+        self._data = data
+
+    def dataset(self, split: str, *, train: bool):
+        if self._data is None:
+            raise RuntimeError("this MultimodalTask was built without data=(workdir, tokenizer)")
+        workdir, tokenizer = self._data
+        return packed_dataset(self.config, workdir, tokenizer, split, train=train)
+
+    def init_params(self, rng, batch):
+        return model_lib.init_params(self.model, rng, batch)
+
+    def loss_fn(self, params, batch, rng, train):
+        return objectives.compute_losses(self.model, params, batch, rng, self.objective,
+                                         train=train)
