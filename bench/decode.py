@@ -23,6 +23,7 @@ from flax import linen as nn
 
 from bench.common import load_config, write_results
 from bench.train_harness import resolved_impl, synthetic_rows
+from mmjax import config_validation
 from mmjax.models.model import MultimodalLM, init_cache, init_params
 
 FLAGS = flags.FLAGS
@@ -80,10 +81,10 @@ class ContextRun:
         slots = c + FLAGS.steps + 1
         chunk = prompt(b, c, 0, d, vocab, seed=c)
         _, self.prefill_compile_s = timed(self.decode, params, chunk,
-                                          init_cache(config.model, b, max_len=slots))
+                                          init_cache(model.cfg, b, max_len=slots))
         # Prefill again on a fresh cache for a compile-free number.
         (_, self.cache), self.prefill_s = timed(self.decode, params, chunk,
-                                                init_cache(config.model, b, max_len=slots))
+                                                init_cache(model.cfg, b, max_len=slots))
         self.step_compile_s = self.step()
         full = prompt(b, c + 1, 0, d, vocab, seed=c)
         timed(forward, params, full)  # compile
@@ -112,7 +113,7 @@ def main(_):
     if FLAGS.mot_impl:
         config.model.mot_impl = FLAGS.mot_impl
     vocab = int(config.data.sp_vocab_size)
-    model = MultimodalLM(config.model, vocab, tuple(config.fsq.levels))
+    model = MultimodalLM(config_validation.model_config(config, vocab))
     example = {k: jnp.asarray(v) for k, v in synthetic_rows(config, 1, vocab).items()}
     params = jax.jit(lambda r: nn.unbox(init_params(model, r, example)))(jax.random.PRNGKey(0))
     runs = [ContextRun(model, params, config, int(c), vocab) for c in FLAGS.contexts]

@@ -26,7 +26,7 @@ from absl import app, flags
 from bench.common import load_config, write_results
 from bench.train_harness import TimedTrainStep, available_impls, mesh_from_flag, resolved_impl, \
     summarize, synthetic_rows, token_stats
-from mmjax import flops
+from mmjax import config_validation, flops
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("size", "demo", "configs/mot_shapes.py size.")
@@ -72,9 +72,9 @@ def main(_):
             batches = data[FLAGS.mot3_fraction if variant == "mot3" else 0.0]
             runners.append(TimedTrainStep(config, vocab, batches, mesh, FLAGS.warmup))
             stats = token_stats(batches[0])
-            counts = flops.param_counts(config.model, vocab, config.fsq.levels)
-            per_token = flops.flops_per_token(config.model, vocab, config.fsq.levels,
-                                              int(config.model.max_seq_len),
+            model_cfg = config_validation.model_config(config, vocab)
+            counts = flops.param_counts(model_cfg)
+            per_token = flops.flops_per_token(model_cfg, model_cfg.max_seq_len,
                                               stats["image_fraction"])
             runs.append({"variant": variant, "impl": impl if impl == "-" else resolved_impl(impl),
                          "num_modalities": MODALITIES[variant],

@@ -17,7 +17,7 @@ from absl import app, flags
 
 from bench.common import load_config, write_results
 from bench.train_harness import mesh_from_flag, resolved_impl, synthetic_rows, time_train_steps, token_stats
-from mmjax import flops
+from mmjax import config_validation, flops
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("sizes", ["smoke", "demo", "small"], "configs/mot_shapes.py sizes.")
@@ -59,9 +59,9 @@ def run_size(size: str, mesh) -> dict:
     stats = token_stats(batches[0])
     timing = time_train_steps(config, vocab, batches, mesh, steps=FLAGS.steps,
                               warmup=FLAGS.warmup)
-    counts = flops.param_counts(config.model, vocab, config.fsq.levels)
-    per_token = flops.flops_per_token(config.model, vocab, config.fsq.levels, seq,
-                                      stats["image_fraction"])
+    model_cfg = config_validation.model_config(config, vocab)
+    counts = flops.param_counts(model_cfg)
+    per_token = flops.flops_per_token(model_cfg, seq, stats["image_fraction"])
     tokens_per_s = bs * seq / timing["step_s"]
     peak = peak_flops()
     return {

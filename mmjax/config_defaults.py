@@ -3,7 +3,10 @@
 Why a module and not a config file: `configs/*.py` files are loaded by path through
 `ml_collections.config_flags`, so they cannot import each other reliably. They import these
 builders instead and override only what differs (sizes, dataset, head). Every field a user may
-turn lives here with a comment; code never hides a magic number that belongs here.
+turn lives here with a comment; code never hides a magic number that belongs here. The closed
+lists of string choices ("flow" | "discrete", ...) are in mmjax/choices.py, written once; the
+comments below say what each choice means. config_validation checks the values and builds the
+typed blocks (ModelConfig, ObjectiveConfig, SampleSettings) the code reads.
 """
 from __future__ import annotations
 

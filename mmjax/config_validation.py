@@ -1,16 +1,29 @@
-"""Checks a config before anything runs, so a bad value fails in one line naming the field.
+"""Checks a config before anything runs, so a bad value fails in one line naming the field, and
+builds the frozen typed blocks the code below reads.
 
 Why up front: a negative step count or an odd head dimension otherwise surfaces minutes later as
-a shape error deep inside jit, or worse, as a silently wrong run.
+a shape error deep inside jit, or worse, as a silently wrong run. Why here only: each rule has
+this one home. The model, the objective, the sampler and the FLOPs counts take the typed blocks
+built below (`model_config`, `objective_config`, `sample_settings`) and do not check them again;
+they check only what they alone can see at run time (batch shapes, modality ids, cache overflow).
+Choice lists come from mmjax.choices; the FSQ-levels rule is the public `FSQ` class's own
+(`fsq.levels_problem`, so FSQ stays usable standalone), called here rather than written twice.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import ml_collections
 
+from mmjax import image_heads
+from mmjax.choices import CHOICES
 from mmjax.errors import InputError
+from mmjax.models.config import ModelConfig
+from mmjax.objectives import ObjectiveConfig
+from mmjax.sampling import SampleSettings
+from mmjax.tokenizers import fsq
 
 
 class ConfigError(InputError):
@@ -47,12 +60,16 @@ def _nonneg(config, paths: Iterable[str]) -> None:
         _require(config, p, lambda v: v >= 0, "must be >= 0")
 
 
-def _one_of(config, path: str, choices: tuple[str, ...]) -> None:
+def _one_of(config, path: str, kind: str | None = None) -> None:
+    """`path`'s value is in CHOICES[kind or path] (kind: e.g. "train.nan_policy" for any
+    train-like block)."""
+    choices = CHOICES[kind or path]
     _require(config, path, lambda v: v in choices, f"must be one of {', '.join(choices)}")
 
 
-def _check_levels(levels) -> bool:
-    return len(levels) > 0 and all(int(level) == level and level >= 2 for level in levels)
+def _fsq_levels_error(levels) -> str | None:
+    """Why `levels` cannot make an FSQ quantizer (fsq.levels_problem: the rule's one home)."""
+    return fsq.levels_problem(levels)
 
 
 def validate_train_block(config, block: str) -> None:
@@ -64,7 +81,7 @@ def validate_train_block(config, block: str) -> None:
     _require(config, f"{block}.end_lr_ratio", lambda v: 0 <= v <= 1, "must be in [0, 1]")
     for b in ("b1", "b2"):
         _require(config, f"{block}.{b}", lambda v: 0 <= v < 1, "must be in [0, 1)")
-    _one_of(config, f"{block}.nan_policy", ("stop", "skip"))
+    _one_of(config, f"{block}.nan_policy", "train.nan_policy")
     _nonneg(config, [f"{block}.peak_tflops"])
     _require(config, f"{block}.profile_steps",
              lambda v: len(v) == 0 or (len(v) == 2 and 0 <= int(v[0]) < int(v[1])),
@@ -88,9 +105,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _require(config, "eval.inception_weights", lambda v: not v or os.path.isfile(os.fspath(v)),
                  "does not exist (an .npz of pytorch-fid's InceptionV3 weights, or '' for no FID)")
     if "long_captions" in config.data:
-        _one_of(config, "data.long_captions", ("truncate", "drop", "error"))
-    _require(config, "fsq.levels", _check_levels,
-             "needs at least one level and every level must be an integer >= 2")
+        _one_of(config, "data.long_captions")
+    levels_error = _fsq_levels_error(_get(config, "fsq.levels")) if "fsq" in config else None
+    if levels_error:
+        raise ConfigError(f"config.fsq.levels={_get(config, 'fsq.levels')!r}: {levels_error}")
     _require(config, "fsq.channels", lambda v: len(v) > 0 and all(c > 0 for c in v),
              "needs at least one positive width")
     _require(config, "data.image_size",
@@ -98,29 +116,89 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              if "fsq" in config else True,
              "must be divisible by the FSQ downsampling factor 2**(len(fsq.channels)-1)")
     _nonneg(config, ["fsq.num_res_blocks"])
-    _one_of(config, "fsq.loss", ("l2", "l1+l2"))
-    _pos(config, ["model.num_modalities", "model.num_layers", "model.d_model", "model.num_heads",
-                  "model.mlp_dim", "model.max_seq_len", "model.flow_depth", "model.flow_width",
-                  "model.flow_t_samples"])
-    _require(config, "model.num_heads",
-             lambda v: config.model.d_model % v == 0 and (config.model.d_model // v) % 2 == 0,
-             "must divide model.d_model into an even head dimension (RoPE rotates pairs)")
-    _one_of(config, "model.mot_impl", ("auto", "ragged", "tiled", "masked"))
-    _pos(config, ["model.mot_tile"])
-    _one_of(config, "objective.flow_t_dist", ("uniform", "logit_normal"))
-    _one_of(config, "model.image_head", ("flow", "discrete"))
-    _one_of(config, "model.dtype", ("float32", "bfloat16", "float16"))
-    _one_of(config, "model.remat", ("none", "full", "dots"))
-    _nonneg(config, ["model.noise_aug", "objective.text_weight", "objective.image_weight"])
-    for p in ("objective.t2i_prob", "objective.caption_dropout"):
-        _require(config, p, lambda v: 0 <= v <= 1, "must be a probability in [0, 1]")
+    _one_of(config, "fsq.loss")
+    _validate_model(config)
+    _validate_objective(config)
     for block in ("train", "tokenizer_train"):
         validate_train_block(config, block)
-    _nonneg(config, ["sample.temperature", "sample.top_k", "sample.cfg_scale"])
-    _require(config, "sample.top_p", lambda v: 0 < v <= 1, "must be in (0, 1]")
-    _pos(config, ["sample.ode_steps", "sample.num_samples", "sample.max_text_len"])
-    _one_of(config, "sample.ode_solver", ("euler", "heun"))
+    _validate_sample(config)
     for axis in ("data", "fsdp", "tensor"):
         _require(config, f"mesh.{axis}", lambda v: v == -1 or v >= 1,
                  "must be a positive size or -1 (the rest of the devices)")
     return config
+
+
+# ---- the blocks the typed configs are built from (also run by `validate`) ---------------------
+def _validate_model(config) -> None:
+    _pos(config, ["model.num_modalities", "model.num_layers", "model.d_model", "model.num_heads",
+                  "model.mlp_dim", "model.max_seq_len", "model.flow_depth", "model.flow_width",
+                  "model.flow_t_samples", "model.mot_tile"])
+    _require(config, "model.num_heads",
+             lambda v: _get(config, "model.d_model") % v == 0
+             and (_get(config, "model.d_model") // v) % 2 == 0,
+             "must divide model.d_model into an even head dimension (RoPE rotates pairs)")
+    for field in ("mot_impl", "image_head", "dtype", "remat"):
+        _one_of(config, f"model.{field}")
+    _nonneg(config, ["model.noise_aug"])
+
+
+def _validate_objective(config) -> None:
+    _one_of(config, "objective.flow_t_dist")
+    _nonneg(config, ["objective.text_weight", "objective.image_weight"])
+    for p in ("objective.t2i_prob", "objective.caption_dropout"):
+        _require(config, p, lambda v: 0 <= v <= 1, "must be a probability in [0, 1]")
+
+
+def _validate_sample(config) -> None:
+    _nonneg(config, ["sample.temperature", "sample.top_k", "sample.cfg_scale",
+                     "sample.image_temperature", "sample.image_top_k"])
+    _require(config, "sample.top_p", lambda v: 0 < v <= 1, "must be in (0, 1]")
+    _pos(config, ["sample.ode_steps", "sample.num_samples", "sample.max_text_len"])
+    _one_of(config, "sample.ode_solver")
+
+
+def _fields(cls, block: str, cfg, skip: Sequence[str] = ()) -> dict[str, Any]:
+    """cfg[name] for every field of dataclass `cls` (one ConfigError listing the missing ones)."""
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in skip]
+    missing = [n for n in names if n not in cfg]
+    if missing:
+        raise ConfigError(f"config.{block} lacks {missing} (see config_defaults.{block}_config)")
+    return {n: cfg[n] for n in names}
+
+
+def model_block(model_cfg: Mapping, vocab_size: int, fsq_levels: Sequence[int]) -> ModelConfig:
+    """The checked, frozen ModelConfig of a `model` block, a text vocabulary and FSQ levels."""
+    if isinstance(vocab_size, bool) or int(vocab_size) != vocab_size or vocab_size <= 0:
+        raise ConfigError(f"vocab_size={vocab_size!r}: must be a positive integer")
+    levels_error = _fsq_levels_error(fsq_levels)
+    if levels_error:
+        raise ConfigError(f"fsq_levels={tuple(fsq_levels)!r}: {levels_error}")
+    _validate_model({"model": model_cfg})
+    kw = _fields(ModelConfig, "model", model_cfg, skip=("head", "vocab_size", "fsq_levels"))
+    kinds = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+    cast = {"int": int, "float": float, "bool": bool, "str": str}
+    kw = {k: cast[kinds[k]](v) for k, v in kw.items()}
+    return ModelConfig(**kw, head=image_heads.get(model_cfg["image_head"]),
+                       vocab_size=int(vocab_size), fsq_levels=fsq.FSQ(fsq_levels).levels)
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+    """The ModelConfig of a full config (its `model` block and `fsq.levels`)."""
+    return model_block(config.model, vocab_size, config.fsq.levels)
+
+
+def objective_config(objective_cfg: Mapping) -> ObjectiveConfig:
+    """The checked, frozen ObjectiveConfig of an `objective` block."""
+    _validate_objective({"objective": objective_cfg})
+    kw = _fields(ObjectiveConfig, "objective", objective_cfg)
+    kinds = {f.name: f.type for f in dataclasses.fields(ObjectiveConfig)}
+    return ObjectiveConfig(**{k: {"int": int, "float": float, "str": str}[kinds[k]](v)
+                              for k, v in kw.items()})
+
+
+def sample_settings(sample_cfg: Mapping) -> SampleSettings:
+    """The checked, frozen SampleSettings of a `sample` block (its sampling knobs only)."""
+    _validate_sample({"sample": sample_cfg})
+    kw = _fields(SampleSettings, "sample", sample_cfg)
+    return SampleSettings(**{f.name: type(f.default)(kw[f.name])
+                             for f in dataclasses.fields(SampleSettings)})

@@ -13,10 +13,14 @@ What is counted (the model of `mmjax/models/`):
 - Inputs: the text embedding table (a gather: 0 FLOPs) and the image input projection from the FSQ
   code vector (dim d = len(levels)) to d_model (no bias).
 - Heads: the LM head (d_model x vocab; no extra parameters when model.tie_embeddings, same FLOPs)
-  at text-target positions; the image head at image-target positions: either the flow head (an
-  AdaLN residual MLP of width flow_width and depth flow_depth, run flow_t_samples times per
-  position, see `_flow_head`) or the discrete head (d_model x prod(levels), or d_model x
-  sum(levels) when factorised; no bias).
+  at text-target positions; the image head at image-target positions, counted by its registry
+  entry (mmjax/image_heads.py) with the helpers here: either the flow head (an AdaLN residual MLP
+  of width flow_width and depth flow_depth, run flow_t_samples times per position, see
+  `flow_head_counts`) or the discrete head (d_model x prod(levels), or d_model x sum(levels) when
+  factorised; no bias, see `discrete_head_counts`).
+
+The functions take a checked `ModelConfig` (config_validation.model_config / model_block), which
+holds the vocabulary size and the FSQ levels; sizes are not re-validated here.
 
 Conventions (state them when quoting numbers):
 - A matmul [m, k] x [k, n] costs 2*m*k*n FLOPs (a multiply-add is 2 FLOPs). Norms, softmax,
@@ -37,7 +41,8 @@ Conventions (state them when quoting numbers):
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+
+from mmjax.choices import CHOICES
 
 # Peak dense bf16 matmul throughput per device (FLOP/s), from vendor datasheets (no sparsity).
 PEAK_FLOPS = {
@@ -52,40 +57,14 @@ PEAK_FLOPS = {
 }
 
 
-def _cfg(model_cfg, name: str):
-    try:
-        return model_cfg[name]
-    except (KeyError, AttributeError, TypeError):
-        raise ValueError(f"model config has no field {name!r} (pass config.model)") from None
-
-
-def _positive_int(model_cfg, name: str) -> int:
-    v = _cfg(model_cfg, name)
-    if isinstance(v, bool) or int(v) != v or v <= 0:
-        raise ValueError(f"model.{name}={v!r}: must be a positive integer")
-    return int(v)
-
-
-def _dims(model_cfg, vocab_size: int, fsq_levels: Sequence[int]) -> dict[str, Any]:
-    """Validated sizes the counts depend on."""
-    dims = {k: _positive_int(model_cfg, k) for k in (
-        "num_modalities", "num_layers", "d_model", "num_heads", "mlp_dim", "flow_depth",
-        "flow_width", "flow_t_samples")}
-    if dims["d_model"] % dims["num_heads"]:
-        raise ValueError(f"model.num_heads={dims['num_heads']} does not divide "
-                         f"model.d_model={dims['d_model']}")
-    if int(vocab_size) != vocab_size or vocab_size <= 0:
-        raise ValueError(f"vocab_size={vocab_size!r}: must be a positive integer")
-    levels = tuple(int(level) for level in fsq_levels)
-    if not levels or min(levels) < 2:
-        raise ValueError(f"fsq_levels={tuple(fsq_levels)!r}: need >= 1 level, each >= 2")
-    head = _cfg(model_cfg, "image_head")
-    if head not in ("flow", "discrete"):
-        raise ValueError(f"model.image_head={head!r}: must be 'flow' or 'discrete'")
-    dims.update(vocab=int(vocab_size), levels=levels, code_dim=len(levels), image_head=head,
-                factorized=bool(_cfg(model_cfg, "discrete_factorized")),
-                tied=bool(_cfg(model_cfg, "tie_embeddings")))
-    return dims
+def _typed(cfg, vocab_size=None, fsq_levels=None):
+    """`cfg` when it is a ModelConfig. Transitional: a raw `model` block with vocab_size and
+    fsq_levels (the form mmjax/scaling/sweep.py still passes) is checked and typed by
+    config_validation.model_block; drop this once every caller passes a ModelConfig."""
+    if vocab_size is None and fsq_levels is None:
+        return cfg
+    from mmjax import config_validation  # noqa: PLC0415 (it imports the registry, which imports us)
+    return config_validation.model_block(cfg, vocab_size, fsq_levels)
 
 
 # ----------------------------------------------------------------------------- components
@@ -98,7 +77,7 @@ def _block(d: int, mlp: int) -> tuple[int, int]:
     return matmul + 2 * d, 2 * matmul  # + two RMSNorm scales
 
 
-def _flow_head(d_model: int, code_dim: int, width: int, depth: int) -> tuple[int, int, int]:
+def flow_head_counts(d_model: int, code_dim: int, width: int, depth: int) -> tuple[int, int, int]:
     """The AdaLN residual MLP of heads.FlowHead -> (params, FLOPs per position, FLOPs per sample).
 
     Per position (once, shared by all t-samples): cond_proj d_model->W. Per (t, noise) sample:
@@ -112,7 +91,9 @@ def _flow_head(d_model: int, code_dim: int, width: int, depth: int) -> tuple[int
     return d_model * width + per_sample + biases, 2 * d_model * width, 2 * per_sample
 
 
-def _discrete_head(d_model: int, levels: tuple[int, ...], factorized: bool) -> tuple[int, int]:
+def discrete_head_counts(d_model: int, levels: tuple[int, ...], factorized: bool
+                         ) -> tuple[int, int]:
+    """The heads.IndexHead kernel -> (params, FLOPs per position)."""
     out = sum(levels) if factorized else math.prod(levels)
     return d_model * out, 2 * d_model * out
 
@@ -120,62 +101,59 @@ def _discrete_head(d_model: int, levels: tuple[int, ...], factorized: bool) -> t
 # ----------------------------------------------------------------------------- public
 
 
-def param_counts(model_cfg, vocab_size: int, fsq_levels: Sequence[int]) -> dict[str, int]:
-    """Parameter counts of MultimodalLM(model_cfg, vocab_size, fsq_levels).
+def param_counts(cfg, vocab_size=None, fsq_levels=None) -> dict[str, int]:
+    """Parameter counts of MultimodalLM(cfg) for a ModelConfig `cfg`.
 
     Keys: total; active_per_token (what one token's forward touches = the dense model's total);
     embedding (input tables: text embedding + image input projection); non_embedding (total -
     embedding); per_modality (one modality's backbone: its blocks' weights and final norm);
     backbone (all modalities); lm_head (0 when tied to the embedding); image_head.
     """
-    g = _dims(model_cfg, vocab_size, fsq_levels)
-    d, m = g["d_model"], g["num_modalities"]
-    per_modality = g["num_layers"] * _block(d, g["mlp_dim"])[0] + d  # + final RMSNorm scale
-    embedding = g["vocab"] * d + g["code_dim"] * d  # text table + image input projection
-    lm_head = 0 if g["tied"] else d * g["vocab"]
-    if g["image_head"] == "flow":
-        image_head = _flow_head(d, g["code_dim"], g["flow_width"], g["flow_depth"])[0]
-    else:
-        image_head = _discrete_head(d, g["levels"], g["factorized"])[0]
+    c = _typed(cfg, vocab_size, fsq_levels)
+    d, m = c.d_model, c.num_modalities
+    per_modality = c.num_layers * _block(d, c.mlp_dim)[0] + d  # + final RMSNorm scale
+    embedding = c.vocab_size * d + c.code_dim * d  # text table + image input projection
+    lm_head = 0 if c.tie_embeddings else d * c.vocab_size
+    image_head = c.head.param_count(c)
     total = embedding + m * per_modality + lm_head + image_head
     return dict(total=total, active_per_token=total - (m - 1) * per_modality,
                 embedding=embedding, non_embedding=total - embedding, per_modality=per_modality,
                 backbone=m * per_modality, lm_head=lm_head, image_head=image_head)
 
 
-def flops_per_token(model_cfg, vocab_size: int, fsq_levels: Sequence[int], seq_len: int,
-                    image_fraction: float, *, causal: bool = True) -> dict[str, float]:
-    """Forward / training FLOPs per token, averaged over a sequence of `seq_len` positions.
+def flops_per_token(cfg, seq_len: int, image_fraction: float, *legacy,
+                    causal: bool = True) -> dict[str, float]:
+    """Forward / training FLOPs per token of MultimodalLM(cfg) for a ModelConfig `cfg`, averaged
+    over a sequence of `seq_len` positions. (Transitional form, see `_typed`:
+    flops_per_token(model_block, vocab_size, fsq_levels, seq_len, image_fraction).)
 
     Keys: forward, train (= 3 x forward), backbone (block matmuls), attention (QK^T and AV),
     input_proj (image input projection), lm_head, flow_head / discrete_head (the image head in
-    use; the other is 0), six_n (6 x active non-embedding parameters: the usual approximation of
-    `train`, for comparison). Independent of num_modalities by construction (see module doc).
+    use, keyed `<image_head>_head`; the others are 0), six_n (6 x active non-embedding
+    parameters: the usual approximation of `train`, for comparison). Independent of
+    num_modalities by construction (see module doc).
     """
-    g = _dims(model_cfg, vocab_size, fsq_levels)
+    if legacy:
+        cfg = _typed(cfg, seq_len, image_fraction)
+        seq_len, image_fraction = legacy
     if int(seq_len) != seq_len or seq_len <= 0:
         raise ValueError(f"seq_len={seq_len!r}: must be a positive integer")
     if not 0.0 <= image_fraction <= 1.0:
         raise ValueError(f"image_fraction={image_fraction!r}: must be in [0, 1]")
-    d, n_layers = g["d_model"], g["num_layers"]
+    c = cfg
+    d, n_layers = c.d_model, c.num_layers
     ctx = seq_len / 2 if causal else float(seq_len)
-    backbone = n_layers * _block(d, g["mlp_dim"])[1]
+    backbone = n_layers * _block(d, c.mlp_dim)[1]
     attention = n_layers * 2 * 2 * ctx * d
-    input_proj = image_fraction * 2 * g["code_dim"] * d
-    lm_head = (1.0 - image_fraction) * 2 * d * g["vocab"]
-    flow = discrete = 0.0
-    if g["image_head"] == "flow":
-        _, per_position, per_sample = _flow_head(d, g["code_dim"], g["flow_width"],
-                                                 g["flow_depth"])
-        flow = image_fraction * (per_position + g["flow_t_samples"] * per_sample)
-    else:
-        discrete = image_fraction * _discrete_head(d, g["levels"], g["factorized"])[1]
-    forward = backbone + attention + input_proj + lm_head + flow + discrete
-    counts = param_counts(model_cfg, vocab_size, fsq_levels)
+    input_proj = image_fraction * 2 * c.code_dim * d
+    lm_head = (1.0 - image_fraction) * 2 * d * c.vocab_size
+    image = {f"{name}_head": 0.0 for name in CHOICES["model.image_head"]}
+    image[f"{c.image_head}_head"] = image_fraction * c.head.flops_per_position(c)
+    forward = backbone + attention + input_proj + lm_head + sum(image.values())
+    counts = param_counts(c)
     active_non_embedding = counts["active_per_token"] - counts["embedding"]
     return dict(forward=forward, train=3.0 * forward, backbone=backbone, attention=attention,
-                input_proj=input_proj, lm_head=lm_head, flow_head=flow, discrete_head=discrete,
-                six_n=6.0 * active_non_embedding)
+                input_proj=input_proj, lm_head=lm_head, **image, six_n=6.0 * active_non_embedding)
 
 
 def mfu(tokens_per_second: float, train_flops_per_token: float, peak_flops_per_second: float,
@@ -215,8 +193,7 @@ def peak_flops_for_device(device_kind: str) -> float | None:
     return None
 
 
-def summary(config: Mapping[str, Any], vocab_size: int, image_fraction: float) -> dict:
-    """Convenience for logs / benchmarks: counts and FLOPs for a full config (its model block)."""
-    return dict(params=param_counts(config["model"], vocab_size, config["fsq"]["levels"]),
-                flops=flops_per_token(config["model"], vocab_size, config["fsq"]["levels"],
-                                      config["model"]["max_seq_len"], image_fraction))
+def summary(cfg, image_fraction: float) -> dict:
+    """Convenience for logs / benchmarks: counts and FLOPs of a ModelConfig at its max_seq_len."""
+    return dict(params=param_counts(cfg),
+                flops=flops_per_token(cfg, cfg.max_seq_len, image_fraction))

@@ -1,7 +1,8 @@
 """Training losses of the multimodal LM: text cross-entropy plus an image loss.
 
-Image loss: rectified flow on FSQ code vectors (model.image_head = "flow") or cross-entropy on
-FSQ indices ("discrete"). Every term is a masked mean over the positions that carry it
+Image loss: the configured image head's `loss_terms` (mmjax/image_heads.py): rectified flow on
+FSQ code vectors (model.image_head = "flow", `flow_terms`) or cross-entropy on FSQ indices
+("discrete", `discrete_terms`). Every term is a masked mean over the positions that carry it
 (`text_mask`, `image_mask` of docs/INTERFACES.md) and is exactly 0 when a batch has none, so a
 text-only or image-only batch gives finite losses and gradients.
 
@@ -12,6 +13,7 @@ The backbone runs once; only the small head runs K times.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -19,7 +21,19 @@ import jax.numpy as jnp
 
 from mmjax.models import heads
 
-_T_DISTS = ("uniform", "logit_normal")
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    """The checked `objective` block (config_validation.objective_config builds it; the fields
+    and their meaning are config_defaults.objective_config's)."""
+
+    text_weight: float
+    image_weight: float
+    flow_t_dist: str
+    flow_logit_std: float
+    t2i_prob: float
+    caption_dropout: float
+    direction_redraws: int
 
 
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
@@ -38,14 +52,17 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets, -1)[..., 0]
 
 
-def sample_t(rng: jax.Array, shape, obj_cfg) -> jax.Array:
+# objective.flow_t_dist -> sampler of t; keys are choices.CHOICES["objective.flow_t_dist"].
+T_DISTS = {
+    "uniform": lambda rng, shape, objective: jax.random.uniform(rng, shape),
+    "logit_normal": lambda rng, shape, objective: jax.nn.sigmoid(
+        objective.flow_logit_std * jax.random.normal(rng, shape)),
+}
+
+
+def sample_t(rng: jax.Array, shape, objective: ObjectiveConfig) -> jax.Array:
     """Flow times in (0, 1): uniform, or sigmoid(N(0, flow_logit_std^2)) (objective.flow_t_dist)."""
-    dist = obj_cfg.get("flow_t_dist", "uniform")
-    if dist == "uniform":
-        return jax.random.uniform(rng, shape)
-    if dist == "logit_normal":
-        return jax.nn.sigmoid(obj_cfg.get("flow_logit_std", 1.0) * jax.random.normal(rng, shape))
-    raise ValueError(f"objective.flow_t_dist={dist!r}: must be one of {_T_DISTS}.")
+    return T_DISTS[objective.flow_t_dist](rng, shape, objective)
 
 
 def text_terms(model, variables, hidden, batch):
@@ -58,11 +75,12 @@ def text_terms(model, variables, hidden, batch):
                   "text_accuracy": masked_mean(correct, mask), "text_tokens": jnp.sum(mask)}
 
 
-def flow_terms(model, variables, hidden, batch, rng, obj_cfg, num_samples: int):
-    """Rectified-flow MSE over image_mask with `num_samples` (t, x0) draws per position."""
+def flow_terms(model, variables, hidden, batch, rng, objective: ObjectiveConfig):
+    """Rectified-flow MSE over image_mask with model.flow_t_samples (t, x0) draws per position."""
+    num_samples = model.cfg.flow_t_samples
     x1 = batch["code_targets"].astype(jnp.float32)
     rng_t, rng_x0 = jax.random.split(rng)
-    t = sample_t(rng_t, (num_samples,) + x1.shape[:-1], obj_cfg)
+    t = sample_t(rng_t, (num_samples,) + x1.shape[:-1], objective)
     x0 = jax.random.normal(rng_x0, (num_samples,) + x1.shape)
     x_t = t[..., None] * x1 + (1.0 - t[..., None]) * x0
     v = model.apply(variables, hidden, x_t, t, method=model.flow_velocity)
@@ -71,8 +89,9 @@ def flow_terms(model, variables, hidden, batch, rng, obj_cfg, num_samples: int):
     return loss, {"image_loss": loss, "flow_mse": loss}
 
 
-def discrete_terms(model, variables, hidden, batch, levels):
-    """FSQ-index CE over image_mask; also bits per code and accuracy."""
+def discrete_terms(model, variables, hidden, batch, rng, objective: ObjectiveConfig):
+    """FSQ-index CE over image_mask; also bits per code and accuracy (`rng` is unused)."""
+    levels = model.cfg.fsq_levels
     logits = model.apply(variables, hidden, method=model.index_logits)
     mask = batch["image_mask"]
     targets = jnp.clip(batch["index_targets"], 0, math.prod(levels) - 1)
@@ -82,24 +101,18 @@ def discrete_terms(model, variables, hidden, batch, levels):
                   "image_accuracy": masked_mean(correct, mask)}
 
 
-def compute_losses(model, params, batch, rng, obj_cfg, model_cfg, *, train: bool):
-    """(loss, metrics) of a packed batch. `model` is a MultimodalLM, `params` its (unboxed or
-    boxed) params, `rng` feeds CAM noise augmentation and the flow samples. Pure and jittable."""
+def compute_losses(model, params, batch, rng, objective: ObjectiveConfig, *, train: bool):
+    """(loss, metrics) of a packed batch. `model` is a MultimodalLM (its `cfg.head` gives the
+    image loss), `params` its (unboxed or boxed) params, `rng` feeds CAM noise augmentation and
+    the flow samples. Pure and jittable."""
     rng_noise, rng_flow = jax.random.split(rng)
     variables = {"params": params}
     hidden = model.apply(variables, batch, train=train, rngs={"noise": rng_noise})
     text_loss, metrics = text_terms(model, variables, hidden, batch)
-    head = model_cfg.image_head
-    if head == "flow":
-        image_loss, image_metrics = flow_terms(model, variables, hidden, batch, rng_flow, obj_cfg,
-                                               int(model_cfg.flow_t_samples))
-    elif head == "discrete":
-        image_loss, image_metrics = discrete_terms(model, variables, hidden, batch,
-                                                   tuple(model.fsq_levels))
-    else:
-        raise ValueError(f"model.image_head={head!r}: must be 'flow' or 'discrete'.")
+    image_loss, image_metrics = model.cfg.head.loss_terms(model, variables, hidden, batch, rng_flow,
+                                                          objective)
     metrics.update(image_metrics)
     metrics["image_tokens"] = jnp.sum(batch["image_mask"].astype(jnp.float32))
-    loss = obj_cfg.text_weight * text_loss + obj_cfg.image_weight * image_loss
+    loss = objective.text_weight * text_loss + objective.image_weight * image_loss
     metrics["loss"] = loss
     return loss, metrics

@@ -32,23 +32,29 @@ Design choices, and why:
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.data.packing import IMAGE, TEXT, SpecialIds
+from mmjax import layout
+from mmjax.choices import CHOICES
+from mmjax.layout import IMAGE, PAD_ID, TEXT, SpecialIds  # noqa: F401 (PAD_ID: public name)
 from mmjax.models import heads
 from mmjax.models.model import MultimodalLM, init_cache
 from mmjax.tokenizers.fsq import FSQ
 
-SOLVERS = ("euler", "heun")
-PAD_ID = 0  # Written after <eos> in sampled text (the SentencePiece pad id, as in the packer).
+SOLVERS = CHOICES["sample.ode_solver"]
 
 
 @dataclasses.dataclass(frozen=True)
 class SampleSettings:
-    """Hashable sampling knobs (the `sample` config block); see config_defaults.sample_config."""
+    """Hashable sampling knobs: the typed `sample` block (see config_defaults.sample_config).
+
+    config_validation.sample_settings builds it from a config and checks it; constructed by hand
+    (tests, benchmarks) it is taken as given.
+    """
 
     temperature: float = 1.0
     top_k: int = 0
@@ -59,26 +65,6 @@ class SampleSettings:
     cfg_scale: float = 2.0
     image_temperature: float = 1.0
     image_top_k: int = 0
-
-    def __post_init__(self):
-        bad = [name for name, ok in (
-            ("temperature", self.temperature >= 0),
-            ("image_temperature", self.image_temperature >= 0),
-            ("top_k", self.top_k >= 0), ("image_top_k", self.image_top_k >= 0),
-            ("top_p", 0 < self.top_p <= 1), ("max_text_len", self.max_text_len >= 1),
-            ("ode_solver", self.ode_solver in SOLVERS), ("ode_steps", self.ode_steps >= 1),
-            ("cfg_scale", self.cfg_scale >= 0)) if not ok]
-        if bad:
-            raise ValueError(f"sample.{bad[0]}={getattr(self, bad[0])!r} is invalid (temperatures "
-                             f">= 0, top_k >= 0, 0 < top_p <= 1, max_text_len/ode_steps >= 1, "
-                             f"ode_solver in {SOLVERS}, cfg_scale >= 0).")
-
-    @classmethod
-    def from_config(cls, sample_cfg) -> "SampleSettings":
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in sample_cfg]
-        if missing:
-            raise ValueError(f"sample config lacks {missing} (see config_defaults.sample_config).")
-        return cls(**{f.name: type(f.default)(sample_cfg[f.name]) for f in dataclasses.fields(cls)})
 
     @property
     def guided(self) -> bool:  # cfg_scale 1 is plain conditional sampling: no uncond half
@@ -148,23 +134,63 @@ def integrate_flow(velocity, x0: jax.Array, num_steps: int, solver: str = "euler
     return jax.lax.fori_loop(0, num_steps, step, x0)
 
 
+# ---- the bound decoder and its state ---------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+    """The model, its params and the settings, bound once for one traced sampling program.
+
+    The loops below pass only a state pytree ({"cache", "hidden", "pos"}) and per-call inputs.
+    """
+
+    model: MultimodalLM
+    params: Any
+    settings: SampleSettings
+    special: SpecialIds
+
+    @property
+    def fsq(self) -> FSQ:
+        return FSQ(tuple(self.model.fsq_levels))
+
+    def apply(self, *args, method):
+        return self.model.apply({"params": self.params}, *args, method=method)
+
+    def decode(self, cache, chunk: dict):
+        """(hidden [R, T, D], cache) of a chunk of the model's CHUNK_KEYS."""
+        return self.apply(chunk, cache, method=MultimodalLM.decode)
+
+    def sample_token(self, hidden, keys):
+        """The configured image head's next token: (index [B], code vector [B, d])."""
+        return self.model.cfg.head.sample_token(self, hidden, keys)
+
+
+def _chunk(tokens, codes, modality, positions, segment, block) -> dict:
+    return {"tokens": tokens, "codes": codes, "modality": modality, "positions": positions,
+            "segment_ids": segment, "image_block": block}
+
+
+def _step_chunk(tokens, codes, modality: int, pos, segment: int) -> dict:
+    """One causal position per row (no context block): tokens [R], codes [R, d], pos [R]."""
+    ones = jnp.ones((tokens.shape[0], 1), jnp.int32)
+    return _chunk(tokens[:, None], codes[:, None], ones * modality, pos[:, None], ones * segment,
+                  ones * 0)
+
+
 # ---- per-token samplers (hidden of the position before the new token -> new token) -----------
 def _guide(cond_uncond: jax.Array, batch: int, scale: float) -> jax.Array:
     cond, uncond = cond_uncond[:batch], cond_uncond[batch:]
     return uncond + scale * (cond - uncond)
 
 
-def flow_token(model, params, hidden, keys, settings: SampleSettings):
+def flow_token(dec: Decoder, hidden, keys):
     """Flow head: hidden [G*B, D] (G = 2 with CFG, cond rows first), keys [B] -> (index [B],
     snapped code [B, d])."""
-    fsq = FSQ(tuple(model.fsq_levels))
+    fsq, settings = dec.fsq, dec.settings
     batch, guided = keys.shape[0], settings.guided
     x0 = jax.vmap(lambda k: jax.random.normal(k, (fsq.dim,)))(keys)
 
     def velocity(x, t):
         xs = jnp.concatenate([x, x]) if guided else x
-        v = model.apply({"params": params}, hidden, xs, jnp.full(xs.shape[:1], t),
-                        method=MultimodalLM.flow_velocity)
+        v = dec.apply(hidden, xs, jnp.full(xs.shape[:1], t), method=MultimodalLM.flow_velocity)
         return _guide(v, batch, settings.cfg_scale) if guided else v
 
     x1 = integrate_flow(velocity, x0, settings.ode_steps, settings.ode_solver)
@@ -172,11 +198,11 @@ def flow_token(model, params, hidden, keys, settings: SampleSettings):
     return fsq.codes_to_indices(codes), codes
 
 
-def discrete_token(model, params, hidden, keys, settings: SampleSettings):
+def discrete_token(dec: Decoder, hidden, keys):
     """Discrete head: FSQ indices sampled from (guided) index logits -> (index [B], code [B, d])."""
-    fsq = FSQ(tuple(model.fsq_levels))
+    fsq, settings = dec.fsq, dec.settings
     batch = keys.shape[0]
-    logits = model.apply({"params": params}, hidden, method=MultimodalLM.index_logits)
+    logits = dec.apply(hidden, method=MultimodalLM.index_logits)
     if settings.guided:
         logits = tuple(_guide(lg, batch, settings.cfg_scale) for lg in logits)
     kw = dict(temperature=settings.image_temperature, top_k=settings.image_top_k)
@@ -190,12 +216,6 @@ def discrete_token(model, params, hidden, keys, settings: SampleSettings):
 
 
 # ---- chunks and documents --------------------------------------------------------------------
-def _decode(model, params, cache, tokens, codes, modality, positions, segment, block):
-    chunk = {"tokens": tokens, "codes": codes, "modality": modality, "positions": positions,
-             "segment_ids": segment, "image_block": block}
-    return model.apply({"params": params}, chunk, cache, method=MultimodalLM.decode)
-
-
 def left_pad(ids: jax.Array, lengths: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
     """Right-padded ids [B, T] holding `lengths` [B] tokens -> ([B, width] with the tokens at the
     right end, bool mask of real tokens). Requires lengths <= width."""
@@ -206,74 +226,72 @@ def left_pad(ids: jax.Array, lengths: jax.Array, width: int) -> tuple[jax.Array,
 
 
 def _t2i_prompt(caption_ids, lengths, special: SpecialIds):
-    """`<bos> caption <boi>` left-padded to caption width + 2 -> (tokens, valid, next position)."""
+    """`<bos> caption <boi>` (layout.t2i_parts' prefix) left-padded to caption width + 2 ->
+    (tokens, valid, next position)."""
     b, width = caption_ids.shape
+    extra = layout.T2I_PROMPT_SPECIALS
     seq = jnp.concatenate([jnp.full((b, 1), special.bos, jnp.int32), caption_ids.astype(jnp.int32),
                            jnp.zeros((b, 1), jnp.int32)], axis=1)
     seq = seq.at[jnp.arange(b), lengths + 1].set(special.boi)
-    tokens, valid = left_pad(seq, lengths + 2, width + 2)
-    return tokens, valid, lengths + 2
+    tokens, valid = left_pad(seq, lengths + extra, width + extra)
+    return tokens, valid, lengths + extra
 
 
-def _text_chunk(tokens, valid, segment: int, d: int):
+def _text_chunk(tokens, valid, segment: int, d: int) -> dict:
     """Decode inputs of a (left-padded) text chunk; positions restart at each first real token."""
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
     seg = jnp.where(valid, segment, 0).astype(jnp.int32)
     zeros = jnp.zeros_like(tokens)
-    return (tokens, jnp.zeros(tokens.shape + (d,), jnp.float32), zeros + TEXT,
-            positions.astype(jnp.int32), seg, zeros)
+    return _chunk(tokens, jnp.zeros(tokens.shape + (d,), jnp.float32), zeros + TEXT,
+                  positions.astype(jnp.int32), seg, zeros)
 
 
-def _image_loop(model, params, cache, hidden, pos, segment, keys, settings, num_tokens,
-                collect: bool):
+def _image_loop(dec: Decoder, state: dict, segment, keys, num_tokens: int, collect: bool):
     """Samples `num_tokens` image tokens, feeding each back (modality IMAGE, causal).
 
-    hidden [R, D] predicts the first token; R = G*B rows (G = 2 with CFG). Returns (indices [B, n],
-    codes [B, n, d], cache, hidden predicting the token after the image [R, D], pos, and the
-    hidden that predicted each token [B, n, D] when `collect`).
+    state: {"cache", "hidden" [R, D] predicting the first token, "pos" [R]}; R = G*B rows (G = 2
+    with CFG). Returns (state after the image, {"indices" [B, n], "codes" [B, n, d], and when
+    `collect` "hidden" [B, n, D]: the state that predicted each token}).
     """
-    token_fn = flow_token if model.model_cfg.image_head == "flow" else discrete_token
-    groups = hidden.shape[0] // keys.shape[0]
-    ones = jnp.ones((hidden.shape[0], 1), jnp.int32)
+    batch = keys.shape[0]
+    groups = state["hidden"].shape[0] // batch
 
-    def body(carry, k):
-        cache, h, pos = carry
-        index, codes = token_fn(model, params, h, _fold(keys, k), settings)
+    def body(s, k):
+        index, codes = dec.sample_token(s["hidden"], _fold(keys, k))
         index_r, codes_r = jnp.tile(index, groups), jnp.tile(codes, (groups, 1))
-        new_h, cache = _decode(model, params, cache, index_r[:, None], codes_r[:, None],
-                               ones * IMAGE, pos[:, None], ones * segment, ones * 0)
-        out = (index, codes, h[: keys.shape[0]] if collect else None)
-        return (cache, new_h[:, 0], pos + 1), out
+        new_h, cache = dec.decode(s["cache"], _step_chunk(index_r, codes_r, IMAGE, s["pos"],
+                                                          segment))
+        out = (index, codes, s["hidden"][:batch] if collect else None)
+        return {"cache": cache, "hidden": new_h[:, 0], "pos": s["pos"] + 1}, out
 
-    (cache, hidden, pos), (index, codes, seen) = jax.lax.scan(
-        body, (cache, hidden, pos), jnp.arange(num_tokens))
-    seen = None if seen is None else jnp.swapaxes(seen, 0, 1)
-    return index.T, jnp.swapaxes(codes, 0, 1), cache, hidden, pos, seen
+    state, (index, codes, seen) = jax.lax.scan(body, state, jnp.arange(num_tokens))
+    out = {"indices": index.T, "codes": jnp.swapaxes(codes, 0, 1)}
+    if collect:
+        out["hidden"] = jnp.swapaxes(seen, 0, 1)
+    return state, out
 
 
-def _text_loop(model, params, cache, hidden, pos, segment, keys, settings, special,
-               collect: bool):
+def _text_loop(dec: Decoder, state: dict, segment, keys, collect: bool):
     """Samples up to max_text_len tokens per row until each row has produced <eos>.
 
     Tokens after a row's <eos> are PAD_ID; the loop stops early once every row is done. Returns
-    (tokens [R, T], cache, hidden [R, D], pos, hidden that predicted each token [R, T, D] or None).
+    (state, {"tokens" [R, T], and when `collect` "hidden" [R, T, D]: what predicted each token}).
     """
-    rows, width = hidden.shape[0], settings.max_text_len
+    settings, special = dec.settings, dec.special
+    rows, width = state["hidden"].shape[0], settings.max_text_len
     keys = jnp.tile(keys, (rows // keys.shape[0],) + (1,) * (keys.ndim - 1))
-    ones = jnp.ones((rows, 1), jnp.int32)
-    state = {"step": jnp.zeros((), jnp.int32), "cache": cache, "hidden": hidden, "pos": pos,
-             "done": jnp.zeros((rows,), bool), "tokens": jnp.full((rows, width), PAD_ID, jnp.int32)}
+    loop = dict(state, step=jnp.zeros((), jnp.int32), done=jnp.zeros((rows,), bool),
+                tokens=jnp.full((rows, width), PAD_ID, jnp.int32))
     if collect:
-        state["seen"] = jnp.zeros((rows, width) + hidden.shape[1:], hidden.dtype)
+        loop["seen"] = jnp.zeros((rows, width) + state["hidden"].shape[1:], state["hidden"].dtype)
 
     def body(s):
-        logits = model.apply({"params": params}, s["hidden"], method=MultimodalLM.lm_logits)
+        logits = dec.apply(s["hidden"], method=MultimodalLM.lm_logits)
         tok = sample_rows(_fold(keys, s["step"]), logits, temperature=settings.temperature,
                           top_k=settings.top_k, top_p=settings.top_p)
         tok = jnp.where(s["done"], PAD_ID, tok)
-        new_h, cache = _decode(model, params, s["cache"], tok[:, None],
-                               jnp.zeros((rows, 1, FSQ(model.fsq_levels).dim), jnp.float32),
-                               ones * TEXT, s["pos"][:, None], ones * segment, ones * 0)
+        new_h, cache = dec.decode(s["cache"], _step_chunk(
+            tok, jnp.zeros((rows, dec.fsq.dim), jnp.float32), TEXT, s["pos"], segment))
         out = dict(s, step=s["step"] + 1, cache=cache, hidden=new_h[:, 0], pos=s["pos"] + 1,
                    done=s["done"] | (tok == special.eos),
                    tokens=s["tokens"].at[:, s["step"]].set(tok))
@@ -281,8 +299,11 @@ def _text_loop(model, params, cache, hidden, pos, segment, keys, settings, speci
             out["seen"] = s["seen"].at[:, s["step"]].set(s["hidden"])
         return out
 
-    s = jax.lax.while_loop(lambda s: (s["step"] < width) & ~jnp.all(s["done"]), body, state)
-    return s["tokens"], s["cache"], s["hidden"], s["pos"], s.get("seen")
+    s = jax.lax.while_loop(lambda s: (s["step"] < width) & ~jnp.all(s["done"]), body, loop)
+    out = {"tokens": s["tokens"]}
+    if collect:
+        out["hidden"] = s["seen"]
+    return {k: s[k] for k in ("cache", "hidden", "pos")}, out
 
 
 def text_lengths(tokens: jax.Array, eos: int) -> jax.Array:
@@ -291,43 +312,42 @@ def text_lengths(tokens: jax.Array, eos: int) -> jax.Array:
     return jnp.where(stop.any(-1), jnp.argmax(stop, -1), tokens.shape[1]).astype(jnp.int32)
 
 
-def _t2i_doc(model, params, cache, caption_ids, lengths, segment, keys, settings, special,
-             num_tokens, collect):
+def _t2i_doc(dec: Decoder, cache, caption_ids, lengths, segment, keys, num_tokens: int,
+             collect: bool):
     """Prefills `<bos> caption <boi>` (+ the uncond `<bos> <boi>` half with CFG), samples the
-    image."""
-    d = FSQ(model.fsq_levels).dim
-    tokens, valid, pos = _t2i_prompt(caption_ids, lengths, special)
-    if settings.guided:
+    image -> (cache, the image loop's outputs)."""
+    tokens, valid, pos = _t2i_prompt(caption_ids, lengths, dec.special)
+    if dec.settings.guided:
         u_tokens, u_valid, u_pos = _t2i_prompt(jnp.zeros_like(caption_ids),
-                                               jnp.zeros_like(lengths), special)
+                                               jnp.zeros_like(lengths), dec.special)
         tokens, valid = jnp.concatenate([tokens, u_tokens]), jnp.concatenate([valid, u_valid])
         pos = jnp.concatenate([pos, u_pos])
-    hidden, cache = _decode(model, params, cache, *_text_chunk(tokens, valid, segment, d))
-    index, codes, cache, _, _, seen = _image_loop(model, params, cache, hidden[:, -1], pos,
-                                                  segment, keys, settings, num_tokens, collect)
-    return index, codes, cache, seen
+    hidden, cache = dec.decode(cache, _text_chunk(tokens, valid, segment, dec.fsq.dim))
+    state = {"cache": cache, "hidden": hidden[:, -1], "pos": pos}
+    state, out = _image_loop(dec, state, segment, keys, num_tokens, collect)
+    return state["cache"], out
 
 
-def _i2t_doc(model, params, cache, codes, segment, keys, settings, special, collect):
-    """Prefills `<bos> <boi> img <eoi>` as ONE chunk (the image is a bidirectional context
-    block, image_block = segment as the packer writes it), then samples the caption."""
+def _i2t_doc(dec: Decoder, cache, codes, segment, keys, collect: bool):
+    """Prefills `<bos> <boi> img <eoi>` (layout.i2t_parts' prefix) as ONE chunk (the image is a
+    bidirectional context block, image_block = segment as the packer writes it), then samples
+    the caption -> (cache, the text loop's outputs)."""
+    special = dec.special
     rows, n, _ = codes.shape
-    fsq = FSQ(model.fsq_levels)
     col = lambda v: jnp.full((rows, 1), v, jnp.int32)  # noqa: E731
-    tokens = jnp.concatenate([col(special.bos), col(special.boi), fsq.codes_to_indices(codes),
+    tokens = jnp.concatenate([col(special.bos), col(special.boi), dec.fsq.codes_to_indices(codes),
                               col(special.eoi)], axis=1)
     is_img = jnp.arange(n + 3) - 2
     is_img = jnp.broadcast_to((is_img >= 0) & (is_img < n), tokens.shape)
     chunk_codes = jnp.pad(codes.astype(jnp.float32), ((0, 0), (2, 1), (0, 0)))
     positions = jnp.broadcast_to(jnp.arange(n + 3, dtype=jnp.int32), tokens.shape)
-    hidden, cache = _decode(model, params, cache, tokens, chunk_codes,
-                            jnp.where(is_img, IMAGE, TEXT), positions,
-                            jnp.full(tokens.shape, segment, jnp.int32),
-                            jnp.where(is_img, segment, 0).astype(jnp.int32))
-    tokens, cache, _, _, seen = _text_loop(model, params, cache, hidden[:, -1],
-                                           positions[:, -1] + 1, segment, keys, settings, special,
-                                           collect)
-    return tokens, cache, seen
+    hidden, cache = dec.decode(cache, _chunk(
+        tokens, chunk_codes, jnp.where(is_img, IMAGE, TEXT), positions,
+        jnp.full(tokens.shape, segment, jnp.int32),
+        jnp.where(is_img, segment, 0).astype(jnp.int32)))
+    state = {"cache": cache, "hidden": hidden[:, -1], "pos": positions[:, -1] + 1}
+    state, out = _text_loop(dec, state, segment, keys, collect)
+    return state["cache"], out
 
 
 # ---- public entry points (pure; jit them with `Sampler`) --------------------------------------
@@ -336,12 +356,13 @@ def text_to_image(params, model, caption_ids, caption_lengths, rng, *, settings:
     """Images for captions: caption_ids int [B, T] right-padded, caption_lengths [B] ->
     {"indices": int32 [B, n], "codes": float32 [B, n, d] on the FSQ grid
      (+ "hidden": [B, n, D], the state that predicted each token, when `collect`)}."""
+    dec = Decoder(model, params, settings, special)
     b, width = caption_ids.shape
-    cache = init_cache(model.model_cfg, (1 + settings.guided) * b, width + 2 + num_image_tokens)
-    index, codes, _, seen = _t2i_doc(model, params, cache, caption_ids, caption_lengths, 1,
-                                     _fold(row_keys(rng, b), 0), settings, special,
-                                     num_image_tokens, collect)
-    return {"indices": index, "codes": codes, **({"hidden": seen} if collect else {})}
+    cache = init_cache(model.cfg, (1 + settings.guided) * b,
+                       width + layout.T2I_PROMPT_SPECIALS + num_image_tokens)
+    _, out = _t2i_doc(dec, cache, caption_ids, caption_lengths, 1, _fold(row_keys(rng, b), 0),
+                      num_image_tokens, collect)
+    return out
 
 
 def image_to_text(params, model, image_codes, rng, *, settings: SampleSettings,
@@ -349,12 +370,12 @@ def image_to_text(params, model, image_codes, rng, *, settings: SampleSettings,
     """Captions for images given as FSQ code vectors [B, n, d] ->
     {"tokens": int32 [B, max_text_len] (PAD_ID after <eos>), "lengths": [B]
      (+ "hidden": [B, T, D] when `collect`)}."""
+    dec = Decoder(model, params, settings, special)
     b, n, _ = image_codes.shape
-    cache = init_cache(model.model_cfg, b, n + 3 + settings.max_text_len)
-    tokens, _, seen = _i2t_doc(model, params, cache, image_codes, 1, _fold(row_keys(rng, b), 1),
-                               settings, special, collect)
-    out = {"tokens": tokens, "lengths": text_lengths(tokens, special.eos)}
-    return {**out, **({"hidden": seen} if collect else {})}
+    cache = init_cache(model.cfg, b, n + layout.I2T_PROMPT_SPECIALS + settings.max_text_len)
+    _, out = _i2t_doc(dec, cache, image_codes, 1, _fold(row_keys(rng, b), 1), collect)
+    result = {"tokens": out["tokens"], "lengths": text_lengths(out["tokens"], special.eos)}
+    return {**result, **({"hidden": out["hidden"]} if collect else {})}
 
 
 def interleaved(params, model, caption_ids, caption_lengths, rng, *, settings: SampleSettings,
@@ -369,23 +390,26 @@ def interleaved(params, model, caption_ids, caption_lengths, rng, *, settings: S
     """
     if rounds < 1:
         raise ValueError(f"interleaved: rounds={rounds} must be >= 1.")
+    dec = Decoder(model, params, settings, special)
     b, width = caption_ids.shape
     n, t = num_image_tokens, settings.max_text_len
     groups = 1 + settings.guided
     width = max(width, t)  # every round's prompt has the same static width
     ids = jnp.pad(caption_ids.astype(jnp.int32), ((0, 0), (0, width - caption_ids.shape[1])))
-    cache = init_cache(model.model_cfg, groups * b, rounds * (width + 2 + n + n + 3 + t))
+    per_round = (width + layout.T2I_PROMPT_SPECIALS + n) + (n + layout.I2T_PROMPT_SPECIALS + t)
+    cache = init_cache(model.cfg, groups * b, rounds * per_round)
     keys = row_keys(rng, b)
 
     def one_round(carry, r):
         cache, ids, lengths = carry
-        index, codes, cache, _ = _t2i_doc(model, params, cache, ids, lengths, 2 * r + 1,
-                                          _fold(keys, 2 * r), settings, special, n, False)
-        tokens, cache, _ = _i2t_doc(model, params, cache, jnp.tile(codes, (groups, 1, 1)),
-                                    2 * r + 2, _fold(keys, 2 * r + 1), settings, special, False)
-        tokens, lengths = tokens[:b], text_lengths(tokens[:b], special.eos)
+        cache, image = _t2i_doc(dec, cache, ids, lengths, 2 * r + 1, _fold(keys, 2 * r), n, False)
+        codes = image["codes"]
+        cache, text = _i2t_doc(dec, cache, jnp.tile(codes, (groups, 1, 1)), 2 * r + 2,
+                               _fold(keys, 2 * r + 1), False)
+        tokens = text["tokens"][:b]
+        lengths = text_lengths(tokens, special.eos)
         next_ids = jnp.pad(tokens, ((0, 0), (0, width - t)))
-        return (cache, next_ids, lengths), (index, codes, tokens, lengths)
+        return (cache, next_ids, lengths), (image["indices"], codes, tokens, lengths)
 
     _, outs = jax.lax.scan(one_round, (cache, ids, caption_lengths.astype(jnp.int32)),
                            jnp.arange(rounds))

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from mmjax import config_defaults, flops
+from mmjax import config_defaults, config_validation, flops
 
 VOCAB = 300
 LEVELS = (8, 5, 5, 5)
@@ -19,19 +19,24 @@ def _cfg(**kw):
     return c
 
 
+def typed(model_cfg, vocab=VOCAB, levels=LEVELS):
+    """The checked ModelConfig the counts take (config_validation is where bad values fail)."""
+    return config_validation.model_block(model_cfg, vocab, levels)
+
+
 def test_hand_counted_tiny_model():
     c = _cfg(num_modalities=1, image_head="discrete")
     d, mlp, L, V = 32, 64, 2, VOCAB
     block = 4 * d * d + 3 * d * mlp + 2 * d
     expect = V * d + 4 * d + L * block + d + d * V + d * math.prod(LEVELS)
-    p = flops.param_counts(c, V, LEVELS)
+    p = flops.param_counts(typed(c, V, LEVELS))
     assert p["total"] == expect == p["active_per_token"]
     assert p["embedding"] == V * d + 4 * d
-    tied = flops.param_counts(_cfg(num_modalities=1, image_head="discrete", tie_embeddings=True),
-                              V, LEVELS)
+    tied = flops.param_counts(typed(_cfg(num_modalities=1, image_head="discrete",
+                                         tie_embeddings=True), V, LEVELS))
     assert p["total"] - tied["total"] == d * V and tied["lm_head"] == 0
     assert p["non_embedding"] == p["total"] - p["embedding"]
-    f = flops.flops_per_token(c, V, LEVELS, seq_len=64, image_fraction=0.25)
+    f = flops.flops_per_token(typed(c, V, LEVELS), seq_len=64, image_fraction=0.25)
     assert f["backbone"] == L * 2 * (4 * d * d + 3 * d * mlp)
     assert f["attention"] == L * 4 * 32 * d  # ctx = 64 / 2
     assert f["lm_head"] == 0.75 * 2 * d * V
@@ -39,16 +44,17 @@ def test_hand_counted_tiny_model():
     assert f["input_proj"] == 0.25 * 2 * 4 * d
     assert f["train"] == 3 * f["forward"] == pytest.approx(3 * sum(
         f[k] for k in ("backbone", "attention", "input_proj", "lm_head", "discrete_head")))
-    factorized = flops.param_counts(_cfg(image_head="discrete", discrete_factorized=True), V,
-                                    LEVELS)
+    factorized = flops.param_counts(typed(_cfg(image_head="discrete", discrete_factorized=True),
+                                          V, LEVELS))
     assert factorized["image_head"] == d * sum(LEVELS)
 
 
 def test_mot_has_dense_flops_and_more_params():
     counts, per_token = [], []
     for m in (1, 2, 3):
-        counts.append(flops.param_counts(_cfg(num_modalities=m), VOCAB, LEVELS))
-        per_token.append(flops.flops_per_token(_cfg(num_modalities=m), VOCAB, LEVELS, 128, 0.5))
+        counts.append(flops.param_counts(typed(_cfg(num_modalities=m), VOCAB, LEVELS)))
+        per_token.append(flops.flops_per_token(typed(_cfg(num_modalities=m), VOCAB, LEVELS),
+                                               128, 0.5))
     assert per_token[0] == per_token[1] == per_token[2]
     assert counts[0]["active_per_token"] == counts[1]["active_per_token"] \
         == counts[2]["active_per_token"] == counts[0]["total"]
@@ -59,36 +65,37 @@ def test_mot_has_dense_flops_and_more_params():
 
 
 def test_linear_in_layers_and_conventions():
-    f = [flops.flops_per_token(_cfg(num_layers=n), VOCAB, LEVELS, 128, 0.5)["forward"]
+    f = [flops.flops_per_token(typed(_cfg(num_layers=n), VOCAB, LEVELS), 128, 0.5)["forward"]
          for n in (1, 2, 3, 7)]
-    p = [flops.param_counts(_cfg(num_layers=n), VOCAB, LEVELS)["total"] for n in (1, 2, 3, 7)]
+    p = [flops.param_counts(typed(_cfg(num_layers=n), VOCAB, LEVELS))["total"]
+         for n in (1, 2, 3, 7)]
     for series in (f, p):
         slope = series[1] - series[0]
         assert slope > 0
         assert series[2] - series[1] == pytest.approx(slope)
         assert series[3] - series[0] == pytest.approx(6 * slope)
-    causal = flops.flops_per_token(_cfg(), VOCAB, LEVELS, 128, 0.5)
-    full = flops.flops_per_token(_cfg(), VOCAB, LEVELS, 128, 0.5, causal=False)
+    causal = flops.flops_per_token(typed(_cfg(), VOCAB, LEVELS), 128, 0.5)
+    full = flops.flops_per_token(typed(_cfg(), VOCAB, LEVELS), 128, 0.5, causal=False)
     assert full["attention"] == 2 * causal["attention"]
-    longer = flops.flops_per_token(_cfg(), VOCAB, LEVELS, 256, 0.5)
+    longer = flops.flops_per_token(typed(_cfg(), VOCAB, LEVELS), 256, 0.5)
     assert longer["attention"] == 2 * causal["attention"]
     assert longer["backbone"] == causal["backbone"]
     # The flow head runs flow_t_samples times at image-target positions only.
     # By hand (W=16, depth=2, code dim 4, d_model=32): per sample t-MLP 2W^2 + x_proj 4W +
     # blocks 2 * 5W^2 + final modulation 2W^2 + out 4W = 3712 MACs; cond_proj d*W = 512 MACs once.
     assert causal["flow_head"] == 0.5 * 2 * (512 + 3 * 3712)
-    more_t = flops.flops_per_token(_cfg(flow_t_samples=6), VOCAB, LEVELS, 128, 0.5)
+    more_t = flops.flops_per_token(typed(_cfg(flow_t_samples=6), VOCAB, LEVELS), 128, 0.5)
     assert more_t["flow_head"] - causal["flow_head"] == 0.5 * 2 * 3 * 3712
-    text_only = flops.flops_per_token(_cfg(), VOCAB, LEVELS, 128, 0.0)
+    text_only = flops.flops_per_token(typed(_cfg(), VOCAB, LEVELS), 128, 0.0)
     assert text_only["flow_head"] == 0 and text_only["lm_head"] == 2 * causal["lm_head"]
 
 
 def test_six_n_is_close_for_a_large_model():
     c = _cfg(num_layers=24, d_model=2048, num_heads=16, mlp_dim=5632, image_head="discrete",
              discrete_factorized=True)
-    f = flops.flops_per_token(c, 32000, LEVELS, 2048, 0.0)
+    f = flops.flops_per_token(typed(c, 32000, LEVELS), 2048, 0.0)
     assert 1.0 < f["train"] / f["six_n"] < 1.1  # attention adds a few percent at seq 2048
-    f_short = flops.flops_per_token(c, 32000, LEVELS, 128, 0.0)
+    f_short = flops.flops_per_token(typed(c, 32000, LEVELS), 128, 0.0)
     assert f_short["train"] / f_short["six_n"] == pytest.approx(1.0, abs=0.01)
 
 
@@ -111,15 +118,15 @@ def test_mfu_and_peaks():
 
 def test_bad_input_names_the_field():
     with pytest.raises(ValueError, match="num_heads"):
-        flops.param_counts(_cfg(num_heads=3), VOCAB, LEVELS)
+        flops.param_counts(typed(_cfg(num_heads=3), VOCAB, LEVELS))
     with pytest.raises(ValueError, match="image_head"):
-        flops.param_counts(_cfg(image_head="gan"), VOCAB, LEVELS)
+        flops.param_counts(typed(_cfg(image_head="gan"), VOCAB, LEVELS))
     with pytest.raises(ValueError, match="image_fraction"):
-        flops.flops_per_token(_cfg(), VOCAB, LEVELS, 128, 1.5)
+        flops.flops_per_token(typed(_cfg(), VOCAB, LEVELS), 128, 1.5)
     with pytest.raises(ValueError, match="fsq_levels"):
-        flops.param_counts(_cfg(), VOCAB, (1,))
+        flops.param_counts(typed(_cfg(), VOCAB, (1,)))
     with pytest.raises(ValueError, match="mlp_dim"):
-        flops.param_counts(_cfg(mlp_dim=0), VOCAB, LEVELS)
+        flops.param_counts(typed(_cfg(mlp_dim=0), VOCAB, LEVELS))
 
 
 def _model_module():
@@ -140,13 +147,13 @@ def test_count_matches_real_model(kw):
     import jax
 
     c = _cfg(max_seq_len=16, **kw)
-    model = model_lib.MultimodalLM(c, VOCAB, LEVELS)
+    model = model_lib.MultimodalLM(typed(c))
     batch = _dummy_batch(2, 16, len(LEVELS))
     # eval_shape: the real init's parameter shapes without running (or compiling) it.
     params = jax.eval_shape(lambda b: model_lib.init_params(model, jax.random.PRNGKey(0), b),
                             batch)
     actual = sum(x.size for x in jax.tree.leaves(params))
-    assert flops.param_counts(c, VOCAB, LEVELS)["total"] == actual, kw
+    assert flops.param_counts(typed(c, VOCAB, LEVELS))["total"] == actual, kw
 
 
 def _dummy_batch(b, length, d):
@@ -172,7 +179,7 @@ def test_backbone_flops_match_xla_cost_analysis():
     seq = 64
     c = _cfg(num_modalities=1, num_layers=2, d_model=128, num_heads=4, mlp_dim=512,
              max_seq_len=seq)
-    model = model_lib.MultimodalLM(c, VOCAB, LEVELS)
+    model = model_lib.MultimodalLM(typed(c))
     batch = _dummy_batch(2, seq, len(LEVELS))
     params = jax.eval_shape(lambda b: model_lib.init_params(model, jax.random.PRNGKey(0), b),
                             batch)
@@ -180,14 +187,15 @@ def test_backbone_flops_match_xla_cost_analysis():
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     xla_per_token = cost["flops"] / (2 * seq)
-    f = flops.flops_per_token(c, VOCAB, LEVELS, seq, 1.0, causal=False)
+    f = flops.flops_per_token(typed(c, VOCAB, LEVELS), seq, 1.0, causal=False)
     mine = f["backbone"] + f["attention"] + f["input_proj"]
     assert xla_per_token == pytest.approx(mine, rel=0.05)
 
 
 def test_summary_of_a_full_config():
     c = config_defaults.base_config()
-    s = flops.summary(c, VOCAB, image_fraction=0.5)
-    assert s["params"] == flops.param_counts(c.model, VOCAB, c.fsq.levels)
-    assert s["flops"] == flops.flops_per_token(c.model, VOCAB, c.fsq.levels, c.model.max_seq_len,
+    s = flops.summary(config_validation.model_config(c, VOCAB), image_fraction=0.5)
+    assert s["params"] == flops.param_counts(typed(c.model, VOCAB, c.fsq.levels))
+    assert s["flops"] == flops.flops_per_token(typed(c.model, VOCAB, c.fsq.levels),
+                                               c.model.max_seq_len,
                                                0.5)

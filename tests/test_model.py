@@ -101,8 +101,7 @@ def test_every_param_is_logically_partitioned(setup):
 
 def test_remat_dots_gives_the_same_gradients(setup):
     s = setup
-    model_remat = MultimodalLM(tiny_cfg(num_modalities=2, max_seq_len=L, remat="dots"), VOCAB,
-                               LEVELS)
+    model_remat = MultimodalLM(tiny_cfg(num_modalities=2, max_seq_len=L, remat="dots"))
     grads = []
     for model in (s["model"], model_remat):
         loss = lambda p, m=model: jnp.sum(jnp.sin(m.apply({"params": p}, s["batch"])))  # noqa: E731
@@ -137,7 +136,7 @@ def test_variants_tied_discrete_factorized_bf16():
 
 def test_noise_augmentation_only_touches_image_inputs(setup):
     s = setup
-    noisy = MultimodalLM(tiny_cfg(num_modalities=2, max_seq_len=L, noise_aug=0.5), VOCAB, LEVELS)
+    noisy = MultimodalLM(tiny_cfg(num_modalities=2, max_seq_len=L, noise_aug=0.5))
     fwd = jax.jit(lambda p, b, k, train: noisy.apply({"params": p}, b, train=train,
                                                       rngs={"noise": k}), static_argnums=3)
     clean = s["forward"](s["params"], s["batch"])
@@ -169,17 +168,17 @@ def test_sharded_over_data_fsdp_tensor_matches_unsharded():
     """Every logical name maps through parallel.py's rules, and a (data, fsdp, tensor) = (2, 2, 2)
     mesh gives the same hidden states and loss as one device. (Forward only: compiling the
     gradient twice would dominate this file's run time.)"""
-    from mmjax import config_defaults, objectives, parallel
+    from mmjax import config_defaults, config_validation, objectives, parallel
 
     cfg = tiny_cfg(num_modalities=2, max_seq_len=L, flow_t_samples=1)
-    obj = config_defaults.objective_config()
+    obj = config_validation.objective_config(config_defaults.objective_config())
     batch = packed_batch(ROWS * 2, L, VOCAB, LEVELS, seed=4)
     model, params = build(cfg, batch)
     boxed = jax.eval_shape(lambda k: init_params(model, k, batch), key(0))
 
     def run(p, b):
         hidden = model.apply({"params": p}, b)
-        return hidden, objectives.compute_losses(model, p, b, key(5), obj, cfg, train=True)[0]
+        return hidden, objectives.compute_losses(model, p, b, key(5), obj, train=True)[0]
 
     want = jax.jit(run)(params, batch)
     mesh_cfg = config_defaults.mesh_config()

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from mmjax import config_defaults
+from mmjax import config_defaults, config_validation
 from mmjax.models import masks, mot
 from mmjax.models.model import MultimodalLM, init_params
 from test_masks import packed_batch
@@ -21,7 +21,7 @@ def tiny_cfg(**kw):
     c.update(num_layers=2, d_model=32, num_heads=2, mlp_dim=64, flow_width=32, flow_depth=1,
              max_seq_len=24)
     c.update(kw)
-    return c
+    return config_validation.model_block(c, VOCAB, LEVELS)
 
 
 def key(seed):
@@ -42,7 +42,7 @@ def perturb(params, seed, scale=0.1, where=lambda path: True):
 
 def build(cfg, batch, seed=0):
     """Model and perturbed, unboxed params (init jitted once)."""
-    model = MultimodalLM(cfg, VOCAB, LEVELS)
+    model = MultimodalLM(cfg)
     params = jax.jit(lambda k: nn.unbox(init_params(model, k, batch)))(key(seed))
     return model, perturb(params, seed + 1)
 
@@ -169,7 +169,7 @@ def test_model_equals_per_token_reference_for_one_and_two_modalities():
         got = jax.jit(model.apply)({"params": params}, b)
         np.testing.assert_allclose(got, reference_hidden(params, b, cfg), rtol=1e-4, atol=1e-4)
         if m == 2:  # the masked reference implementation agrees with ragged too
-            masked = MultimodalLM(tiny_cfg(num_modalities=2, mot_impl="masked"), VOCAB, LEVELS)
+            masked = MultimodalLM(tiny_cfg(num_modalities=2, mot_impl="masked"))
             np.testing.assert_allclose(jax.jit(masked.apply)({"params": params}, b), got,
                                        atol=1e-5)
 

@@ -5,12 +5,11 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
-from mmjax import config_defaults, objectives
+from mmjax import config_defaults, config_validation, objectives
 from mmjax.models import heads
 from mmjax.tokenizers.fsq import FSQ
 from test_masks import packed_batch
@@ -49,14 +48,15 @@ def test_index_digits_and_nll_match_brute_force():
 
 def test_time_sampling():
     obj = config_defaults.objective_config()
-    t = np.asarray(objectives.sample_t(key(0), (20000,), obj))
+    typed = config_validation.objective_config
+    t = np.asarray(objectives.sample_t(key(0), (20000,), typed(obj)))
     assert 0 <= t.min() and t.max() <= 1 and abs(t.mean() - 0.5) < 0.02
     obj.flow_t_dist, obj.flow_logit_std = "logit_normal", 2.0
-    t = np.asarray(objectives.sample_t(key(0), (20000,), obj))
+    t = np.asarray(objectives.sample_t(key(0), (20000,), typed(obj)))
     assert ((t < 0.1) | (t > 0.9)).mean() > 0.25  # ~0.27 vs 0.2 for uniform
     obj.flow_t_dist = "beta"
     with pytest.raises(ValueError, match="flow_t_dist"):
-        objectives.sample_t(key(0), (3,), obj)
+        objectives.sample_t(key(0), (3,), typed(obj))  # the typed block refuses it
 
 
 def _train(cfg, obj, steps):
@@ -64,12 +64,13 @@ def _train(cfg, obj, steps):
     Also checks, with the same compiled step, that empty masks give finite losses/gradients."""
     batch = packed_batch(ROWS, 24, VOCAB, LEVELS, seed=2)
     model, params = build(cfg, batch)
+    objective = config_validation.objective_config(obj)
     tx = optax.adam(3e-3)
 
     @jax.jit
     def step(params, opt_state, batch):
         grad_fn = jax.value_and_grad(objectives.compute_losses, argnums=1, has_aux=True)
-        (loss, metrics), grads = grad_fn(model, params, batch, key(3), obj, cfg, train=True)
+        (loss, metrics), grads = grad_fn(model, params, batch, key(3), objective, train=True)
         updates, opt_state = tx.update(grads, opt_state, params)
         gnorm = optax.tree.norm(grads)
         return optax.apply_updates(params, updates), opt_state, metrics, gnorm
@@ -106,7 +107,8 @@ def test_flow_training_reduces_text_and_flow_loss():
 
 def test_discrete_factorized_training_reduces_index_ce():
     cfg = tiny_cfg(num_modalities=2, image_head="discrete", discrete_factorized=True)
-    obj = ml_collections.ConfigDict(dict(text_weight=0.5, image_weight=2.0))
+    obj = config_defaults.objective_config()  # (the discrete head reads only the weights)
+    obj.update(text_weight=0.5, image_weight=2.0)
     h = _train(cfg, obj, 30)
     assert h[-1]["image_loss"] < 0.5 * h[0]["image_loss"], (h[0], h[-1])
     assert h[-1]["text_loss"] < 0.5 * h[0]["text_loss"], (h[0], h[-1])

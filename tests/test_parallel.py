@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mmjax import checkpointing, config_defaults, objectives, parallel, train
+from mmjax import checkpointing, config_defaults, config_validation, objectives, parallel, train
 from mmjax.data import packing
 from mmjax.data.pipeline import batched_iterator
 from mmjax.metrics_writer import read_jsonl
@@ -77,14 +77,15 @@ class SyntheticTask:
 
     def model(self, config=None):
         config = config or self.config
-        return model_lib.MultimodalLM(config.model, VOCAB, tuple(config.fsq.levels))
+        return model_lib.MultimodalLM(config_validation.model_config(config, VOCAB))
 
     def init_params(self, rng, batch):
         return model_lib.init_params(self.model(), rng, batch)
 
     def loss_fn(self, params, batch, rng, train):
         return objectives.compute_losses(self.model(), params, batch, rng,
-                                         self.config.objective, self.config.model, train=train)
+                                         config_validation.objective_config(self.config.objective),
+                                         train=train)
 
 
 def tiny_config(steps=4, model=None, **train_overrides):

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax import config_defaults, sampling
-from mmjax.data.packing import SpecialIds
+from mmjax import config_defaults, config_validation, sampling
+from mmjax.layout import SpecialIds
 from mmjax.models import heads
 from mmjax.models.model import MultimodalLM
 from mmjax.tokenizers.fsq import FSQ
@@ -275,13 +275,17 @@ def test_sampling_frequencies_follow_the_filtered_distribution():
 
 def test_settings_from_config_and_validation():
     cfg = config_defaults.sample_config()
-    s = sampling.SampleSettings.from_config(cfg)
+    s = config_validation.sample_settings(cfg)
     assert s.ode_steps == cfg.ode_steps and s.cfg_scale == cfg.cfg_scale and s.guided
     assert not sampling.SampleSettings(cfg_scale=1.0).guided
+
+    def settings(**kw):  # the sample block with `kw` changed, through the one validator
+        return config_validation.sample_settings(dict(cfg.to_dict(), **kw))
+
     with pytest.raises(ValueError, match="sample.top_p"):
-        sampling.SampleSettings(top_p=0.0)
+        settings(top_p=0.0)
     with pytest.raises(ValueError, match="sample.ode_solver"):
-        sampling.SampleSettings(ode_solver="rk4")
+        settings(ode_solver="rk4")
     del cfg.ode_steps
     with pytest.raises(ValueError, match="ode_steps"):
-        sampling.SampleSettings.from_config(cfg)
+        config_validation.sample_settings(cfg)

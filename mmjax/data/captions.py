@@ -11,7 +11,9 @@ import logging
 
 import numpy as np
 
-POLICIES = ("truncate", "drop", "error")
+from mmjax.choices import CHOICES
+
+POLICIES = CHOICES["data.long_captions"]
 
 
 def truncate_to_fit(tokenizer, caption: str, max_len: int) -> list[int]:

@@ -3,7 +3,7 @@
 Pure numpy, no model imports: image tokens arrive as FSQ indices plus their code vectors (the caller
 passes a lookup table or an `index_to_code` callable, so this module never needs the FSQ code).
 
-Document layouts (position i predicts token i+1):
+Document layouts (mmjax/layout.py, shared with the sampler; position i predicts token i+1):
     text -> image:  <bos> caption <boi> img_1 .. img_n <eoi> <eos>   (caption dropped: <bos> <boi> ...)
     image -> text:  <bos> <boi> img_1 .. img_n <eoi> caption <eos>   (the image is context)
 Loss masks: text loss wherever the next token is text (caption, <boi>, <eoi>, <eos>); image loss
@@ -19,39 +19,21 @@ is fixed by its index: pack a shuffled, repeated parent to redraw it every epoch
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Sequence
 
 import grain
 import numpy as np
 
+from mmjax import layout
+from mmjax.layout import IMAGE, SPECIAL_TOKENS, TEXT, SpecialIds, document_length, special_ids  # noqa: F401
+
 DIRECTIONS = ("t2i", "i2t")
-TEXT, IMAGE = 0, 1  # modality ids
-SPECIAL_TOKENS = 4  # <bos>, <boi>, <eoi>, <eos> in every document
 # Keys of build_document's output ([n] arrays, `codes`/`code_targets` [n, d]).
 DOC_KEYS = ("tokens", "codes", "modality", "positions", "text_targets", "text_mask", "code_targets",
             "index_targets", "image_mask", "image_block")
 # Keys of a packed row (INTERFACES.md), all [seq_len] but codes/code_targets [seq_len, d].
 PACKED_KEYS = ("tokens", "codes", "modality", "positions", "segment_ids", "image_block", "text_targets",
                "text_mask", "code_targets", "index_targets", "image_mask")
-
-
-class SpecialIds(NamedTuple):
-    """Text ids the layouts need (a TextTokenizer provides them via `special_ids`)."""
-
-    bos: int
-    eos: int
-    boi: int
-    eoi: int
-
-
-def special_ids(tokenizer) -> SpecialIds:
-    """SpecialIds of anything with bos_id / eos_id / boi_id / eoi_id (e.g. TextTokenizer)."""
-    return SpecialIds(tokenizer.bos_id, tokenizer.eos_id, tokenizer.boi_id, tokenizer.eoi_id)
-
-
-def document_length(caption_len: int, num_image_tokens: int) -> int:
-    """Tokens in one document (the same for both directions)."""
-    return caption_len + num_image_tokens + SPECIAL_TOKENS
 
 
 def build_document(caption_ids: Sequence[int], image_indices: np.ndarray, codes: np.ndarray, direction: str,
@@ -68,11 +50,8 @@ def build_document(caption_ids: Sequence[int], image_indices: np.ndarray, codes:
         raise ValueError(f"codes must be [{len(indices)}, d] for {len(indices)} image tokens, got {codes.shape}")
     if drop_caption:
         caption = caption[:0]
-    s = special
-    if direction == "t2i":
-        parts = [([s.bos], 0), (caption, 0), ([s.boi], 0), (indices, 1), ([s.eoi, s.eos], 0)]
-    else:
-        parts = [([s.bos, s.boi], 0), (indices, 1), ([s.eoi], 0), (caption, 0), ([s.eos], 0)]
+    template = layout.t2i_parts if direction == "t2i" else layout.i2t_parts
+    parts = template(caption, indices, special)
     tokens = np.concatenate([np.asarray(p, np.int32) for p, _ in parts])
     modality = np.concatenate([np.full(len(p), m, np.int32) for p, m in parts])
     n, d = len(tokens), codes.shape[1]

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from mmjax.choices import CHOICES
+
 # Finite "minus infinity" for masked logits: keeps fully masked rows NaN-free in any dtype.
 _MASK_VALUE = -1e30
 
@@ -137,4 +139,4 @@ def remat_module(module_cls, mode: str):
         return nn.remat(module_cls, prevent_cse=True)
     if mode == "dots":
         return nn.remat(module_cls, prevent_cse=True, policy=_dots_policy)
-    raise ValueError(f"model.remat={mode!r}: must be one of none, full, dots.")
+    raise ValueError(f"model.remat={mode!r}: must be one of {CHOICES['model.remat']}.")

@@ -9,7 +9,7 @@ methods map them to LM logits, flow velocities or FSQ-index logits.
 Decoding uses an explicit KV-cache pytree (`init_cache`) rather than a flax collection, so the
 sampler can jit, donate and carry it like any other array:
 
-    cache = init_cache(model_cfg, batch_size)                       # no params needed
+    cache = init_cache(cfg, batch_size)                             # no params needed
     hidden, cache = model.apply({"params": p}, prompt, cache, method=MultimodalLM.decode)
     hidden, cache = model.apply({"params": p}, step, cache, method=MultimodalLM.decode)
 
@@ -31,34 +31,26 @@ import numpy as np
 from flax import linen as nn
 
 from mmjax.models import heads, layers, masks, mot
+from mmjax.models.config import ModelConfig
 
 CHUNK_KEYS = ("tokens", "codes", "modality", "positions", "segment_ids", "image_block")
-_HEADS = ("flow", "discrete")
 
 
-def _cfg(model_cfg, name):
-    try:
-        return model_cfg[name]
-    except (KeyError, AttributeError):
-        raise ValueError(f"model config has no field {name!r} (see config_defaults.model_config)"
-                         ) from None
-
-
-def init_cache(model_cfg, batch_size: int, max_len: int | None = None) -> dict[str, Any]:
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int | None = None) -> dict[str, Any]:
     """An empty KV cache for `batch_size` rows and `max_len` slots (default model.max_seq_len).
 
     {"index": int32 [] next free slot, "segment_ids"/"image_block": int32 [B, S] of the cached
     positions (0 = empty), "layers": ({"k", "v": [B, S, H, Dh] in the compute dtype}, ...)}.
     """
-    size = int(max_len or _cfg(model_cfg, "max_seq_len"))
-    heads_, d = int(_cfg(model_cfg, "num_heads")), int(_cfg(model_cfg, "d_model"))
-    dtype = layers.resolve_dtype(_cfg(model_cfg, "dtype"))
+    size = int(max_len or cfg.max_seq_len)
+    heads_, d = cfg.num_heads, cfg.d_model
+    dtype = layers.resolve_dtype(cfg.dtype)
     kv = lambda: jnp.zeros((batch_size, size, heads_, d // heads_), dtype)  # noqa: E731
     return {
         "index": jnp.zeros((), jnp.int32),
         "segment_ids": jnp.zeros((batch_size, size), jnp.int32),
         "image_block": jnp.zeros((batch_size, size), jnp.int32),
-        "layers": tuple({"k": kv(), "v": kv()} for _ in range(int(_cfg(model_cfg, "num_layers")))),
+        "layers": tuple({"k": kv(), "v": kv()} for _ in range(cfg.num_layers)),
     }
 
 
@@ -69,49 +61,43 @@ def _is_concrete(x) -> bool:
 class MultimodalLM(nn.Module):
     """Decoder-only MoT over text tokens and FSQ image code vectors.
 
-    model_cfg: the `model` config block; vocab_size: text vocabulary; fsq_levels: FSQ levels
-    (code dim d = len(levels); discrete head size prod(levels)).
+    cfg: the checked ModelConfig (config_validation.model_config): the `model` block plus the
+    text vocabulary and the FSQ levels (code dim d = len(levels)). Its values are not checked
+    again here; the image head module comes from the config's registry entry `cfg.head`.
     """
 
-    model_cfg: Any
-    vocab_size: int
-    fsq_levels: tuple[int, ...]
+    cfg: ModelConfig
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
+
+    @property
+    def fsq_levels(self) -> tuple[int, ...]:
+        return self.cfg.fsq_levels
 
     def setup(self):
-        c = self.model_cfg
-        self.num_modalities = int(_cfg(c, "num_modalities"))
-        self.dtype = layers.resolve_dtype(_cfg(c, "dtype"))
-        d, heads_ = int(_cfg(c, "d_model")), int(_cfg(c, "num_heads"))
-        if d % heads_ or (d // heads_) % 2:
-            raise ValueError(f"model.num_heads={heads_} must split model.d_model={d} into an even "
-                             "head dimension (RoPE rotates pairs).")
-        if _cfg(c, "image_head") not in _HEADS:
-            raise ValueError(f"model.image_head={_cfg(c, 'image_head')!r}: must be one of "
-                             f"{_HEADS}.")
-        if _cfg(c, "mot_impl") not in mot.IMPLS:
-            raise ValueError(f"model.mot_impl={_cfg(c, 'mot_impl')!r}: must be one of {mot.IMPLS}.")
-        self.code_dim = len(self.fsq_levels)
-        self.embed = nn.Embed(self.vocab_size, d, dtype=self.dtype, param_dtype=jnp.float32,
+        c = self.cfg
+        self.num_modalities = c.num_modalities
+        self.dtype = layers.resolve_dtype(c.dtype)
+        d = c.d_model
+        self.code_dim = c.code_dim
+        self.embed = nn.Embed(c.vocab_size, d, dtype=self.dtype, param_dtype=jnp.float32,
                               embedding_init=layers.partitioned(
                                   nn.initializers.normal(d ** -0.5), ("vocab", "embed")))
         self.code_in = nn.Dense(d, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
                                 kernel_init=layers.partitioned(layers.fan_in_init(-2, -1),
                                                                ("code", "embed")))
-        block = layers.remat_module(mot.MoTBlock, _cfg(c, "remat"))
-        self.blocks = [block(self.num_modalities, d, heads_, int(_cfg(c, "mlp_dim")),
-                             float(_cfg(c, "rope_theta")), float(_cfg(c, "norm_eps")), self.dtype,
-                             _cfg(c, "mot_impl"), int(_cfg(c, "mot_tile")))
-                       for _ in range(int(_cfg(c, "num_layers")))]
-        self.final_norm = mot.ModalityRMSNorm(self.num_modalities, float(_cfg(c, "norm_eps")),
-                                              self.dtype)
-        if not _cfg(c, "tie_embeddings"):
-            self.lm_head = heads.LMHead(self.vocab_size, self.dtype)
-        if _cfg(c, "image_head") == "flow":
-            self.flow_head = heads.FlowHead(self.code_dim, int(_cfg(c, "flow_width")),
-                                            int(_cfg(c, "flow_depth")), self.dtype)
-        else:
-            self.index_head = heads.IndexHead(tuple(self.fsq_levels),
-                                              bool(_cfg(c, "discrete_factorized")), self.dtype)
+        block = layers.remat_module(mot.MoTBlock, c.remat)
+        self.blocks = [block(self.num_modalities, d, c.num_heads, c.mlp_dim, c.rope_theta,
+                             c.norm_eps, self.dtype, c.mot_impl, c.mot_tile)
+                       for _ in range(c.num_layers)]
+        self.final_norm = mot.ModalityRMSNorm(self.num_modalities, c.norm_eps, self.dtype)
+        if not c.tie_embeddings:
+            self.lm_head = heads.LMHead(c.vocab_size, self.dtype)
+        # The registry names the attribute, hence the parameter collection ("flow_head" /
+        # "index_head"), so checkpoints keep their layout.
+        setattr(self, c.head.attr, c.head.module(c, self.dtype))
 
     # ---- inputs ------------------------------------------------------------------------------
     def embed_inputs(self, tokens, codes, modality, *, train: bool) -> jax.Array:
@@ -127,7 +113,7 @@ class MultimodalLM(nn.Module):
         is_text = modality == 0
         text = self.embed(jnp.where(is_text, tokens, 0))
         codes = codes.astype(jnp.float32)
-        noise_aug = float(_cfg(self.model_cfg, "noise_aug"))
+        noise_aug = self.cfg.noise_aug
         if train and noise_aug > 0:
             key_std, key_noise = jax.random.split(self.make_rng("noise"))
             std = jax.random.uniform(key_std, codes.shape[:1] + (1,) * (codes.ndim - 1),
@@ -149,8 +135,8 @@ class MultimodalLM(nn.Module):
             raise ValueError(f"batch['modality'] holds ids outside [0, {self.num_modalities}) "
                              f"(model.num_modalities={self.num_modalities}).")
         b, t = tokens.shape
-        tile = int(_cfg(self.model_cfg, "mot_tile"))
-        impl = mot.resolve_impl(_cfg(self.model_cfg, "mot_impl"), b * t, tile)
+        tile = self.cfg.mot_tile
+        impl = mot.resolve_impl(self.cfg.mot_impl, b * t, tile)
         routing = mot.make_routing(modality, self.num_modalities, mot.routing_shards(b, impl),
                                    tile if impl == "tiled" else None)
         x = self.embed_inputs(tokens, batch["codes"], modality, train=train)
@@ -170,7 +156,7 @@ class MultimodalLM(nn.Module):
     def __call__(self, batch: Mapping[str, jax.Array], *, train: bool = False) -> jax.Array:
         """Hidden states [B, L, D] of a packed batch (only its input keys are read)."""
         mask = masks.attention_mask(batch["segment_ids"], batch["image_block"],
-                                    bool(_cfg(self.model_cfg, "image_bidirectional_context")))
+                                    self.cfg.image_bidirectional_context)
         hidden, _ = self._backbone(batch, mask, train=train)
         return hidden
 
@@ -191,7 +177,7 @@ class MultimodalLM(nn.Module):
                                            chunk["image_block"].astype(jnp.int32), start)
         mask = masks.decode_attention_mask(
             chunk["segment_ids"], chunk["image_block"], index, seg, blk,
-            bool(_cfg(self.model_cfg, "image_bidirectional_context")))
+            self.cfg.image_bidirectional_context)
         hidden, kv = self._backbone(chunk, mask, cache["layers"], index, train=False)
         hidden = jnp.where(index + t > size, jnp.nan, hidden)
         new_cache = {"index": index + t, "segment_ids": seg, "image_block": blk,
@@ -200,43 +186,50 @@ class MultimodalLM(nn.Module):
 
     def init_cache(self, batch_size: int, max_len: int | None = None) -> dict[str, Any]:
         """Same as the module-level `init_cache` (convenience under `apply`)."""
-        return init_cache(self.model_cfg, batch_size, max_len)
+        return init_cache(self.cfg, batch_size, max_len)
 
     # ---- heads -------------------------------------------------------------------------------
     def lm_logits(self, hidden: jax.Array) -> jax.Array:
         """Text logits, float32 [..., vocab_size]."""
-        if _cfg(self.model_cfg, "tie_embeddings"):
+        if self.cfg.tie_embeddings:
             table = self.embed.embedding.astype(self.dtype)
             return jnp.einsum("...d,vd->...v", hidden.astype(self.dtype), table,
                               preferred_element_type=jnp.float32)
         return self.lm_head(hidden)
 
+    def _image_head(self, name: str | None = None):
+        """The image head module (the registry entry's), or a ValueError when the caller asked
+        for head `name` and the config has another (a run-time call, not a config check)."""
+        if name is not None and self.cfg.image_head != name:
+            raise ValueError(f"needs model.image_head={name!r} (got {self.cfg.image_head!r}).")
+        return getattr(self, self.cfg.head.attr)
+
+    def apply_image_head(self, hidden: jax.Array, *args):
+        """The configured image head on hidden states (its inputs: see its registry entry)."""
+        return self._image_head()(hidden, *args)
+
     def flow_velocity(self, hidden: jax.Array, x_t: jax.Array, t: jax.Array) -> jax.Array:
         """Velocity [..., d] at noisy codes x_t [..., d] and times t [...]; hidden [..., D]
         broadcasts against x_t's leading dims (e.g. [B, L, D] with x_t [K, B, L, d])."""
-        if _cfg(self.model_cfg, "image_head") != "flow":
-            raise ValueError("flow_velocity needs model.image_head='flow' "
-                             f"(got {_cfg(self.model_cfg, 'image_head')!r}).")
-        return self.flow_head(hidden, x_t, t)
+        try:
+            head = self._image_head("flow")
+        except ValueError as e:
+            raise ValueError(f"flow_velocity {e}") from None
+        return head(hidden, x_t, t)
 
     def index_logits(self, hidden: jax.Array) -> tuple[jax.Array, ...]:
         """FSQ-index logits: a 1-tuple [..., prod(levels)], or one [..., L_i] per FSQ channel
         when model.discrete_factorized (see heads.index_nll / index_argmax)."""
-        if _cfg(self.model_cfg, "image_head") != "discrete":
-            raise ValueError("index_logits needs model.image_head='discrete' "
-                             f"(got {_cfg(self.model_cfg, 'image_head')!r}).")
-        return self.index_head(hidden)
+        try:
+            head = self._image_head("discrete")
+        except ValueError as e:
+            raise ValueError(f"index_logits {e}") from None
+        return head(hidden)
 
     def init_all(self, batch: Mapping[str, jax.Array]):
         """Touches every parameter (backbone and the configured heads); use as `init` method."""
         hidden = self(batch)
-        out = [self.lm_logits(hidden)]
-        if _cfg(self.model_cfg, "image_head") == "flow":
-            x = batch["codes"].astype(jnp.float32)
-            out.append(self.flow_velocity(hidden, x, jnp.zeros(x.shape[:-1])))
-        else:
-            out.append(self.index_logits(hidden))
-        return out
+        return [self.lm_logits(hidden), self.cfg.head.init_outputs(self, hidden, batch)]
 
 
 def init_params(model: MultimodalLM, rng: jax.Array, batch: Mapping[str, jax.Array]):

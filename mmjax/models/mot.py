@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from mmjax.choices import CHOICES
 from mmjax.models import layers
 
 
@@ -216,7 +217,7 @@ def _take_weights_bwd(res, g):
 take_weights.defvjp(_take_weights_fwd, _take_weights_bwd)
 
 
-IMPLS = ("auto", "ragged", "tiled", "masked")
+IMPLS = CHOICES["model.mot_impl"]
 
 
 def resolve_impl(impl: str, rows: int | None = None, tile: int = 128) -> str:
@@ -280,8 +281,7 @@ class ModalityDense(nn.Module):
         if impl == "masked":  # reference: M times the FLOPs
             every = jnp.einsum("nk,mkf->nmf", x, kernel)
             return jnp.take_along_axis(every, routing.modality[:, None, None], axis=1)[:, 0]
-        raise ValueError(f"model.mot_impl={self.impl!r}: must be 'auto', 'ragged', 'tiled' or "
-                         "'masked'.")
+        raise ValueError(f"model.mot_impl={self.impl!r}: must be one of {IMPLS}.")
 
 
 class ModalityRMSNorm(nn.Module):

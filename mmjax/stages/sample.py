@@ -10,7 +10,7 @@ pictures) it runs, with the checkpoint in <workdir>/model/checkpoints:
   to attributes; digits: the digit named).
 - validation losses (objectives.compute_losses on packed validation rows, one direction at a
   time): caption perplexity given the image (i2t rows, caption tokens and <eos> only) and the
-  image loss given the caption (t2i rows; flow MSE, or CE and bits per code for the discrete head).
+  image loss given the caption (t2i rows; flow MSE, or CE and bits per code for the discrete head: its registry entry's val_metrics).
 - the interleaved caption -> image -> caption chain of `sampling.interleaved` for a few prompts.
 Writes <workdir>/samples/{eval.json, captions.txt, text_to_image.png, image_to_text.png,
 interleaved.png}, prints a summary and returns the metrics.
@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from mmjax import checkpointing, io, objectives, pictures, sampling
+from mmjax import checkpointing, config_validation, io, objectives, pictures, sampling
 from mmjax.data import image_tokens, packing, pipeline
 from mmjax.errors import InputError
 from mmjax.evals import fid, shapes_checker, text_metrics
@@ -83,12 +83,14 @@ def validation_losses(config, workdir, tokenizer, model, params, special) -> dic
 
     Uses train.eval_batches batches of train.batch_size packed validation rows per direction.
     Token-weighted over batches. Names: val_caption_ppl / val_caption_nll (caption tokens and
-    <eos> of i2t documents), val_t2i_image_loss (+ val_t2i_bits_per_code for the discrete head).
+    <eos> of i2t documents), val_t2i_image_loss (+ the head's `val_metrics`, e.g.
+    val_t2i_bits_per_code for the discrete head).
     """
+    objective = config_validation.objective_config(config.objective)
+
     def losses(p, batch):
         rng = jax.random.PRNGKey(int(config.sample.seed))
-        return objectives.compute_losses(model, p, batch, rng, config.objective, config.model,
-                                         train=False)[1]
+        return objectives.compute_losses(model, p, batch, rng, objective, train=False)[1]
 
     losses = jax.jit(losses)
     out = {}
@@ -116,8 +118,7 @@ def validation_losses(config, workdir, tokenizer, model, params, special) -> dic
             out.update(val_caption_nll=mean, val_caption_ppl=math.exp(mean))
         else:
             out["val_t2i_image_loss"] = mean
-            if config.model.image_head == "discrete":
-                out["val_t2i_bits_per_code"] = mean / math.log(2.0)
+            out.update(model.cfg.head.val_metrics(mean))
     return out
 
 
@@ -144,7 +145,7 @@ def run(config, workdir) -> dict:
                                               "truncate" if policy == "drop" else policy) for r in recs]
     ids = np.stack([e[0] for e in encoded])
     lengths = np.array([e[1] for e in encoded], np.int32)
-    settings = sampling.SampleSettings.from_config(sc)
+    settings = config_validation.sample_settings(sc)
     if settings.max_text_len < int(config.data.max_caption_len) + 1:
         logging.warning("sample.max_text_len=%d < data.max_caption_len + 1 = %d: longer captions "
                         "(and their <eos>) are cut off, which caps the i2t accuracies.",

@@ -16,15 +16,15 @@ import grain
 import ml_collections
 import numpy as np
 
-from mmjax import objectives
+from mmjax import config_validation, objectives
 from mmjax.data import captions, image_tokens, packing, pipeline
 from mmjax.models import model as model_lib
 from mmjax.tokenizers.fsq import FSQ
 
 
 def build_model(config, vocab_size: int) -> model_lib.MultimodalLM:
-    return model_lib.MultimodalLM(config.model, int(vocab_size),
-                                  tuple(int(v) for v in config.fsq.levels))
+    """MultimodalLM of the config's checked ModelConfig (model block + vocab + fsq.levels)."""
+    return model_lib.MultimodalLM(config_validation.model_config(config, int(vocab_size)))
 
 
 def long_caption_policy(config) -> str:
@@ -109,6 +109,7 @@ class MultimodalTask:
         self.config = config
         self.train_config = config.train
         self.model = build_model(config, vocab_size)
+        self.objective = config_validation.objective_config(config.objective)
         self._data = data
         self.caption_counts: dict[str, dict] = {}  # per split: too long / truncated / dropped
         if data is not None:
@@ -129,5 +130,5 @@ class MultimodalTask:
         return model_lib.init_params(self.model, rng, batch)
 
     def loss_fn(self, params, batch, rng, train):
-        return objectives.compute_losses(self.model, params, batch, rng, self.config.objective,
-                                         self.config.model, train=train)
+        return objectives.compute_losses(self.model, params, batch, rng, self.objective,
+                                         train=train)

@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.choices import CHOICES
 from mmjax.tokenizers.fsq import FSQ
 
-LOSS_TYPES = ("l2", "l1+l2")
+LOSS_TYPES = CHOICES["fsq.loss"]
 
 
 # ---- pixel conversion ------------------------------------------------------------------------

@@ -36,6 +36,24 @@ def _xp(x):
     return jnp if isinstance(x, jax.Array) else np
 
 
+def levels_problem(levels) -> str | None:
+    """Why `levels` cannot make an FSQ quantizer, or None. The one home of the FSQ-levels rule:
+    FSQ's constructor raises with it and config_validation reports it for config.fsq.levels."""
+    try:
+        levels = tuple(levels)
+    except TypeError:
+        return "must be a sequence of ints >= 2, e.g. (8, 5, 5, 5)"
+    if not levels:
+        return "needs at least one level, e.g. (8, 5, 5, 5)"
+    for i, level in enumerate(levels):
+        if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or level < 2:
+            return f"levels[{i}]={level!r}: every level must be an integer >= 2"
+    if math.prod(levels) > _MAX_CODEBOOK:
+        return (f"codebook size {math.prod(levels)} does not fit int32 indices; use fewer or "
+                "smaller levels")
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class FSQ:
     """An FSQ quantizer for the given per-channel `levels` (each an int >= 2)."""
@@ -43,21 +61,10 @@ class FSQ:
     levels: tuple[int, ...]
 
     def __post_init__(self):
-        try:
-            levels = tuple(self.levels)
-        except TypeError:
-            raise ValueError(f"FSQ levels={self.levels!r}: must be a sequence of ints >= 2, "
-                             f"e.g. (8, 5, 5, 5).") from None
-        if not levels:
-            raise ValueError("FSQ levels=(): need at least one level, e.g. (8, 5, 5, 5).")
-        for i, level in enumerate(levels):
-            if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or level < 2:
-                raise ValueError(f"FSQ levels[{i}]={level!r}: every level must be an int >= 2 "
-                                 f"(levels={levels!r}).")
-        levels = tuple(int(level) for level in levels)
-        if math.prod(levels) > _MAX_CODEBOOK:
-            raise ValueError(f"FSQ levels={levels}: codebook size {math.prod(levels)} does not fit "
-                             f"int32 indices; use fewer or smaller levels.")
+        problem = levels_problem(self.levels)
+        if problem:
+            raise ValueError(f"FSQ levels={self.levels!r}: {problem}.")
+        levels = tuple(int(level) for level in self.levels)
         object.__setattr__(self, "levels", levels)
 
     # ---- static properties -------------------------------------------------------------------

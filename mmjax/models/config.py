@@ -1,0 +1,64 @@
+"""ModelConfig: the validated, frozen `model` block the model code reads (no ConfigDict here).
+
+Why typed: flax's lm1b example hands its Transformer a frozen `TransformerConfig`; so do we. Values
+are checked once, where the config enters (config_validation.model_config, the only builder), so
+the modules below take them as given. Frozen and hashable, so flax modules can hold it as a field
+and jit can close over it.
+
+`head` is the image-head registry entry (mmjax.image_heads.ImageHead) that the builder resolved
+from `model.image_head`: the model builds its head module from it, the objective, sampler and
+FLOPs counts call its functions. models/ never imports the registry (which imports the sampler and
+the objective), so there is no import circle.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Every field of config_defaults.model_config (same names and meaning), plus the text
+    vocabulary size and the FSQ levels of the image tokens."""
+
+    num_modalities: int
+    num_layers: int
+    d_model: int
+    num_heads: int
+    mlp_dim: int
+    rope_theta: float
+    norm_eps: float
+    max_seq_len: int
+    mot_impl: str
+    mot_tile: int
+    image_bidirectional_context: bool
+    head: Any  # mmjax.image_heads.ImageHead (registry entry of model.image_head)
+    discrete_factorized: bool
+    tie_embeddings: bool
+    flow_depth: int
+    flow_width: int
+    flow_t_samples: int
+    noise_aug: float
+    dtype: str
+    remat: str
+    vocab_size: int
+    fsq_levels: tuple[int, ...]
+
+    @property
+    def image_head(self) -> str:
+        """The `model.image_head` name ("flow" | "discrete" | ...)."""
+        return self.head.name
+
+    @property
+    def code_dim(self) -> int:
+        """Dimension d of an FSQ code vector (= len(fsq_levels))."""
+        return len(self.fsq_levels)
+
+    @property
+    def codebook_size(self) -> int:
+        return math.prod(self.fsq_levels)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
