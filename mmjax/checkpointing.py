@@ -17,7 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from mmjax.errors import MissingArtifactError, StorageError
+from mmjax.errors import InputError, MissingArtifactError, StorageError
 
 STATE, DATA, CONFIG = "state", "data", "config"
 
@@ -130,17 +130,17 @@ def require_directory(directory) -> None:
                                    "first (--mode=tokenizer / --mode=model, or --mode=pipeline)")
 
 
-def restore_params(directory: str, abstract_params: Any) -> tuple[int, Any]:
-    """(step, params) of the newest readable checkpoint in a run's dir (for sampling/evals).
+def restore_params(directory: str, abstract_params: Any,
+                   step: int | None = None) -> tuple[int, Any]:
+    """(step, params) of the newest readable checkpoint in a run's dir (for sampling/evals), or
+    of checkpoint `step` when given (an error naming the steps there when it is absent).
 
     Only the params are read (not the optimizer state), placed as `abstract_params` says
     (ShapeDtypeStructs, optionally with shardings: a different mesh than training is fine).
     """
     require_directory(directory)
     manager = make_manager(directory, keep=1, read_only=True)
-    steps = sorted(manager.all_steps(), reverse=True)
-    if not steps:
-        raise MissingArtifactError(f"no checkpoint found in {directory}")
+    steps = _pick_steps(manager, directory, step)
     for step in steps:
         try:
             target = {"params": jax.tree.map(_with_default_sharding, abstract_params)}
@@ -169,11 +169,23 @@ def _with_default_sharding(x):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
-def restore_config(directory: str) -> dict:
-    """The config JSON stored next to the newest checkpoint (what the run was trained with)."""
-    manager = make_manager(directory, keep=1, read_only=True)
-    step = manager.latest_step()
+def _pick_steps(manager, directory, step: int | None) -> list[int]:
+    """Steps to try, newest first: all of them, or just `step` (which must exist)."""
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        raise MissingArtifactError(f"no checkpoint found in {directory}")
     if step is None:
-        raise FileNotFoundError(f"no checkpoint found in {directory}")
+        return steps
+    if int(step) not in steps:
+        raise InputError(f"no checkpoint for step {step} in {directory}; it has steps "
+                         f"{sorted(steps)}")
+    return [int(step)]
+
+
+def restore_config(directory: str, step: int | None = None) -> dict:
+    """The config JSON stored next to the newest checkpoint (or `step`): what the run was
+    trained with."""
+    manager = make_manager(directory, keep=1, read_only=True)
+    step = _pick_steps(manager, directory, step)[0]
     restored = manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))
     return json.loads(json.dumps(restored[CONFIG]))

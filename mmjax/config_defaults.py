@@ -140,6 +140,7 @@ def sample_config() -> ml_collections.ConfigDict:
     c.cfg_scale = 2.0  # Classifier-free guidance scale (1 = off).
     c.image_temperature = 1.0  # Discrete image head: FSQ-index sampling temperature (0 -> argmax).
     c.image_top_k = 0  # Discrete image head: keep the k most likely FSQ indices (0 disables).
+    c.flow_temperature = 1.0  # Flow head: std of the ODE's starting noise (MAR's tau; < 1 = sharper).
     c.num_samples = 16  # Images in the written text->image grid.
     c.num_eval = 512  # Test records scored (rule checker, captioning): 512 gives +-4 points at 50%.
     c.batch_size = 64  # Prompts per jitted sampling call (the last batch is padded: one compile).

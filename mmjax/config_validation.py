@@ -151,7 +151,8 @@ def _validate_objective(config) -> None:
 
 def _validate_sample(config) -> None:
     _nonneg(config, ["sample.temperature", "sample.top_k", "sample.cfg_scale",
-                     "sample.image_temperature", "sample.image_top_k"])
+                     "sample.image_temperature", "sample.image_top_k",
+                     "sample.flow_temperature"])
     _require(config, "sample.top_p", lambda v: 0 < v <= 1, "must be in (0, 1]")
     _pos(config, ["sample.ode_steps", "sample.num_samples", "sample.max_text_len"])
     _one_of(config, "sample.ode_solver")

@@ -39,7 +39,8 @@ class ImageHead:
         token (sampling.Decoder; hidden [G*B, D], cond rows first when guided);
     param_count(cfg) -> parameters; flops_per_position(cfg) -> forward FLOPs per image-target
         position (flops.py conventions);
-    val_metrics(mean image loss) -> extra validation metrics (eval stage, t2i rows).
+    val_metrics(mean image loss) -> extra validation metrics (eval stage, t2i rows);
+    temperature_field: the SampleSettings field a user's image "temperature" sets (mmjax.api).
     """
 
     name: str
@@ -51,6 +52,7 @@ class ImageHead:
     param_count: Callable
     flops_per_position: Callable
     val_metrics: Callable
+    temperature_field: str
 
     def __repr__(self) -> str:
         return f"ImageHead({self.name!r})"
@@ -79,6 +81,7 @@ FLOW = ImageHead(
     param_count=lambda cfg: _flow_counts(cfg)[0],
     flops_per_position=_flow_flops,
     val_metrics=lambda mean: {},
+    temperature_field="flow_temperature",
 )
 
 DISCRETE = ImageHead(
@@ -92,6 +95,7 @@ DISCRETE = ImageHead(
     flops_per_position=lambda cfg: flops.discrete_head_counts(
         cfg.d_model, cfg.fsq_levels, cfg.discrete_factorized)[1],
     val_metrics=lambda mean: {"val_t2i_bits_per_code": mean / math.log(2.0)},
+    temperature_field="image_temperature",
 )
 
 HEADS: dict[str, ImageHead] = {head.name: head for head in (FLOW, DISCRETE)}

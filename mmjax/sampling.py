@@ -65,6 +65,7 @@ class SampleSettings:
     cfg_scale: float = 2.0
     image_temperature: float = 1.0
     image_top_k: int = 0
+    flow_temperature: float = 1.0
 
     @property
     def guided(self) -> bool:  # cfg_scale 1 is plain conditional sampling: no uncond half
@@ -186,7 +187,8 @@ def flow_token(dec: Decoder, hidden, keys):
     snapped code [B, d])."""
     fsq, settings = dec.fsq, dec.settings
     batch, guided = keys.shape[0], settings.guided
-    x0 = jax.vmap(lambda k: jax.random.normal(k, (fsq.dim,)))(keys)
+    # MAR's temperature: the ODE starts from N(0, tau^2 I); tau < 1 trades diversity for fidelity.
+    x0 = settings.flow_temperature * jax.vmap(lambda k: jax.random.normal(k, (fsq.dim,)))(keys)
 
     def velocity(x, t):
         xs = jnp.concatenate([x, x]) if guided else x

@@ -23,56 +23,14 @@ import time
 
 import jax
 import numpy as np
-from flax import linen as nn
 
-from mmjax import checkpointing, config_validation, io, objectives, pictures, sampling
+from mmjax import api, checkpointing, config_validation, io, objectives, pictures
 from mmjax.data import image_tokens, packing, pipeline
 from mmjax.errors import InputError
 from mmjax.evals import fid, shapes_checker, text_metrics
-from mmjax.models import model as model_lib
-from mmjax.stages import tokenizer as tokenizer_stage
-from mmjax.stages.common import text_tokenizer
 from mmjax.tasks import multimodal as multimodal_task
-from mmjax.tokenizers import autoencoder as ae
-from mmjax.tokenizers.fsq import FSQ
 
 
-# ---- loading ---------------------------------------------------------------------------------
-def example_batch(config) -> dict:
-    """A zero batch [1, max_seq_len] with the model's input keys (for shapes only)."""
-    length, d = int(config.model.max_seq_len), len(config.fsq.levels)
-    batch = {k: np.zeros((1, length), np.int32) for k in model_lib.CHUNK_KEYS if k != "codes"}
-    return {**batch, "codes": np.zeros((1, length, d), np.float32)}
-
-
-def restore_model(config, workdir: str, model) -> tuple[int, dict]:
-    """(step, unboxed params) of the newest model checkpoint; abstract shapes by eval_shape."""
-    abstract = jax.eval_shape(lambda: nn.unbox(model_lib.init_params(
-        model, jax.random.PRNGKey(0), example_batch(config))))
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            abstract)
-    return checkpointing.restore_params(str(workdir.model_checkpoints), abstract)
-
-
-def _batches(n: int, size: int):
-    """(start, indices padded to `size` by repeating the last one, real count) per batch: every
-    call has the same shape, so each jitted sampler compiles once."""
-    for start in range(0, n, size):
-        real = np.arange(start, min(start + size, n))
-        yield start, np.concatenate([real, np.full(size - len(real), real[-1])]), len(real)
-
-
-def _map_batches(fn, arrays: list[np.ndarray], size: int, rng) -> list[np.ndarray]:
-    """Concatenated outputs of fn(*batch, key) over padded batches (one key per batch)."""
-    outs = []
-    for start, idx, real in _batches(len(arrays[0]), size):
-        out = jax.device_get(fn(*(a[idx] for a in arrays), jax.random.fold_in(rng, start)))
-        outs.append(jax.tree.map(lambda x: np.asarray(x)[:real], out))
-    return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
-
-
-# ---- pictures --------------------------------------------------------------------------------
 # ---- the evaluations -------------------------------------------------------------------------
 def _prefixed(prefix: str, metrics: dict) -> dict:
     return {f"{prefix}_{k}": float(v) for k, v in metrics.items()}
@@ -127,41 +85,32 @@ def run(config, workdir) -> dict:
     started = time.time()
     sc = config.sample
     checkpointing.require_directory(workdir.model_checkpoints)  # the first thing missing
-    tok = text_tokenizer(workdir)
-    special = packing.special_ids(tok)
-    model = multimodal_task.build_model(config, tok.vocab_size)
-    step, params = restore_model(config, workdir, model)
-    ae_model, ae_params = tokenizer_stage.load_tokenizer(config, workdir)
+    run_ = api.Run(config, workdir)  # what users load with mmjax.load: one code path
+    tok = run_.tokenizer
     records = pipeline.image_caption_dataset(config.data, "test", workdir.data_dir)
     token_ds = image_tokens.load_tokens(workdir, "test", len(records))
-    grid = tuple(image_tokens.token_meta(workdir, "test")["grid"])
     n_eval = min(len(records), max(int(sc.num_eval), int(sc.num_samples)))
     if n_eval < 1:
         raise InputError("the test split is empty: nothing to sample (data.num_test)")
     recs = [records[i] for i in range(n_eval)]
     true_tokens = np.stack([token_ds[i] for i in range(n_eval)]).astype(np.int32)
     policy = multimodal_task.long_caption_policy(config)  # "drop": long prompts are cut here
-    encoded = [multimodal_task.encode_caption(tok, r["caption"], int(config.data.max_caption_len),
-                                              "truncate" if policy == "drop" else policy) for r in recs]
+    encoded = [multimodal_task.encode_caption(tok, r["caption"], run_.max_caption_len,
+                                              "truncate" if policy == "drop" else policy)
+               for r in recs]
     ids = np.stack([e[0] for e in encoded])
     lengths = np.array([e[1] for e in encoded], np.int32)
-    settings = config_validation.sample_settings(sc)
-    if settings.max_text_len < int(config.data.max_caption_len) + 1:
+    if run_.settings.max_text_len < run_.max_caption_len + 1:
         logging.warning("sample.max_text_len=%d < data.max_caption_len + 1 = %d: longer captions "
                         "(and their <eos>) are cut off, which caps the i2t accuracies.",
-                        settings.max_text_len, int(config.data.max_caption_len) + 1)
-    sampler = sampling.Sampler(model, settings, special, int(np.prod(grid)))
-    size, rng = min(int(sc.batch_size), n_eval), jax.random.PRNGKey(int(sc.seed))
-    decode = jax.jit(lambda idx: ae.float_to_images(ae.detokenize(ae_model, ae_params, idx, grid)))
-    to_pixels = lambda idx: _map_batches(lambda i, _: decode(i), [idx], size, rng)  # noqa: E731
-    metrics: dict = {"step": int(step), "num_eval": n_eval}
+                        run_.settings.max_text_len, run_.max_caption_len + 1)
+    seed = int(sc.seed)
+    metrics: dict = {"step": int(run_.step), "num_eval": n_eval}
 
     t0 = time.time()
-    t2i = _map_batches(lambda i, n, k: sampler.text_to_image(params, i, n, k), [ids, lengths], size,
-                       jax.random.fold_in(rng, 0))
-    images = to_pixels(t2i["indices"])
+    images = run_.pixels(run_.image_tokens_for(ids, lengths, seed=seed))
     metrics["t2i_seconds"] = time.time() - t0  # wall time incl. compilation, like i2t_seconds
-    recon = to_pixels(true_tokens)
+    recon = run_.pixels(true_tokens)
     truth = np.stack([r["image"] for r in recs])
     if config.data.name == "shapes":
         attributes = np.stack([r["attributes"] for r in recs])
@@ -171,23 +120,22 @@ def run(config, workdir) -> dict:
     metrics.update(fid.maybe_fid_kid(config.get("eval"), images, truth))  # {} + a log line when off
 
     t0 = time.time()
-    codes = FSQ(tuple(config.fsq.levels)).indices_to_codes(true_tokens)
-    i2t = _map_batches(lambda c, k: sampler.image_to_text(params, c, k), [codes], size,
-                       jax.random.fold_in(rng, 1))
-    captions = [tok.decode(t) for t in i2t["tokens"]]
+    captions = run_.captions_for_tokens(true_tokens, seed=seed + 1)
     metrics["i2t_seconds"] = time.time() - t0
     metrics.update(_prefixed("i2t", text_metrics.caption_scores(config.data.name, captions, recs)))
-    metrics.update(validation_losses(config, workdir, tok, model, params, special))
+    metrics.update(validation_losses(config, workdir, tok, run_.model, run_.params,
+                                     run_.special))
 
     chain = None
     rounds, n_show = int(sc.interleaved_rounds), min(int(sc.num_samples), n_eval)
     if rounds > 0 and n_show > 0:
-        chain = jax.device_get(sampler.interleaved(params, ids[:n_show], lengths[:n_show],
-                                                   jax.random.fold_in(rng, 2), rounds=rounds))
+        chain = jax.device_get(run_.sampler(run_.settings).interleaved(
+            run_.params, ids[:n_show], lengths[:n_show], jax.random.PRNGKey(seed + 2),
+            rounds=rounds))
     metrics["seconds"] = time.time() - started
     if jax.process_index() == 0:
         _write(workdir, config, metrics, recs[:n_show], images[:n_show], truth[:n_show], captions,
-               recs, chain, tok, to_pixels)
+               recs, chain, tok, run_.pixels)
     _print_summary(metrics)
     return metrics
 
