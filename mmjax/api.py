@@ -59,13 +59,15 @@ def example_batch(config) -> dict:
 class Run:
     """A trained tokenizer + model pair with string/array in, string/array out methods."""
 
-    def __init__(self, config, workdir: Workdir, *, step: int | None = None):
+    def __init__(self, config, workdir: Workdir, *, step: int | None = None, params=None):
+        """Restores the model checkpoint (`step`, default newest), or takes `params` as given
+        (host arrays: the trainer's periodic samples use the params being trained)."""
         self.config, self.workdir = config, workdir
         self.tokenizer = text.load_text_tokenizer(workdir.sp_model,
                                                   users=workdir.sp_model_is_users)
         self.special = layout.special_ids(self.tokenizer)
         self.model = build_model(config, self.tokenizer.vocab_size)
-        self.step, self.params = self._restore(step)
+        self.step, self.params = self._restore(step) if params is None else (step, params)
         self.ae_model, self.ae_params = tokenizer_stage.load_tokenizer(config, workdir)
         self.image_size = int(config.data.image_size)
         side = self.image_size // self.ae_model.downsample

@@ -36,9 +36,9 @@ class MetricsWriter:
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.active:
             return
-        clean = {k: _to_float(v) for k, v in metrics.items()}
-        for name, value in clean.items():
-            if math.isfinite(value):
+        clean = {k: None if v is None else _to_float(v) for k, v in metrics.items()}
+        for name, value in clean.items():  # None (e.g. MFU on an unknown device) is JSON null
+            if value is not None and math.isfinite(value):
                 self._tb.add_scalar(name, value, step)
         with open(self.jsonl_path, "a") as f:
             f.write(json.dumps({"step": int(step), **clean}) + "\n")

@@ -95,7 +95,7 @@ class Watch:
             if self.flops_per_token:
                 tflops = tokens_per_sec * self.flops_per_token / self.devices / 1e12
                 out["tflops_per_device"] = tflops
-                out["mfu"] = tflops * 1e12 / self.peak if self.peak else float("nan")
+                out["mfu"] = tflops * 1e12 / self.peak if self.peak else None  # null: unknown
         self.tokens = self.examples = 0
         self.t0, self.s0 = time.perf_counter(), step
         return out
@@ -110,9 +110,8 @@ class Watch:
                  f"loss={metrics.get('loss', float('nan')):.4f}"]
         if "tokens_per_sec" in metrics:
             parts.append(f"tokens/s={metrics['tokens_per_sec']:.0f}")
-        mfu = metrics.get("mfu", float("nan"))
-        if mfu == mfu:  # known (not NaN)
-            parts.append(f"mfu={mfu:.1%}")
+        if metrics.get("mfu") is not None:
+            parts.append(f"mfu={metrics['mfu']:.1%}")
         parts.append(f"eta={_duration(eta)}")
         logging.info("%s", " ".join(parts))
 

@@ -236,13 +236,15 @@ def evaluate_loss(setup: Setup, params, iterator, num_batches: int) -> dict[str,
     return {k: v / max(count, 1) for k, v in sums.items()}
 
 
-def train(config, workdir, task: Task, *, mesh=None, stop_at_step: int | None = None) -> dict:
+def train(config, workdir, task: Task, *, mesh=None, stop_at_step: int | None = None,
+          observe=None) -> dict:
     """Trains `task` to `train.steps`, resuming from the workdir's <task.name>/checkpoints.
 
     `workdir`: a mmjax.workdir.Workdir or a path. From `config` the trainer reads only the mesh,
     the seeds and (to store beside each checkpoint) the whole config as JSON. `stop_at_step` ends
     this invocation early after checkpointing, as a preemption would (used by resumption tests).
-    Returns a summary dict (final step, last metrics, validation metrics).
+    `observe(params, step)`, if given, runs every train.eval_every steps and returns a report for
+    MetricsWriter.write_report (sample grids, captions, accuracies). Returns a summary dict (final step, last metrics, validation metrics).
     """
     wd = workdir if isinstance(workdir, Workdir) else Workdir.from_config(config, workdir)
     tc = task.train_config
@@ -267,7 +269,7 @@ def train(config, workdir, task: Task, *, mesh=None, stop_at_step: int | None = 
         logging.info("resumed %s from step %d", task.name, start)
         _warn_config_changes(str(checkpoints), _config_json(config))
     run = _Run(task, setup, iterator, manager, MetricsWriter(run_dir), _config_json(config),
-               stop_at_step)
+               stop_at_step, observe)
     if jax.process_index() == 0:  # the resolved config, for people and for scripts
         logging.info("%s config:\n%s", task.name, config.to_json_best_effort(indent=2))
         io.write_json_atomic(run_dir / "config.json", run.config_json)
@@ -299,6 +301,7 @@ class _Run:
     writer: MetricsWriter
     config_json: dict
     stop_at_step: int | None
+    observe: Callable | None = None
 
 
 def _finish_saves_quietly(manager) -> None:
@@ -362,12 +365,11 @@ def _loop(run: _Run, state, start: int) -> dict:
 
 
 def _periodic(run: _Run, state, step: int) -> None:
-    """The task's own look at the model every train.eval_every steps (samples, grids, rule
-    checker), written to TensorBoard as images, text and scalars; optional (`task.observe`)."""
-    observe = getattr(run.task, "observe", None)
-    if observe is None:
+    """The stage's look at the model every train.eval_every steps (samples, grids, rule checker:
+    `observe(params, step) -> report`), written to TensorBoard as images, text and scalars."""
+    if run.observe is None:
         return
-    report = observe(state["params"], step)
+    report = run.observe(state["params"], step)
     if jax.process_index() == 0 and report:
         run.writer.write_report(step, report)
 

@@ -77,3 +77,24 @@ def test_load_a_given_step_and_a_missing_one(workdir, run):
         mmjax.load(workdir, step=999)
     with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
         mmjax.load(os.path.join(workdir, "nowhere"))
+
+
+def test_training_metrics_count_real_tokens_and_periodic_samples(workdir, run):
+    """The model stage logged tokens/s (real tokens), TFLOP/s per device and MFU (null on CPU),
+    and its periodic sampler turns live params into TensorBoard images, text and accuracies."""
+    import json
+
+    from mmjax import stages
+    from mmjax.workdir import Workdir
+    with open(os.path.join(workdir, "model", "train_metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if "tokens_per_sec" in line]
+    assert rows and all(r["tokens_per_sec"] > 0 and r["tflops_per_device"] > 0 for r in rows)
+    assert all(r["mfu"] is None for r in rows)  # CPU: no known peak
+    assert os.path.exists(os.path.join(workdir, "model", "config.json"))
+    observe = stages.model.PeriodicSamples(run.config, Workdir.from_config(run.config, workdir),
+                                           num=4)
+    report = observe(run.params, run.step)
+    grid = report["images"]["samples/text_to_image (top: true)"]
+    assert grid.dtype == np.uint8 and grid.ndim == 3 and grid.shape[-1] == 3
+    assert "periodic_t2i_prompt_acc" in report["scalars"]
+    assert len(report["text"]["samples/image_to_caption"].split("\n\n")) == 4

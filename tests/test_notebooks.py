@@ -23,6 +23,9 @@ def _execute(name, tmp_path, monkeypatch):
     nbformat.validate(nb)
     NotebookClient(nb, kernel_name="python3", timeout=600,
                    resources={"metadata": {"path": NOTEBOOKS}}).execute()
+    errors = [o for cell in nb.cells for o in cell.get("outputs", [])
+              if o.get("output_type") == "error" or "Traceback" in o.get("text", "")]
+    assert not errors, errors  # no cell may print an error, even one the kernel survived
     return nb
 
 
@@ -45,7 +48,8 @@ def test_quickstart_trains_samples_and_shows_pictures(tmp_path, monkeypatch):
     text = "".join(_outputs(nb, "text"))
     assert "tokenizer/reconstructions_validation.png" in text
     assert "samples/text_to_image.png" in text
-    # reconstructions, samples (text->image, image->text, interleaved) and the loss curve
+    assert "captions of those images:" in text  # the prompt cell ran through mmjax.load
+    # reconstructions, samples (text->image, image->text), the prompt's images, the loss curve
     assert len(_outputs(nb, "png")) >= 4
 
 

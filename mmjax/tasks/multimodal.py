@@ -16,10 +16,13 @@ import grain
 import ml_collections
 import numpy as np
 
-from mmjax import config_validation, objectives
+from mmjax import config_validation, flops, objectives
 from mmjax.data import captions, image_tokens, packing, pipeline
 from mmjax.models import model as model_lib
 from mmjax.tokenizers.fsq import FSQ
+
+
+FLOPS_SAMPLE_ROWS = 16  # packed rows that measure the image-target share for the FLOPs count
 
 
 def build_model(config, vocab_size: int) -> model_lib.MultimodalLM:
@@ -119,6 +122,23 @@ class MultimodalTask:
             logging.info("captions (data.long_captions=%s, max %d tokens): %s",
                          long_caption_policy(config), int(config.data.max_caption_len),
                          self.caption_counts)
+
+    def count_tokens(self, batch) -> int:
+        """Real (non-padding) positions of a host batch: what tokens/s and MFU count."""
+        return int(np.sum(np.asarray(batch["segment_ids"]) > 0))
+
+    @functools.cached_property
+    def flops_per_token(self) -> float | None:
+        """Analytic training FLOPs per real token (mmjax.flops), with the share of positions that
+        predict an image token measured on the first packed training rows."""
+        if self._data is None:
+            return None
+        ds = self.dataset("train", train=True)
+        rows = [ds[i] for i in range(min(FLOPS_SAMPLE_ROWS, len(ds)))]
+        real = sum(float(np.sum(r["segment_ids"] > 0)) for r in rows)
+        image_fraction = sum(float(np.sum(r["image_mask"])) for r in rows) / max(real, 1.0)
+        return float(flops.flops_per_token(self.model.cfg, int(self.config.model.max_seq_len),
+                                           min(image_fraction, 1.0))["train"])
 
     def dataset(self, split: str, *, train: bool):
         if self._data is None:
