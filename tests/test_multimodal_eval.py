@@ -15,6 +15,8 @@ from PIL import Image
 from bench.common import load_config
 from mmjax.evals import text_metrics
 
+pytestmark = pytest.mark.slow  # end to end: `-m 'not slow'` skips it
+
 NUM_EVAL = 8
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Runs in a fresh process with ONE CPU device (as the CLI does; conftest's 8 simulated devices
@@ -27,7 +29,6 @@ from bench.common import load_config
 from mmjax import main
 from mmjax.evals import shapes_checker
 
-pytestmark = pytest.mark.slow  # end to end: `-m 'not slow'` skips it
 
 workdir, overrides = sys.argv[1], json.loads(sys.argv[2])
 config = load_config("configs/mot_shapes.py:smoke")
