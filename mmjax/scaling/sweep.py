@@ -205,7 +205,7 @@ def make_result(point: grid.Point, setup: Mapping, summary: Mapping, rows, attem
                   "image_head", "flow_width", "flow_depth", "flow_t_samples")
     return {
         "name": point.name, "index": point.index, "size": point.size, "budget": point.budget,
-        "arch": point.arch, "overrides": point.overrides, "flops_budget": point.flops_budget,
+        "arch": point.arch, "seed": int(config.seed), "shuffle_seed": int(config.data.shuffle_seed), "overrides": point.overrides, "flops_budget": point.flops_budget,
         "model": {k: config.model[k] for k in model_keys},
         **{k: v for k, v in setup.items() if k != "config"},
         **{k: validation[k] for k in loss_keys if k in validation},
@@ -282,6 +282,7 @@ def describe(sweep_cfg) -> list[str]:
     lines = []
     for p in grid.points(sweep_cfg):
         budget = f"flops={p.flops_budget:.3g}" if p.flops_budget else ""
+        budget += "" if p.seed is None else f" seed={p.seed}"
         over = json.dumps({k: v for k, v in p.overrides.items() if k != "flops"},
                           sort_keys=True)
         lines.append(f"{p.index:4d}  {p.name:32s} {budget} {over}".rstrip())
