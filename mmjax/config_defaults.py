@@ -180,7 +180,7 @@ def sweep_config() -> ml_collections.ConfigDict:
     c.param_key = "n_params_backbone"
     c.loss_keys = ("loss", "text_loss", "image_loss")  # Validation losses fitted / compared.
     c.fit_starts = 8  # Chinchilla fit: L-BFGS-B from the best this-many grid starts (fits top_k).
-    c.bootstrap_samples = 200  # Chinchilla fit: resamples of the runs for 95% intervals (0: none).
+    c.bootstrap_samples = 100  # Chinchilla fit: resamples of the runs for 95% intervals (0: none).
     c.bootstrap_seed = 0  # Seed of the bootstrap resampling (the intervals are reproducible).
     c.frontier_from = 0.5  # L(C) fit: curve points from this fraction of each run on (not warmup).
     c.compare = ("dense", "mot")  # mot_vs_dense: (baseline arch, candidate arch) names.

@@ -383,7 +383,7 @@ class ChinchillaBootstrap:
 
 
 def bootstrap_chinchilla(n_params, tokens, loss, *, samples: int = 100, seed: int = 0,
-                         level: float = 0.95, top_k: int = 2, delta: float = HUBER_DELTA,
+                         level: float = 0.95, top_k: int = 1, delta: float = HUBER_DELTA,
                          start: ChinchillaFit | None = None) -> ChinchillaBootstrap:
     """Case bootstrap: refit L(N, D) on `samples` resamples (with replacement) of the runs.
 
