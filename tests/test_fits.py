@@ -164,18 +164,28 @@ def test_compute_optimal_under_interpolated_flops_matches_brute_force():
         assert not n_opt == pytest.approx(n6, rel=0.05)
 
 
-def test_interpolate_flops_per_token_is_exact_at_the_sizes_and_extends_end_slopes():
-    n = np.array([1e3, 1e3, 1e4, 1e5])
-    fpt = np.array([1e4, 4e4, 1e5, 4e5])  # duplicate N: geometric mean 2e4
+def test_interpolate_flops_per_token_is_exact_at_the_sizes_smooth_and_extends_linearly():
+    n = np.array([1e3, 1e3, 1e4, 1e5, 1e6])
+    fpt = np.array([1e4, 4e4, 1e5, 4e5, 1e6])  # duplicate N: geometric mean 2e4
     f = fits.interpolate_flops_per_token(n, fpt)
-    assert f([1e3, 1e4, 1e5]) == pytest.approx([2e4, 1e5, 4e5])
-    assert f(np.sqrt(1e4 * 1e5)) == pytest.approx(2e5)  # log-log midpoint
-    # Above the largest size: a straight line in N with the last segment's dF/dN (3e5 / 9e4).
-    assert f(1e6) == pytest.approx(4e5 + 3e5 / 9e4 * (1e6 - 1e5))
-    affine = fits.interpolate_flops_per_token([1e3, 1e4], [6e3 + 5e4, 6e4 + 5e4])
-    assert affine(1e7) == pytest.approx(6e7 + 5e4)  # exact for 6N + const
-    lo = np.log(1e5 / 2e4) / np.log(10.0)
-    assert f(1e2) == pytest.approx(2e4 / 10 ** lo)
+    assert f([1e3, 1e4, 1e5, 1e6]) == pytest.approx([2e4, 1e5, 4e5, 1e6])
+    # Monotone between the sizes and C1 at a size (no kink to pin an optimum to).
+    xs = np.geomspace(1e3, 1e6, 301)
+    assert np.all(np.diff(f(xs)) > 0)
+    eps = 1e-4
+    left = np.log(f(1e5) / f(1e5 * np.exp(-eps))) / eps
+    right = np.log(f(1e5 * np.exp(eps)) / f(1e5)) / eps
+    assert left == pytest.approx(right, rel=1e-2)
+    # Above the largest size: a straight line in N (continuing the end derivative).
+    d1, d2 = f(2e6) - f(1e6), f(3e6) - f(2e6)
+    assert d1 == pytest.approx(d2, rel=1e-9) and d1 > 0
+    grad = (f(1e6) - f(1e6 * (1 - 1e-6))) / (1e6 * 1e-6)
+    assert d1 / 1e6 == pytest.approx(grad, rel=1e-3)
+    # Two sizes: a straight line in log-log between and below them.
+    two = fits.interpolate_flops_per_token([1e3, 1e4], [1e4, 1e5 * 2])
+    p = np.log10(20.0)
+    assert two(np.sqrt(1e7)) == pytest.approx(1e4 * 10 ** (p / 2))
+    assert two(1e2) == pytest.approx(1e4 / 10 ** p)
     one = fits.interpolate_flops_per_token([10.0], [70.0])
     assert one(20.0) == pytest.approx(140.0)  # one size: proportional to N
     with pytest.raises(ValueError, match="flops_per_token"):

@@ -274,16 +274,21 @@ def fit_chinchilla(n_params, tokens, loss, *, delta: float = HUBER_DELTA,
 
 
 def interpolate_flops_per_token(n_params, flops_per_token) -> Callable[[Any], np.ndarray]:
-    """f(N): training FLOPs per token as a function of N, piecewise linear in log N - log f.
+    """f(N): training FLOPs per token as a function of N, a smooth curve through the sweep's sizes.
 
     Built from the sweep's runs (one (N, FLOPs per token) pair per size; repeated N are averaged
     in log space). Why not 6N: in small models attention, the LM head and the image head are a
     large share of the FLOPs that grows slower than N.
-    Beyond the largest size f continues as a straight line in N with the last segment's dF/dN:
+    Between sizes: monotone cubic (PCHIP) in log N - log f. Why not piecewise-linear: f depends
+    on depth and width, not N alone (one layer -> two layers is a kink), and a kinked f pins the
+    compute-optimal N to a sweep size for a whole range of C. PCHIP is C1, exact at the sizes,
+    and adds no wiggles.
+    Beyond the largest size f continues as a straight line in N with the end derivative:
     per-token FLOPs are ~6N + (terms that grow slower than N), so a log-log extension (slope
-    < 1) would eventually fall below 6N. Below the smallest size the first segment's log-log
-    slope is extended. With one size, f is taken proportional to N.
+    < 1) would eventually fall below 6N. Below the smallest size the end log-log slope is
+    extended. Two sizes: a straight line in log-log; one size: f proportional to N.
     """
+    from scipy import interpolate
     n = _check_positive("n_params", n_params, 1)
     f = _check_positive("flops_per_token", flops_per_token, 1)
     if n.shape != f.shape:
@@ -294,15 +299,18 @@ def interpolate_flops_per_token(n_params, flops_per_token) -> Callable[[Any], np
     lf = np.array([lf_all[ln_all == v].mean() for v in ln])
     if ln.size == 1:
         ln, lf = np.array([ln[0], ln[0] + 1.0]), np.array([lf[0], lf[0] + 1.0])
-    lo_slope = (lf[1] - lf[0]) / (ln[1] - ln[0])
-    n_hi, f_hi = np.exp(ln[-1]), np.exp(lf[-1])
-    hi_slope = max((f_hi - np.exp(lf[-2])) / (n_hi - np.exp(ln[-2])), 0.0)  # dF/dN
+    curve = interpolate.PchipInterpolator(ln, lf, extrapolate=False)
+    slope = curve.derivative()
+    lo_slope, hi_slope = float(slope(ln[0])), float(slope(ln[-1]))
+    n_hi, f_hi = float(np.exp(ln[-1])), float(np.exp(lf[-1]))
+    dfdn_hi = max(hi_slope * f_hi / n_hi, 0.0)  # d f / d N at the largest size
 
     def flops_per_token_of(n_query):
         nq = np.asarray(n_query, np.float64)
         x = np.log(nq)
-        y = np.exp(np.where(x < ln[0], lf[0] + lo_slope * (x - ln[0]), np.interp(x, ln, lf)))
-        return np.where(x > ln[-1], f_hi + hi_slope * (nq - n_hi), y)
+        inside = np.clip(x, ln[0], ln[-1])
+        y = np.exp(np.where(x < ln[0], lf[0] + lo_slope * (x - ln[0]), curve(inside)))
+        return np.where(x > ln[-1], f_hi + dfdn_hi * (nq - n_hi), y)
 
     return flops_per_token_of
 

@@ -19,7 +19,8 @@ PNGs. For each architecture and loss key ("scaling" analysis):
   `degenerate` notes (E ~ 0: no loss floor; an exponent on its bound).
 - N_opt(C), D_opt(C) over and beyond the sweep's range, minimising the fitted L(N, D) under the
   compute the runs actually spend: C = f(N) D with f the analytic training FLOPs per token of
-  mmjax.flops (attention, LM head, image head included) interpolated over the sweep's sizes;
+  mmjax.flops (attention, LM head, image head included) interpolated over the sweep's sizes
+  (fits.interpolate_flops_per_token);
   `compute_optimal_flops` says so, each row gives the 6ND of its optimum for comparison and
   bootstrap intervals of N_opt, D_opt.
 - With a seeds axis: `seeds`, the mean / spread of the final loss per (size, budget); isoFLOP
@@ -137,8 +138,9 @@ def holdout_mask(points: Sequence[Mapping]) -> np.ndarray:
 
 COMPUTE_DEFINITION = (
     "analytic training FLOPs, C = f(N) * D: f = mmjax.flops.flops_per_token(...)['train'] of the "
-    "runs (attention, LM head and image head included), interpolated log-log over the sweep's "
-    "sizes and continued linearly in N beyond the largest; not Chinchilla's C = 6ND")
+    "runs (attention, LM head and image head included), interpolated over the sweep's sizes "
+    "(monotone cubic in log N - log f) and continued linearly in N beyond the largest; not "
+    "Chinchilla's C = 6ND")
 
 
 def scaling_analysis(points: list[dict], out_dir: str, tag: str, starts: int = 8,
