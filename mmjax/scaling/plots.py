@@ -62,9 +62,12 @@ def plot_loss_vs_flops(runs, fit, path: str, *, flops_per_token=None, summary=No
     sizes = sorted({float(r["n_params"]) for r in runs})
     cmap = plt.get_cmap("viridis")
     all_flops = []
+    labelled: set[float] = set()
     for r in runs:
         color = cmap(sizes.index(float(r["n_params"])) / max(len(sizes) - 1, 1))
-        label = f"{r.get('name', '')} N={float(r['n_params']):.3g}".strip()
+        # One legend entry per size (budgets and seeds of a size share its colour).
+        label = None if float(r["n_params"]) in labelled else f"N={float(r['n_params']):.3g}"
+        labelled.add(float(r["n_params"]))
         if r.get("curve"):
             c = np.asarray(r["curve"], np.float64).reshape(-1, 2)
             c = c[c[:, 0] > 0]
