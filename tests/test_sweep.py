@@ -249,6 +249,17 @@ def test_mot_vs_dense_report_on_synthetic_curves(tmp_path):
     assert study.summarize(rep, ["loss"])["loss"][0] == pytest.approx(0.5, abs=0.02)
 
 
+def test_mot_vs_dense_pairs_runs_of_the_same_seed(tmp_path):
+    _synthetic_results(str(tmp_path), archs=("dense", "mot"), mot_gain=2.0, sizes=(1e4,),
+                       budgets=(1e6,), seeds=(0, 1))
+    results = report.read_results(str(tmp_path))
+    matched = study.pairs(results, "dense", "mot")
+    assert [(b["name"], c["name"]) for b, c in matched] == [
+        ("n0_d0_dense_seed0", "n0_d0_mot_seed0"), ("n0_d0_dense_seed1", "n0_d0_mot_seed1")]
+    rep = study.compare(results, "dense", "mot", ("loss",), str(tmp_path / "report"))
+    assert sorted(rep) == ["n0_d0_seed0", "n0_d0_seed1"]
+
+
 def test_curves_from_metrics_rows_last_row_of_a_step_wins():
     rows = [{"step": 2, "loss": 5.0, "text_loss": 3.0, "grad_norm": 1.0},
             {"step": 2, "val_loss": 6.0, "val_text_loss": 4.0, "val_image_loss": 2.0},
