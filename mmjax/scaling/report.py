@@ -1,7 +1,7 @@
 """Sweep report: scaling-law fits, compute-optimal sizes and figures from the runs' result.json.
 
 A result (one per finished point, written by mmjax.scaling.sweep) holds: name, index, size,
-budget, arch, overrides, model (sizes), vocab_size, seq_len, batch_size, steps, tokens
+budget, arch, seed and shuffle_seed (the run's config.seed, data.shuffle_seed), overrides, model (sizes), vocab_size, seq_len, batch_size, steps, tokens
 (= steps * batch * seq_len positions), image_fraction, train_flops_per_token, flops (analytic
 training FLOPs = flops_per_token * tokens), flops_budget,
 n_params_{total,active,non_embedding,backbone},
