@@ -22,6 +22,7 @@ setup(
         "numpy>=1.26",
         "scipy>=1.11",
         "scikit-learn>=1.3",
+        "threadpoolctl>=3.0",  # mmjax.scaling.fits: one BLAS thread for the many small fits
         "pillow>=10",
         "matplotlib>=3.8",
         "tqdm>=4.66",

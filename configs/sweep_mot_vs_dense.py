@@ -3,6 +3,7 @@
 Usage: python -m mmjax.scaling.sweep --config=configs/sweep_mot_vs_dense.py:ARG --sweep_dir=DIR
 ARG = SIZE[,discrete]
   SIZE: micro (tests) | tiny (CPU, ~5 min on 2 cores) | small (one accelerator)
+Seeds: add `--config.seeds="(0,1)"` to run both arms once per seed (pairs are matched per seed).
 Both arms have the same backbone sizes, steps and batch, so equal FLOPs per token (a MoT token
 uses only its modality's weights); MoT has num_modalities x the backbone parameters. Validation
 runs `evals_per_run` times along training; the report gives, per modality, the fraction of the

@@ -2,11 +2,13 @@
 
 Usage: python -m mmjax.scaling.sweep --config=configs/sweep_scaling.py:ARG --sweep_dir=DIR
 ARG = SIZE[,OPTION...]
-  SIZE:    micro (tests: 2 sizes x 2 step budgets, seconds per run)
-           | tiny (CPU: 4 sizes x 3 FLOPs budgets, ~15 min on 2 cores)
-           | small (one accelerator: 5 sizes x 3 FLOPs budgets)
+  SIZE:    micro (tests: 2 sizes x 2 step budgets, one seed, seconds per run)
+           | tiny (CPU: 4 sizes x 3 FLOPs budgets x 2 seeds, ~25 min on 2 cores)
+           | small (one accelerator: 5 sizes x 3 FLOPs budgets x 2 seeds)
   OPTIONS: dense (one modality instead of MoT) | both (MoT and dense, fitted separately)
            | discrete (FSQ-index head instead of the flow head)
+Each point runs once per seed (config.seed and data.shuffle_seed; the shared build is the same),
+so the report gives every (size, budget) a mean and a spread, and the figures error bars.
 FLOPs budgets give isoFLOP profiles (Chinchilla approach 2) as well as the approach-3 fit; the
 steps of each point are derived from its analytic FLOPs per token (mmjax.flops).
 """
@@ -98,4 +100,6 @@ def get_config(arg: str = "tiny"):
     # micro validates only at the end: each mid-run validation is one more XLA compile in tests.
     c.evals_per_run = 0 if size == "micro" else 4
     c.min_steps = 4 if size == "micro" else 20
+    # Two seeds per point (error bars); micro keeps one: it only tests the machinery.
+    c.seeds = () if size == "micro" else (0, 1)
     return c

@@ -183,6 +183,9 @@ def sweep_config() -> ml_collections.ConfigDict:
     c.sizes = ml_collections.ConfigDict()  # name -> {"model": {...}}: model sizes.
     c.budgets = ml_collections.ConfigDict()  # name -> {"train": {"steps", "batch_size"}} or {"flops": C}.
     c.archs = ml_collections.ConfigDict()  # name -> overrides, e.g. {"model": {"num_modalities": 1}}.
+    # Seeds axis: each (size, budget, arch) runs once per seed (config.seed = data.shuffle_seed =
+    # the seed, point names end in _seed<k>); () runs the base config's seeds once.
+    c.seeds = ()
     c.min_steps = 10  # Floor on the steps derived from a FLOPs budget.
     c.warmup_fraction = 0.1  # train.warmup_steps = fraction * steps (unless a point sets it).
     c.checkpoints_per_run = 2  # train.checkpoint_every = steps // this (resume granularity).
@@ -194,6 +197,8 @@ def sweep_config() -> ml_collections.ConfigDict:
     c.param_key = "n_params_backbone"
     c.loss_keys = ("loss", "text_loss", "image_loss")  # Validation losses fitted / compared.
     c.fit_starts = 8  # Chinchilla fit: L-BFGS-B from the best this-many grid starts (fits top_k).
+    c.bootstrap_samples = 100  # Chinchilla fit: resamples of the runs for 95% intervals (0: none).
+    c.bootstrap_seed = 0  # Seed of the bootstrap resampling (the intervals are reproducible).
     c.frontier_from = 0.5  # L(C) fit: curve points from this fraction of each run on (not warmup).
     c.compare = ("dense", "mot")  # mot_vs_dense: (baseline arch, candidate arch) names.
     c.compilation_cache = True  # Persistent XLA cache in <sweep_dir>/jax_cache (same shapes compile once).

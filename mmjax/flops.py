@@ -57,16 +57,6 @@ PEAK_FLOPS = {
 }
 
 
-def _typed(cfg, vocab_size=None, fsq_levels=None):
-    """`cfg` when it is a ModelConfig. Transitional: a raw `model` block with vocab_size and
-    fsq_levels (the form mmjax/scaling/sweep.py still passes) is checked and typed by
-    config_validation.model_block; drop this once every caller passes a ModelConfig."""
-    if vocab_size is None and fsq_levels is None:
-        return cfg
-    from mmjax import config_validation  # noqa: PLC0415 (it imports the registry, which imports us)
-    return config_validation.model_block(cfg, vocab_size, fsq_levels)
-
-
 # ----------------------------------------------------------------------------- components
 # Each returns (parameters, forward FLOPs per application) for one component.
 
@@ -101,7 +91,7 @@ def discrete_head_counts(d_model: int, levels: tuple[int, ...], factorized: bool
 # ----------------------------------------------------------------------------- public
 
 
-def param_counts(cfg, vocab_size=None, fsq_levels=None) -> dict[str, int]:
+def param_counts(cfg) -> dict[str, int]:
     """Parameter counts of MultimodalLM(cfg) for a ModelConfig `cfg`.
 
     Keys: total; active_per_token (what one token's forward touches = the dense model's total);
@@ -109,7 +99,7 @@ def param_counts(cfg, vocab_size=None, fsq_levels=None) -> dict[str, int]:
     embedding); per_modality (one modality's backbone: its blocks' weights and final norm);
     backbone (all modalities); lm_head (0 when tied to the embedding); image_head.
     """
-    c = _typed(cfg, vocab_size, fsq_levels)
+    c = cfg
     d, m = c.d_model, c.num_modalities
     per_modality = c.num_layers * _block(d, c.mlp_dim)[0] + d  # + final RMSNorm scale
     embedding = c.vocab_size * d + c.code_dim * d  # text table + image input projection
@@ -121,11 +111,10 @@ def param_counts(cfg, vocab_size=None, fsq_levels=None) -> dict[str, int]:
                 backbone=m * per_modality, lm_head=lm_head, image_head=image_head)
 
 
-def flops_per_token(cfg, seq_len: int, image_fraction: float, *legacy,
+def flops_per_token(cfg, seq_len: int, image_fraction: float, *,
                     causal: bool = True) -> dict[str, float]:
     """Forward / training FLOPs per token of MultimodalLM(cfg) for a ModelConfig `cfg`, averaged
-    over a sequence of `seq_len` positions. (Transitional form, see `_typed`:
-    flops_per_token(model_block, vocab_size, fsq_levels, seq_len, image_fraction).)
+    over a sequence of `seq_len` positions.
 
     Keys: forward, train (= 3 x forward), backbone (block matmuls), attention (QK^T and AV),
     input_proj (image input projection), lm_head, flow_head / discrete_head (the image head in
@@ -133,9 +122,6 @@ def flops_per_token(cfg, seq_len: int, image_fraction: float, *legacy,
     parameters: the usual approximation of `train`, for comparison). Independent of
     num_modalities by construction (see module doc).
     """
-    if legacy:
-        cfg = _typed(cfg, seq_len, image_fraction)
-        seq_len, image_fraction = legacy
     if int(seq_len) != seq_len or seq_len <= 0:
         raise ValueError(f"seq_len={seq_len!r}: must be a positive integer")
     if not 0.0 <= image_fraction <= 1.0:

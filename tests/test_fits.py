@@ -124,3 +124,119 @@ def test_plots_write_pngs(tmp_path):
     for o in optima:
         n_true = fits.compute_optimal(CHINCHILLA, o["flops"])[0]
         assert abs(np.log10(o["n_opt"] / n_true)) < 0.3
+
+
+# ----------------------------------------------------------------------------- FLOPs per token
+
+
+def test_compute_optimal_under_a_power_flops_per_token_matches_the_closed_form():
+    # f(N) = k N^p: dL/dN = 0 on D = C / f(N) gives N^(alpha + p beta) = alpha A C^beta /
+    # (p beta B k^beta). p = 1, k = 6 is Chinchilla's C = 6ND.
+    law = CHINCHILLA
+    for k, p in ((6.0, 1.0), (20.0, 0.8), (3.0, 1.2)):
+        f = lambda n, k=k, p=p: k * np.asarray(n) ** p
+        c = np.array([1e20, 5.76e23])
+        n_opt, d_opt = fits.compute_optimal(law, c, f)
+        n_true = (law.alpha * law.A * c ** law.beta / (p * law.beta * law.B * k ** law.beta)) \
+            ** (1.0 / (law.alpha + p * law.beta))
+        assert n_opt == pytest.approx(n_true, rel=1e-6), (k, p)
+        assert d_opt * f(n_opt) == pytest.approx(c, rel=1e-12)
+    six = fits.compute_optimal(law, c, lambda n: 6.0 * np.asarray(n))
+    assert six[0] == pytest.approx(fits.compute_optimal(law, c)[0], rel=1e-6)
+
+
+def test_compute_optimal_under_interpolated_flops_matches_brute_force():
+    # Per-token FLOPs of small models: 6N plus an N-independent share (attention, heads).
+    sizes = np.array([3e3, 5e3, 1.5e4, 2.7e4])
+    fpt = 6 * sizes + 8e4
+    f = fits.interpolate_flops_per_token(sizes, fpt)
+    law = fits.ChinchillaFit(E=0.3, A=3.0, B=25.0, alpha=0.2, beta=0.3, loss=0.0)
+    for c in (5e10, 2e11, 5e12):
+        n_opt, d_opt = fits.compute_optimal(law, c, f)
+        grid_n = np.exp(np.linspace(np.log(1e1), np.log(1e8), 400001))
+        brute = grid_n[np.argmin(law.predict(grid_n, c / f(grid_n)))]
+        assert n_opt == pytest.approx(brute, rel=1e-3)
+        assert d_opt == pytest.approx(c / f(n_opt), rel=1e-12)
+        # The 6ND answer is a different run: it would cost more than c (far more while the
+        # N-independent share is large).
+        n6, d6 = fits.compute_optimal(law, c)
+        assert f(n6) * d6 > (1.5 * c if c < 1e12 else c)
+        assert not n_opt == pytest.approx(n6, rel=0.05)
+
+
+def test_interpolate_flops_per_token_is_exact_at_the_sizes_smooth_and_extends_linearly():
+    n = np.array([1e3, 1e3, 1e4, 1e5, 1e6])
+    fpt = np.array([1e4, 4e4, 1e5, 4e5, 1e6])  # duplicate N: geometric mean 2e4
+    f = fits.interpolate_flops_per_token(n, fpt)
+    assert f([1e3, 1e4, 1e5, 1e6]) == pytest.approx([2e4, 1e5, 4e5, 1e6])
+    # Monotone between the sizes and C1 at a size (no kink to pin an optimum to).
+    xs = np.geomspace(1e3, 1e6, 301)
+    assert np.all(np.diff(f(xs)) > 0)
+    eps = 1e-4
+    left = np.log(f(1e5) / f(1e5 * np.exp(-eps))) / eps
+    right = np.log(f(1e5 * np.exp(eps)) / f(1e5)) / eps
+    assert left == pytest.approx(right, rel=1e-2)
+    # Above the largest size: a straight line in N (continuing the end derivative).
+    d1, d2 = f(2e6) - f(1e6), f(3e6) - f(2e6)
+    assert d1 == pytest.approx(d2, rel=1e-9) and d1 > 0
+    grad = (f(1e6) - f(1e6 * (1 - 1e-6))) / (1e6 * 1e-6)
+    assert d1 / 1e6 == pytest.approx(grad, rel=1e-3)
+    # Two sizes: a straight line in log-log between and below them.
+    two = fits.interpolate_flops_per_token([1e3, 1e4], [1e4, 1e5 * 2])
+    p = np.log10(20.0)
+    assert two(np.sqrt(1e7)) == pytest.approx(1e4 * 10 ** (p / 2))
+    assert two(1e2) == pytest.approx(1e4 / 10 ** p)
+    one = fits.interpolate_flops_per_token([10.0], [70.0])
+    assert one(20.0) == pytest.approx(140.0)  # one size: proportional to N
+    with pytest.raises(ValueError, match="flops_per_token"):
+        fits.interpolate_flops_per_token([1.0, 2.0], [3.0])
+    with pytest.raises(ValueError, match="flops_per_token"):
+        fits.interpolate_flops_per_token([1.0, 2.0], [3.0, -1.0])
+
+
+def test_compute_optimal_raises_when_there_is_no_interior_optimum():
+    law = fits.ChinchillaFit(E=0.3, A=3.0, B=25.0, alpha=0.2, beta=0.3, loss=0.0)
+    # f falling steeply with N: ever larger models are ever cheaper per token.
+    with pytest.raises(ValueError, match="search edge"):
+        fits.compute_optimal(law, 1e12, lambda n: 1e12 / np.asarray(n) ** 2)
+
+
+# ----------------------------------------------------------------------------- uncertainty
+
+
+def _small_grid(noise, seed):
+    rng = np.random.default_rng(seed)
+    n, d = np.meshgrid(np.logspace(7, 10, 5), np.logspace(8, 11, 5))
+    n, d = n.ravel(), d.ravel()
+    return n, d, CHINCHILLA.predict(n, d) * np.exp(rng.normal(0.0, noise, n.shape))
+
+
+def test_bootstrap_intervals_contain_the_truth_and_are_deterministic():
+    n, d, loss = _small_grid(0.01, seed=4)
+    full = fits.fit_chinchilla(n, d, loss, top_k=8)
+    boot = fits.bootstrap_chinchilla(n, d, loss, samples=24, seed=7, start=full)
+    assert boot.samples == 24 and len(boot.fits) + boot.failed == 24 and len(boot.fits) >= 20
+    ci = boot.intervals
+    for k, v in CHINCHILLA.params.items():
+        lo, hi = ci[k]
+        assert lo <= v <= hi, (k, lo, v, hi)
+        assert lo <= full.params[k] * (1 + 1e-9) and full.params[k] <= hi * (1 + 1e-9) or \
+            k in ("A", "B"), k  # the point estimate lies inside its interval
+    assert ci["alpha"][1] - ci["alpha"][0] > 0  # noise gives a non-trivial interval
+    few = fits.bootstrap_chinchilla(n, d, loss, samples=5, seed=3, start=full)
+    again = fits.bootstrap_chinchilla(n, d, loss, samples=5, seed=3, start=full)
+    assert again.intervals == few.intervals and again.fits == few.fits
+    other = fits.bootstrap_chinchilla(n, d, loss, samples=5, seed=4, start=full)
+    assert other.intervals != few.intervals
+    with pytest.raises(ValueError, match="samples"):
+        fits.bootstrap_chinchilla(n, d, loss, samples=0, start=full)
+
+
+def test_degenerate_notes_flag_a_vanishing_E_and_exponents_on_their_bounds():
+    assert fits.degenerate_notes(CHINCHILLA, [2.0, 3.0]) == []
+    no_floor = fits.ChinchillaFit(E=9.4e-22, A=2.8, B=24.0, alpha=0.19, beta=0.31, loss=0.0)
+    notes = fits.degenerate_notes(no_floor, [0.9, 1.2])
+    assert len(notes) == 1 and notes[0].startswith("E ~ 0") and "no floor" in notes[0]
+    flat = fits.ChinchillaFit(E=1.0, A=2.8, B=24.0, alpha=0.0, beta=5.0, loss=0.0)
+    notes = fits.degenerate_notes(flat, [2.0])
+    assert [s.split()[0] for s in notes] == ["alpha", "beta"]

@@ -14,7 +14,7 @@ import pytest
 
 from mmjax import io as mmjax_io
 from mmjax import parallel
-from mmjax.scaling import grid, report, study, sweep
+from mmjax.scaling import fits, grid, report, study, sweep
 
 pytestmark = pytest.mark.slow  # end to end: `-m 'not slow'` skips it
 
@@ -128,25 +128,34 @@ def _law(n, d):
 
 
 def _synthetic_results(sweep_dir, archs=("mot",), mot_gain=1.0, sizes=(1e4, 1e5, 3e5, 1e6),
-                       budgets=(1e6, 3e6, 3e7)):
-    """result.json files on a sizes x budgets grid whose final losses follow LAW exactly."""
+                       budgets=(1e6, 3e6, 3e7), flops_per_token=lambda n: 6 * n, seeds=(None,),
+                       seed_noise=0.0):
+    """result.json files on a sizes x budgets (x seeds) grid whose final losses follow LAW
+    exactly (times exp(seed_noise * normal) per seed)."""
     index = 0
+    rng = np.random.default_rng(0)
     for arch in archs:
         for i, n in enumerate(sizes):
             for j, d in enumerate(budgets):
-                steps = np.linspace(d / 8, d, 8)
-                scale = mot_gain if arch == "mot" else 1.0
-                curve = [{"step": int(k), "tokens": t, "flops": 6 * n * t,
-                          "loss": _law(n, t * scale), "text_loss": _law(n, t * scale) / 2}
-                         for k, t in enumerate(steps, 1)]
-                r = {"name": f"n{i}_d{j}_{arch}", "index": index, "size": f"n{i}",
-                     "budget": f"d{j}", "arch": arch, "n_params_non_embedding": n,
-                     "n_params_total": n * (2 if arch == "mot" else 1), "tokens": d,
-                     "flops": 6 * n * d, "loss": curve[-1]["loss"],
-                     "text_loss": curve[-1]["text_loss"], "curve": curve, "wall_s": 1.0}
-                mmjax_io.write_json_atomic(os.path.join(sweep_dir, "runs", r["name"],
-                                                     "result.json"), r)
-                index += 1
+                for seed in seeds:
+                    noise = float(np.exp(seed_noise * rng.normal())) if seed_noise else 1.0
+                    steps = np.linspace(d / 8, d, 8)
+                    scale = mot_gain if arch == "mot" else 1.0
+                    fpt = float(flops_per_token(n))
+                    curve = [{"step": int(k), "tokens": t, "flops": fpt * t,
+                              "loss": _law(n, t * scale) * noise,
+                              "text_loss": _law(n, t * scale) / 2}
+                             for k, t in enumerate(steps, 1)]
+                    name = f"n{i}_d{j}_{arch}" + ("" if seed is None else f"_seed{seed}")
+                    r = {"name": name, "index": index, "size": f"n{i}", "seed": seed,
+                         "budget": f"d{j}", "arch": arch, "n_params_non_embedding": n,
+                         "n_params_total": n * (2 if arch == "mot" else 1), "tokens": d,
+                         "train_flops_per_token": fpt, "flops": fpt * d,
+                         "loss": curve[-1]["loss"], "text_loss": curve[-1]["text_loss"],
+                         "curve": curve, "wall_s": 1.0}
+                    mmjax_io.write_json_atomic(os.path.join(sweep_dir, "runs", r["name"],
+                                                         "result.json"), r)
+                    index += 1
 
 
 def test_report_recovers_a_known_law(tmp_path):
@@ -171,6 +180,58 @@ def test_report_recovers_a_known_law(tmp_path):
         assert os.path.getsize(os.path.join(tmp_path, "report", fig)) > 1000
 
 
+def test_report_with_seeds_uses_the_runs_flops_per_token_and_bootstrap_intervals(tmp_path):
+    # FLOPs per token of small models: 6N plus an N-independent share (attention and heads).
+    fpt = lambda n: 6 * n + 2e5
+    _synthetic_results(str(tmp_path), flops_per_token=fpt, seeds=(0, 1), seed_noise=0.003)
+    cfg = ml_collections.ConfigDict(dict(analyses=("scaling",), loss_keys=("loss",),
+                                         param_key="n_params_non_embedding",
+                                         compare=("dense", "mot"), fit_starts=8,
+                                         bootstrap_samples=20, bootstrap_seed=0))
+    rep = report.report(cfg, str(tmp_path))
+    assert len(rep["git_commit"]) == 40 and isinstance(rep["git_dirty"], bool)
+    entry = rep["scaling"]["mot_loss"]
+    assert entry["errors"] == {} and entry["num_runs"] == 24
+    # Seeds: one summary per (size, budget), mean and spread of its two runs.
+    seeds = entry["seeds"]
+    assert len(seeds) == 12 and all(a["n_seeds"] == 2 and sorted(a["seeds"]) == [0, 1]
+                                    for a in seeds)
+    runs = {r["name"]: r for r in report.read_results(str(tmp_path))}
+    a = next(a for a in seeds if a["size"] == "n2" and a["budget"] == "d1")
+    pair = [runs["n2_d1_mot_seed0"]["loss"], runs["n2_d1_mot_seed1"]["loss"]]
+    assert a["loss"] == pytest.approx(np.mean(pair))
+    assert a["loss_std"] == pytest.approx(np.std(pair, ddof=1)) and a["loss_std"] > 0
+    assert (a["loss_min"], a["loss_max"]) == pytest.approx((min(pair), max(pair)))
+    # Bootstrap intervals around the fit contain the law the runs were drawn from.
+    chin = entry["chinchilla"]
+    assert chin["bootstrap"]["samples"] == 20 and chin["bootstrap"]["seed"] == 0
+    for k, v in LAW.items():
+        lo, hi = chin["intervals"][k]
+        assert lo <= v <= hi, (k, lo, v, hi)
+    assert chin["degenerate"] == [] and entry["notes"] == []
+    # Compute-optimal rows spend C as the runs count it, not 6ND.
+    assert "not Chinchilla's C = 6ND" in entry["compute_optimal_flops"]
+    fit = fits.ChinchillaFit(**{k: chin[k] for k in ("E", "A", "B", "alpha", "beta")}, loss=0.0)
+    # The report knows f only at the sweep's sizes: log-log between them (exact at the sizes,
+    # within 20% of 6N + 2e5 between these 3-10x apart sizes), linear in N beyond.
+    sizes = np.array([1e4, 1e5, 3e5, 1e6])
+    f = fits.interpolate_flops_per_token(sizes, fpt(sizes))
+    assert f(sizes) == pytest.approx(fpt(sizes))
+    between = np.geomspace(1e4, 1e7, 50)
+    assert np.max(np.abs(f(between) / fpt(between) - 1)) < 0.2
+    for o in entry["compute_optimal"]:
+        assert o["flops_per_token"] * o["d_opt"] == pytest.approx(o["flops"], rel=1e-9)
+        assert o["flops_per_token"] == pytest.approx(f(o["n_opt"]))
+        assert o["c_6nd"] == pytest.approx(6 * o["n_opt"] * o["d_opt"]) and o["c_6nd"] < o["flops"]
+        grid_n = np.exp(np.linspace(np.log(1e2), np.log(1e9), 200001))
+        brute = grid_n[np.argmin(fit.predict(grid_n, o["flops"] / f(grid_n)))]
+        assert o["n_opt"] == pytest.approx(brute, rel=2e-3)
+        lo, hi = o["n_opt_interval"]
+        assert lo <= o["n_opt"] * 1.001 and o["n_opt"] <= hi * 1.001
+    for fig in entry["figures"]:
+        assert os.path.getsize(os.path.join(tmp_path, "report", fig)) > 1000
+
+
 def test_mot_vs_dense_report_on_synthetic_curves(tmp_path):
     # MoT's curve is dense's with twice the tokens: it reaches dense's final loss at half the
     # FLOPs (up to linear interpolation between evaluations).
@@ -189,6 +250,17 @@ def test_mot_vs_dense_report_on_synthetic_curves(tmp_path):
         assert entry[key]["upper_bound"] is False
     assert os.path.exists(os.path.join(tmp_path, "report", entry["figure"]))
     assert study.summarize(rep, ["loss"])["loss"][0] == pytest.approx(0.5, abs=0.02)
+
+
+def test_mot_vs_dense_pairs_runs_of_the_same_seed(tmp_path):
+    _synthetic_results(str(tmp_path), archs=("dense", "mot"), mot_gain=2.0, sizes=(1e4,),
+                       budgets=(1e6,), seeds=(0, 1))
+    results = report.read_results(str(tmp_path))
+    matched = study.pairs(results, "dense", "mot")
+    assert [(b["name"], c["name"]) for b, c in matched] == [
+        ("n0_d0_dense_seed0", "n0_d0_mot_seed0"), ("n0_d0_dense_seed1", "n0_d0_mot_seed1")]
+    rep = study.compare(results, "dense", "mot", ("loss",), str(tmp_path / "report"))
+    assert sorted(rep) == ["n0_d0_seed0", "n0_d0_seed1"]
 
 
 def test_curves_from_metrics_rows_last_row_of_a_step_wins():
@@ -262,6 +334,28 @@ def test_grid_points_schedule_and_errors():
         grid.select(points, 9)
     with pytest.raises(ValueError, match="no such file"):
         grid.load_config_spec("configs/nope.py:x")
+
+
+def test_seeds_axis_varies_init_and_data_order_per_point():
+    cfg = grid.load_config_spec(MICRO)
+    cfg.seeds = (3, 5)
+    base = grid.base_config(cfg)
+    points = grid.points(cfg)
+    assert [p.name for p in points[:3]] == ["s1_b1_mot_seed3", "s1_b1_mot_seed5",
+                                           "s1_b2_mot_seed3"]
+    assert [p.index for p in points] == list(range(8)) and [p.seed for p in points[:2]] == [3, 5]
+    c = grid.point_config(base, points[1], {}, cfg)
+    assert (c.seed, c.data.shuffle_seed, c.model.d_model) == (5, 5, 8)
+    assert grid.point_config(base, points[0], {}, cfg).data.num_train == base.data.num_train
+    one = grid.load_config_spec(MICRO)  # no seeds axis: base seeds, names without a seed
+    assert [p.seed for p in grid.points(one)] == [None] * 4
+    assert grid.point_config(base, grid.points(one)[0], {}, one).seed == base.seed
+    tiny = grid.load_config_spec("configs/sweep_scaling.py:tiny")
+    assert tuple(tiny.seeds) == (0, 1) and len(grid.points(tiny)) == 24
+    for bad in ((1, 1), (-1,), (1.5,)):
+        cfg.seeds = bad
+        with pytest.raises(ValueError, match="sweep.seeds"):
+            grid.points(cfg)
 
 
 def test_cli_lists_the_grid():

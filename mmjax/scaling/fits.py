@@ -11,8 +11,13 @@ Why two forms:
   a Huber loss (delta 1e-3) on `log L_pred - log L`, minimised with L-BFGS(-B) from a grid of
   initialisations. The Huber loss makes the fit robust to the few runs that went wrong.
 
-`compute_optimal` turns a Chinchilla fit into N_opt(C), D_opt(C) under C = 6 N D (closed form from
-the paper). `r2` / `holdout_r2` measure how well a law extrapolates to held-out runs.
+`compute_optimal` turns a Chinchilla fit into N_opt(C), D_opt(C): under C = 6 N D (the paper's
+closed form), or under C = f(N) D for the FLOPs per token f the runs actually use
+(`interpolate_flops_per_token` over the sweep's sizes; for small models attention and the output
+heads make f several times 6N, so the 6ND answer describes runs that cost far more than C).
+`bootstrap_chinchilla` resamples the runs for intervals on (E, A, B, alpha, beta), and
+`degenerate_notes` says when a fit is degenerate (E ~ 0, an exponent on its bound).
+`r2` / `holdout_r2` measure how well a law extrapolates to held-out runs.
 
 Points are passed as a dict of equal-length arrays with keys `n_params`, `tokens`, `flops`, `loss`
 (the keys a fit needs), or as a list of run dicts with those keys (what the sweep driver writes).
@@ -25,6 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from scipy import optimize, special
+from threadpoolctl import threadpool_limits
 
 HUBER_DELTA = 1e-3  # Chinchilla's Huber delta on log-loss residuals.
 # Chinchilla's initialisation grid (Hoffmann et al. 2022, appendix D.2).
@@ -218,12 +224,15 @@ def _chinchilla_objective(theta, log_n, log_d, log_loss, delta):
 
 def fit_chinchilla(n_params, tokens, loss, *, delta: float = HUBER_DELTA,
                    grid: Mapping[str, Sequence[float]] | None = None,
-                   top_k: int | None = 32) -> ChinchillaFit:
+                   top_k: int | None = 32,
+                   extra_starts: Sequence[ChinchillaFit] = ()) -> ChinchillaFit:
     """Chinchilla approach 3: Huber (delta) on log-loss, L-BFGS-B from a grid of initialisations.
 
     Why `top_k`: the paper's grid has 4500 starts. The objective is evaluated (vectorised, cheap)
     at every start and L-BFGS-B runs from the `top_k` best; `top_k=None` runs from all of them,
     as the paper does. Exponents are bounded to [0, 5] (a negative exponent is not a law).
+    `extra_starts` (fits) are added to the starts: a bootstrap starts each resample from the
+    full-data fit, which lets it use few grid starts.
     """
     n = _check_positive("n_params", n_params, 5)
     d = _check_positive("tokens", tokens, 5)
@@ -240,14 +249,23 @@ def fit_chinchilla(n_params, tokens, loss, *, delta: float = HUBER_DELTA,
                                 axis=0)
         cost = huber(lse - log_y, delta)[0].sum(axis=1)
         starts = starts[np.argsort(cost, kind="stable")[:top_k]]
+    if extra_starts:
+        warm = np.array([[np.log(f.A), np.log(f.B), np.log(max(f.E, 1e-300)),
+                          min(max(f.alpha, 0.0), 5.0), min(max(f.beta, 0.0), 5.0)]
+                         for f in extra_starts], np.float64)
+        starts = np.concatenate([warm, starts])
     bounds = [(None, None)] * 3 + [(0.0, 5.0)] * 2
     best = None
-    for theta0 in starts:
-        res = optimize.minimize(_chinchilla_objective, theta0, args=(log_n, log_d, log_y, delta),
-                                jac=True, method="L-BFGS-B", bounds=bounds,
-                                options=dict(maxiter=5000, ftol=1e-15, gtol=1e-12))
-        if np.isfinite(res.fun) and (best is None or res.fun < best.fun):
-            best = res
+    # One BLAS thread: on a 5-parameter problem a BLAS thread pool only adds wake-ups (measured
+    # 14x slower L-BFGS-B steps on a loaded 2-core machine), and bootstraps run hundreds of fits.
+    with threadpool_limits(limits=1):
+        for theta0 in starts:
+            res = optimize.minimize(_chinchilla_objective, theta0,
+                                    args=(log_n, log_d, log_y, delta), jac=True,
+                                    method="L-BFGS-B", bounds=bounds,
+                                    options=dict(maxiter=5000, ftol=1e-15, gtol=1e-12))
+            if np.isfinite(res.fun) and (best is None or res.fun < best.fun):
+                best = res
     if best is None:
         raise ValueError("fit_chinchilla: every initialisation failed (check the points)")
     a, b, e, alpha, beta = best.x
@@ -255,11 +273,66 @@ def fit_chinchilla(n_params, tokens, loss, *, delta: float = HUBER_DELTA,
                          alpha=float(alpha), beta=float(beta), loss=float(best.fun))
 
 
-def compute_optimal(fit: ChinchillaFit, flops) -> tuple[np.ndarray, np.ndarray]:
-    """N_opt(C), D_opt(C) minimising the fitted L subject to C = 6 N D (Chinchilla eq. 4).
+def interpolate_flops_per_token(n_params, flops_per_token) -> Callable[[Any], np.ndarray]:
+    """f(N): training FLOPs per token as a function of N, a smooth curve through the sweep's sizes.
 
-    G = (alpha A / (beta B))**(1 / (alpha + beta)); N_opt = G (C/6)**(beta / (alpha + beta));
-    D_opt = (C/6)**(alpha / (alpha + beta)) / G.
+    Built from the sweep's runs (one (N, FLOPs per token) pair per size; repeated N are averaged
+    in log space). Why not 6N: in small models attention, the LM head and the image head are a
+    large share of the FLOPs that grows slower than N.
+    Between sizes: monotone cubic (PCHIP) in log N - log f. Why not piecewise-linear: f depends
+    on depth and width, not N alone (one layer -> two layers is a kink), and a kinked f pins the
+    compute-optimal N to a sweep size for a whole range of C. PCHIP is C1, exact at the sizes,
+    and adds no wiggles.
+    Beyond the largest size f continues as a straight line in N with the end derivative:
+    per-token FLOPs are ~6N + (terms that grow slower than N), so a log-log extension (slope
+    < 1) would eventually fall below 6N. Below the smallest size the end log-log slope is
+    extended. Two sizes: a straight line in log-log; one size: f proportional to N.
+    """
+    from scipy import interpolate
+    n = _check_positive("n_params", n_params, 1)
+    f = _check_positive("flops_per_token", flops_per_token, 1)
+    if n.shape != f.shape:
+        raise ValueError(f"interpolate_flops_per_token: {n.size} n_params but {f.size} "
+                         "flops_per_token values")
+    ln_all, lf_all = np.log(n), np.log(f)
+    ln = np.unique(ln_all)
+    lf = np.array([lf_all[ln_all == v].mean() for v in ln])
+    if ln.size == 1:
+        ln, lf = np.array([ln[0], ln[0] + 1.0]), np.array([lf[0], lf[0] + 1.0])
+    curve = interpolate.PchipInterpolator(ln, lf, extrapolate=False)
+    slope = curve.derivative()
+    lo_slope, hi_slope = float(slope(ln[0])), float(slope(ln[-1]))
+    n_hi, f_hi = float(np.exp(ln[-1])), float(np.exp(lf[-1]))
+    dfdn_hi = max(hi_slope * f_hi / n_hi, 0.0)  # d f / d N at the largest size
+
+    def flops_per_token_of(n_query):
+        nq = np.asarray(n_query, np.float64)
+        x = np.log(nq)
+        inside = np.clip(x, ln[0], ln[-1])
+        y = np.exp(np.where(x < ln[0], lf[0] + lo_slope * (x - ln[0]), curve(inside)))
+        return np.where(x > ln[-1], f_hi + dfdn_hi * (nq - n_hi), y)
+
+    return flops_per_token_of
+
+
+def _closed_form_6nd(fit: ChinchillaFit, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    s = fit.alpha + fit.beta
+    g = (fit.alpha * fit.A / (fit.beta * fit.B)) ** (1.0 / s)
+    return g * (c / 6.0) ** (fit.beta / s), (c / 6.0) ** (fit.alpha / s) / g
+
+
+def compute_optimal(fit: ChinchillaFit, flops, flops_per_token: Callable[[Any], Any] | None = None,
+                    *, search_decades: float = 6.0, grid_points: int = 2401
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """N_opt(C), D_opt(C) minimising the fitted L(N, D) subject to C = f(N) D.
+
+    `flops_per_token=None` takes f(N) = 6N, Chinchilla's C = 6ND, and the paper's closed form
+    (eq. 4): G = (alpha A / (beta B))**(1 / (alpha + beta)); N_opt = G (C/6)**(beta / (alpha +
+    beta)); D_opt = (C/6)**(alpha / (alpha + beta)) / G.
+    With f given (e.g. `interpolate_flops_per_token` over the sweep), L(N, C / f(N)) is minimised
+    over log N: a grid of `grid_points` over +-`search_decades` decades around the 6ND optimum,
+    then a bounded scalar search between the grid neighbours of the best point. ValueError when
+    the minimum lies on the search edge (the law has no interior optimum there).
     """
     if fit.alpha <= 0 or fit.beta <= 0:
         raise ValueError(f"compute_optimal: need alpha > 0 and beta > 0, got alpha={fit.alpha}, "
@@ -267,8 +340,105 @@ def compute_optimal(fit: ChinchillaFit, flops) -> tuple[np.ndarray, np.ndarray]:
     c = np.asarray(flops, np.float64)
     if np.any(c <= 0):
         raise ValueError("compute_optimal: flops must be > 0")
-    s = fit.alpha + fit.beta
-    g = (fit.alpha * fit.A / (fit.beta * fit.B)) ** (1.0 / s)
-    n_opt = g * (c / 6.0) ** (fit.beta / s)
-    d_opt = (c / 6.0) ** (fit.alpha / s) / g
-    return n_opt, d_opt
+    n6, d6 = _closed_form_6nd(fit, c)
+    if flops_per_token is None:
+        return n6, d6
+    n_out, d_out = np.empty_like(c, dtype=np.float64), np.empty_like(c, dtype=np.float64)
+    span = search_decades * np.log(10.0)
+    for idx in np.ndindex(c.shape):
+        ci, center = float(c[idx]), float(np.log(n6[idx]))
+
+        def log_loss(u):
+            n = np.exp(u)
+            return fit.predict(n, ci / np.asarray(flops_per_token(n), np.float64))
+
+        us = np.linspace(center - span, center + span, int(grid_points))
+        k = int(np.argmin(log_loss(us)))
+        if k in (0, len(us) - 1):
+            raise ValueError(f"compute_optimal: at C={ci:.3g} the minimum of L(N, C/f(N)) lies "
+                             f"on the search edge N={np.exp(us[k]):.3g} (no interior optimum)")
+        res = optimize.minimize_scalar(log_loss, bounds=(us[k - 1], us[k + 1]), method="bounded",
+                                       options=dict(xatol=1e-10))
+        n_out[idx] = np.exp(res.x)
+        d_out[idx] = ci / float(flops_per_token(n_out[idx]))
+    return n_out, d_out
+
+
+# ----------------------------------------------------------------------------- uncertainty
+
+
+@dataclasses.dataclass(frozen=True)
+class ChinchillaBootstrap:
+    """Percentile intervals of the Chinchilla parameters over resamples of the runs."""
+
+    samples: int  # Resamples drawn.
+    seed: int
+    level: float  # e.g. 0.95
+    fits: tuple[ChinchillaFit, ...]  # One per resample whose fit succeeded.
+    failed: int  # Resamples whose fit raised (too few distinct points).
+
+    def interval(self, values: Sequence[float]) -> tuple[float, float]:
+        q = 100.0 * (1.0 - self.level) / 2.0
+        lo, hi = np.percentile(np.asarray(values, np.float64), [q, 100.0 - q])
+        return float(lo), float(hi)
+
+    @property
+    def intervals(self) -> dict[str, tuple[float, float]]:
+        if not self.fits:
+            raise ValueError("bootstrap: no resample could be fitted")
+        return {k: self.interval([f.params[k] for f in self.fits])
+                for k in ("E", "A", "B", "alpha", "beta")}
+
+
+def bootstrap_chinchilla(n_params, tokens, loss, *, samples: int = 100, seed: int = 0,
+                         level: float = 0.95, top_k: int = 1, delta: float = HUBER_DELTA,
+                         start: ChinchillaFit | None = None) -> ChinchillaBootstrap:
+    """Case bootstrap: refit L(N, D) on `samples` resamples (with replacement) of the runs.
+
+    Each resample starts from `start` (the full-data fit; fitted here when None) plus the
+    `top_k` best grid starts: a resample's optimum lies near the full fit's, and this keeps 100
+    resamples in seconds to minutes. Deterministic given `seed` (numpy's default_rng).
+    """
+    n = _check_positive("n_params", n_params, 5)
+    d = _check_positive("tokens", tokens, 5)
+    y = _check_positive("loss", loss, 5)
+    if not n.size == d.size == y.size:
+        raise ValueError(f"bootstrap_chinchilla: lengths {n.size}/{d.size}/{y.size} differ")
+    if int(samples) < 1 or not 0.0 < float(level) < 1.0:
+        raise ValueError(f"bootstrap_chinchilla: need samples >= 1 and 0 < level < 1, got "
+                         f"samples={samples}, level={level}")
+    start = start if start is not None else fit_chinchilla(n, d, y, delta=delta, top_k=8)
+    rng = np.random.default_rng(int(seed))
+    out, failed = [], 0
+    for idx in rng.integers(0, n.size, size=(int(samples), n.size)):
+        try:
+            out.append(fit_chinchilla(n[idx], d[idx], y[idx], delta=delta, top_k=top_k,
+                                      extra_starts=(start,)))
+        except ValueError:
+            failed += 1
+    return ChinchillaBootstrap(samples=int(samples), seed=int(seed), level=float(level),
+                               fits=tuple(out), failed=failed)
+
+
+def degenerate_notes(fit: ChinchillaFit, loss, *, e_fraction: float = 1e-3,
+                     exponent_bounds: tuple[float, float] = (0.0, 5.0)) -> list[str]:
+    """Sentences naming what is degenerate about `fit` (empty when nothing is).
+
+    E below `e_fraction` of the lowest observed loss means the fit found no irreducible loss:
+    its extrapolated losses fall without a floor. An exponent on its bound means the data did
+    not pin it down.
+    """
+    y = _check_positive("loss", loss, 1)
+    notes = []
+    if fit.E < e_fraction * float(y.min()):
+        notes.append(f"E ~ 0 (E = {fit.E:.3g}, below {e_fraction:g} x the lowest loss "
+                     f"{float(y.min()):.3g}): the fit has no irreducible loss, so losses "
+                     "extrapolated beyond the sweep have no floor and N_opt, D_opt there are "
+                     "indicative only.")
+    for name in ("alpha", "beta"):
+        v = getattr(fit, name)
+        for bound in exponent_bounds:
+            if abs(v - bound) < 1e-6:
+                notes.append(f"{name} = {v:.3g} sits on its bound {bound:g}: the runs do not "
+                             f"determine it.")
+    return notes

@@ -39,6 +39,9 @@ class Point:
     arch: str
     overrides: Mapping[str, Any]
     flops_budget: float | None  # Target training FLOPs (steps derived per size), or None.
+    # Seed of the run (config.seed and data.shuffle_seed) when the sweep has a seeds axis; None
+    # keeps the base config's seeds (and no seed in the point's name).
+    seed: int | None = None
 
 
 def resolve_path(path: str) -> str:
@@ -132,19 +135,39 @@ def _merge(*overrides: Mapping[str, Any]) -> dict:
     return out
 
 
+def seeds(sweep_cfg) -> list[int | None]:
+    """The seeds axis: [None] (base seeds, no axis) or the distinct ints of `sweep.seeds`."""
+    values = list(sweep_cfg.get("seeds") or ())
+    if not values:
+        return [None]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"sweep.seeds={tuple(values)!r}: every seed must be an int >= 0")
+    if len(set(values)) != len(values):
+        raise ValueError(f"sweep.seeds={tuple(values)!r}: seeds must be distinct")
+    return values
+
+
 def points(sweep_cfg) -> list[Point]:
-    """The grid sizes x budgets x archs in a stable order (index = position)."""
+    """The grid sizes x budgets x archs (x seeds) in a stable order (index = position).
+
+    With a seeds axis every (size, budget, arch) is run once per seed, named `..._seed<k>`;
+    the seeds axis is innermost so that a point's seeds have neighbouring indices.
+    """
     axes = [_axis(sweep_cfg, a) for a in AXES]
+    seed_axis = seeds(sweep_cfg)
     out = []
-    for index, combo in enumerate(itertools.product(*axes)):
+    for combo in itertools.product(*axes):
         (size, so), (budget, bo), (arch, ao) = combo
         names = [n for n, a in zip((size, budget, arch), AXES) if sweep_cfg.get(a)]
         flops = bo.get("flops")
         if flops is not None and (isinstance(flops, bool) or not float(flops) > 0):
             raise ValueError(f"sweep.budgets.{budget}.flops={flops!r}: must be a number > 0")
-        out.append(Point(index=index, name="_".join(names) or "base", size=size, budget=budget,
-                         arch=arch, overrides=_merge(so, ao, bo),
-                         flops_budget=None if flops is None else float(flops)))
+        for seed in seed_axis:
+            name = "_".join(names) or "base"
+            out.append(Point(index=len(out), name=name if seed is None else f"{name}_seed{seed}",
+                             size=size, budget=budget, arch=arch, overrides=_merge(so, ao, bo),
+                             flops_budget=None if flops is None else float(flops), seed=seed))
     return out
 
 
@@ -190,4 +213,9 @@ def point_config(base: ml_collections.ConfigDict, point: Point, shared: Mapping[
         raise ValueError(f"{where}: train.steps={total} must be > 0")
     for field, value in schedule_overrides(sweep_cfg, total, explicit).items():
         config.train[field] = value
+    if point.seed is not None:
+        # Init / per-step RNG and the data order both vary with the seed; the shared build (data,
+        # tokenizer) stays the same, so seeds measure the run-to-run spread of training alone.
+        config.seed = int(point.seed)
+        config.data.shuffle_seed = int(point.seed)
     return config

@@ -36,30 +36,38 @@ def _save(fig, path: str) -> str:
     return path
 
 
-def _frontier(fit, flops: np.ndarray) -> np.ndarray | None:
-    """Loss of the best model at each compute budget according to `fit` (None if it cannot say)."""
+def _frontier(fit, flops: np.ndarray, flops_per_token=None) -> np.ndarray | None:
+    """Loss of the best model at each compute budget according to `fit` (None if it cannot say).
+
+    A ChinchillaFit is minimised under C = flops_per_token(N) * D (C = 6ND when None).
+    """
     if isinstance(fit, fits.ChinchillaFit):
-        n_opt, d_opt = fits.compute_optimal(fit, flops)
+        n_opt, d_opt = fits.compute_optimal(fit, flops, flops_per_token)
         return fit.predict(n_opt, d_opt)
     if isinstance(fit, fits.PowerLawFit) and fit.x_key == "flops":
         return fit.predict(flops)
     return None
 
 
-def plot_loss_vs_flops(runs, fit, path: str) -> str:
+def plot_loss_vs_flops(runs, fit, path: str, *, flops_per_token=None, summary=None) -> str:
     """Loss against training compute: one curve (or point) per model size plus the fitted frontier.
 
-    `fit` may be a ChinchillaFit (frontier = L(N_opt(C), D_opt(C))), a PowerLawFit over `flops`,
-    or None (no frontier).
+    `fit` may be a ChinchillaFit (frontier = L(N_opt(C), D_opt(C)) under C = flops_per_token(N)
+    D, 6ND when None), a PowerLawFit over `flops`, or None (no frontier). `summary` (entries
+    with n_params, flops, loss, loss_min, loss_max: the seeds of one point) adds the seeds' mean
+    with min-max error bars.
     """
     _check_runs(runs)
     fig, ax = plt.subplots(figsize=(6, 4.5))
     sizes = sorted({float(r["n_params"]) for r in runs})
     cmap = plt.get_cmap("viridis")
     all_flops = []
+    labelled: set[float] = set()
     for r in runs:
         color = cmap(sizes.index(float(r["n_params"])) / max(len(sizes) - 1, 1))
-        label = f"{r.get('name', '')} N={float(r['n_params']):.3g}".strip()
+        # One legend entry per size (budgets and seeds of a size share its colour).
+        label = None if float(r["n_params"]) in labelled else f"N={float(r['n_params']):.3g}"
+        labelled.add(float(r["n_params"]))
         if r.get("curve"):
             c = np.asarray(r["curve"], np.float64).reshape(-1, 2)
             c = c[c[:, 0] > 0]
@@ -71,9 +79,15 @@ def plot_loss_vs_flops(runs, fit, path: str) -> str:
     frontier = None
     if fit is not None:
         grid = np.logspace(np.log10(min(all_flops)), np.log10(max(all_flops)), 100)
-        frontier = _frontier(fit, grid)
+        frontier = _frontier(fit, grid, flops_per_token)
         if frontier is not None:
             ax.plot(grid, frontier, "k--", lw=1.5, label="fitted frontier")
+    for a in summary or ():
+        color = cmap(sizes.index(float(a["n_params"])) / max(len(sizes) - 1, 1)) \
+            if float(a["n_params"]) in sizes else "k"
+        ax.errorbar([a["flops"]], [a["loss"]], yerr=[[a["loss"] - a["loss_min"]],
+                                                     [a["loss_max"] - a["loss"]]],
+                    fmt="D", color=color, ms=4, capsize=3, zorder=4)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("training FLOPs")
@@ -99,7 +113,8 @@ def plot_isoflops(runs, path: str, *, rtol: float = 0.05) -> list[dict[str, floa
 
     Budgets within `rtol` of each other form one profile. Each profile with >= 3 sizes gets a
     parabola in log N whose minimum estimates N_opt(C). Returns [{flops, n_opt, loss_min}] for
-    those profiles (sorted by flops) and writes the figure to `path`.
+    those profiles (sorted by flops) and writes the figure to `path`. Runs with `loss_min` and
+    `loss_max` (seed means from report.aggregate_seeds) are drawn with those as error bars.
     """
     _check_runs(runs)
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -112,7 +127,13 @@ def plot_isoflops(runs, path: str, *, rtol: float = 0.05) -> list[dict[str, floa
         n = np.array([float(r["n_params"]) for r in group])
         loss = np.array([float(r["loss"]) for r in group])
         order = np.argsort(n)
-        ax.plot(n[order], loss[order], "o", color=color, label=f"C={c:.2g}")
+        if all("loss_min" in r and "loss_max" in r for r in group):
+            lo = np.array([float(r["loss_min"]) for r in group])
+            hi = np.array([float(r["loss_max"]) for r in group])
+            ax.errorbar(n[order], loss[order], yerr=[(loss - lo)[order], (hi - loss)[order]],
+                        fmt="o", color=color, capsize=3, label=f"C={c:.2g} (seed min-max)")
+        else:
+            ax.plot(n[order], loss[order], "o", color=color, label=f"C={c:.2g}")
         if len(np.unique(n)) >= 3:
             coef = np.polyfit(np.log(n), loss, 2)
             xs = np.linspace(np.log(n).min(), np.log(n).max(), 50)

@@ -1,7 +1,7 @@
 """Sweep report: scaling-law fits, compute-optimal sizes and figures from the runs' result.json.
 
 A result (one per finished point, written by mmjax.scaling.sweep) holds: name, index, size,
-budget, arch, overrides, model (sizes), vocab_size, seq_len, batch_size, steps, tokens
+budget, arch, seed and shuffle_seed (the run's config.seed, data.shuffle_seed), overrides, model (sizes), vocab_size, seq_len, batch_size, steps, tokens
 (= steps * batch * seq_len positions), image_fraction, train_flops_per_token, flops (analytic
 training FLOPs = flops_per_token * tokens), flops_budget,
 n_params_{total,active,non_embedding,backbone},
@@ -13,8 +13,18 @@ PNGs. For each architecture and loss key ("scaling" analysis):
 - Henighan L(N): power law over the sizes, each at its largest budget.
 - Henighan L(C): power law over the compute frontier (lower envelope of the validation curves
   from `sweep.frontier_from` of each run on).
-- Chinchilla approach 3 L(N, D) over all final points; R^2 in-sample and on held-out points (the
-  largest size, fitted on the rest); N_opt(C), D_opt(C) over and beyond the sweep's range.
+- Chinchilla approach 3 L(N, D) over all final points (every seed a point); R^2 in-sample and on
+  held-out points (the largest size, fitted on the rest); 95% bootstrap intervals of E, A, B,
+  alpha, beta (resampling runs, `sweep.bootstrap_samples`, fixed `sweep.bootstrap_seed`);
+  `degenerate` notes (E ~ 0: no loss floor; an exponent on its bound).
+- N_opt(C), D_opt(C) over and beyond the sweep's range, minimising the fitted L(N, D) under the
+  compute the runs actually spend: C = f(N) D with f the analytic training FLOPs per token of
+  mmjax.flops (attention, LM head, image head included) interpolated over the sweep's sizes
+  (fits.interpolate_flops_per_token);
+  `compute_optimal_flops` says so, each row gives the 6ND of its optimum for comparison and
+  bootstrap intervals of N_opt, D_opt.
+- With a seeds axis: `seeds`, the mean / spread of the final loss per (size, budget); isoFLOP
+  profiles are fitted to the means and the figures carry min-max error bars.
 - Figures: loss vs FLOPs with the fitted frontier, isoFLOP profiles, fitted laws.
 A fit that cannot be made (too few points) is recorded as {"error": ...} and logged, not skipped
 silently. The "mot_vs_dense" analysis lives in mmjax.scaling.study.
@@ -26,6 +36,8 @@ import json
 import logging
 import math
 import os
+import subprocess
+import sys
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -52,10 +64,35 @@ def fit_points(results: Sequence[Mapping], loss_key: str, param_key: str) -> lis
             continue
         curve = [(c["flops"], c[loss_key]) for c in r.get("curve", [])
                  if loss_key in c and c["flops"] > 0 and c[loss_key] > 0]
-        out.append({"name": r["name"], "size": r["size"], "n_params": float(r[param_key]),
+        out.append({"name": r["name"], "size": r["size"], "budget": r.get("budget", ""),
+                    "seed": r.get("seed"), "n_params": float(r[param_key]),
                     "tokens": float(r["tokens"]), "flops": float(r["flops"]),
+                    # Analytic training FLOPs per token (flops = this x tokens).
+                    "flops_per_token": float(r["flops"]) / float(r["tokens"]),
                     "loss": float(loss), "curve": curve})
     return out
+
+
+def aggregate_seeds(points: Sequence[Mapping]) -> list[dict]:
+    """One entry per (size, budget): mean, sample std, min and max of the final loss over seeds.
+
+    N, tokens and FLOPs are the same for every seed of a point (means are reported anyway).
+    """
+    groups: dict[tuple[str, str], list[Mapping]] = {}
+    for p in points:
+        groups.setdefault((p["size"], p.get("budget", "")), []).append(p)
+    out = []
+    for (size, budget), group in groups.items():
+        loss = np.array([p["loss"] for p in group])
+        out.append({"size": size, "budget": budget, "name": f"{size}_{budget}",
+                    "seeds": [p.get("seed") for p in group], "n_seeds": len(group),
+                    "n_params": float(np.mean([p["n_params"] for p in group])),
+                    "tokens": float(np.mean([p["tokens"] for p in group])),
+                    "flops": float(np.mean([p["flops"] for p in group])),
+                    "loss": float(loss.mean()),
+                    "loss_std": float(loss.std(ddof=1)) if loss.size > 1 else 0.0,
+                    "loss_min": float(loss.min()), "loss_max": float(loss.max())})
+    return sorted(out, key=lambda a: (a["n_params"], a["flops"]))
 
 
 def largest_budget_per_size(points: Sequence[Mapping]) -> list[dict]:
@@ -100,11 +137,24 @@ def holdout_mask(points: Sequence[Mapping]) -> np.ndarray:
     return n == n.max()
 
 
+COMPUTE_DEFINITION = (
+    "analytic training FLOPs, C = f(N) * D: f = mmjax.flops.flops_per_token(...)['train'] of the "
+    "runs (attention, LM head and image head included), interpolated over the sweep's sizes "
+    "(monotone cubic in log N - log f) and continued linearly in N beyond the largest; not "
+    "Chinchilla's C = 6ND")
+
+
 def scaling_analysis(points: list[dict], out_dir: str, tag: str, starts: int = 8,
-                     frontier_from: float = 0.5) -> dict:
+                     frontier_from: float = 0.5, bootstrap_samples: int = 0,
+                     bootstrap_seed: int = 0) -> dict:
     """Fits and figures for one (arch, loss key) group of points; returns the numbers."""
     errors: dict[str, str] = {}
-    out: dict[str, Any] = {"num_runs": len(points), "errors": errors}
+    out: dict[str, Any] = {"num_runs": len(points), "errors": errors, "notes": []}
+    summary = aggregate_seeds(points)
+    if any(a["n_seeds"] > 1 for a in summary):
+        out["seeds"] = summary
+    fpt = fits.interpolate_flops_per_token([p["n_params"] for p in points],
+                                           [p["flops_per_token"] for p in points])
     by_n = largest_budget_per_size(points)
     law_n = _attempt("power_law_n", lambda: fits.fit_power_law(
         [p["n_params"] for p in by_n], [p["loss"] for p in by_n], x_key="n_params"), errors)
@@ -122,44 +172,83 @@ def scaling_analysis(points: list[dict], out_dir: str, tag: str, starts: int = 8
     chin = _attempt("chinchilla", lambda: fits.fit_chinchilla(
         [p["n_params"] for p in points], [p["tokens"] for p in points],
         [p["loss"] for p in points], top_k=starts), errors)
+    boot = None
     if chin is not None:
         out["chinchilla"] = {**chin.params, "r2": fits.r2(
             [p["loss"] for p in points], chin.predict_points(points))}
+        if bootstrap_samples > 0:
+            boot = _attempt("chinchilla_bootstrap", lambda: fits.bootstrap_chinchilla(
+                [p["n_params"] for p in points], [p["tokens"] for p in points],
+                [p["loss"] for p in points], samples=bootstrap_samples, seed=bootstrap_seed,
+                start=chin), errors)
+        if boot is not None and boot.fits:
+            out["chinchilla"]["intervals"] = {k: list(v) for k, v in boot.intervals.items()}
+            out["chinchilla"]["bootstrap"] = {
+                "level": boot.level, "samples": boot.samples, "seed": boot.seed,
+                "failed": boot.failed, "resampled": "runs (with replacement)"}
+        out["chinchilla"]["degenerate"] = fits.degenerate_notes(
+            chin, [p["loss"] for p in points])
+        out["notes"].extend(out["chinchilla"]["degenerate"])
         out["chinchilla"]["r2_holdout_largest_size"] = _attempt(
             "chinchilla_holdout", lambda: fits.holdout_r2(
                 [{k: p[k] for k in ("n_params", "tokens", "flops", "loss")} for p in points],
                 lambda q: fits.fit_chinchilla(q["n_params"], q["tokens"], q["loss"],
                                               top_k=starts),
                 holdout_mask(points)), errors)
+        out["compute_optimal_flops"] = COMPUTE_DEFINITION
         out["compute_optimal"] = _attempt("compute_optimal",
-                                          lambda: _optimal_table(chin, points), errors)
+                                          lambda: _optimal_table(chin, points, fpt, boot), errors)
     # The frontier drawn over the sweep's analytic FLOPs: L(C) fitted on those FLOPs when there
-    # is one (Chinchilla's frontier assumes C = 6ND, which omits attention and the heads).
-    out["figures"] = _figures(points, law_c or chin, chin, law_n, law_c, front, out_dir, tag,
-                              out, errors)
+    # is one, else the Chinchilla law minimised under the same FLOPs per token.
+    out["figures"] = _figures(points, summary, law_c or chin, chin, law_n, law_c, front, fpt,
+                              out_dir, tag, out, errors)
     return out
 
 
-def _optimal_table(fit: fits.ChinchillaFit, points) -> list[dict]:
+def _optimal_table(fit: fits.ChinchillaFit, points, flops_per_token,
+                   boot: fits.ChinchillaBootstrap | None = None) -> list[dict]:
     """N_opt, D_opt at budgets from the sweep's smallest to 100x its largest.
 
-    Chinchilla's closed form takes C = 6 N D; the budgets here are the sweep's analytic FLOPs,
-    so for tiny models (where attention and heads are a large share) N_opt, D_opt are indicative.
+    C is the runs' analytic training FLOPs (COMPUTE_DEFINITION), so a row's (N_opt, D_opt) is a
+    run that costs C as the sweep counts it; `c_6nd` is what 6 N_opt D_opt would call it.
+    With a bootstrap, `n_opt_interval` / `d_opt_interval` are its percentile intervals
+    (resamples whose law has no interior optimum are left out and counted).
     """
     c = np.array([p["flops"] for p in points])
     grid = np.logspace(np.log10(c.min()), np.log10(c.max() * 100), 7)
-    n_opt, d_opt = fits.compute_optimal(fit, grid)
-    return [{"flops": float(g), "n_opt": float(n), "d_opt": float(d),
-             "tokens_per_param": float(d / n), "loss": float(fit.predict(n, d))}
+    n_opt, d_opt = fits.compute_optimal(fit, grid, flops_per_token)
+    n_max = max(p["n_params"] for p in points)
+    rows = [{"flops": float(g), "n_opt": float(n), "d_opt": float(d),
+             "tokens_per_param": float(d / n), "loss": float(fit.predict(n, d)),
+             "c_6nd": float(6 * n * d), "flops_per_token": float(flops_per_token(n)),
+             "extrapolated": bool(g > c.max() * 1.05 or n > n_max * 1.05)}
             for g, n, d in zip(grid, n_opt, d_opt)]
+    if boot is not None and boot.fits:
+        draws, skipped = [], 0
+        for f in boot.fits:
+            try:
+                draws.append(fits.compute_optimal(f, grid, flops_per_token))
+            except ValueError:
+                skipped += 1
+        if draws:
+            n_draws = np.array([d[0] for d in draws])
+            d_draws = np.array([d[1] for d in draws])
+            for i, row in enumerate(rows):
+                row["n_opt_interval"] = list(boot.interval(n_draws[:, i]))
+                row["d_opt_interval"] = list(boot.interval(d_draws[:, i]))
+                row["bootstrap_skipped"] = skipped
+    return rows
 
 
-def _figures(points, frontier_fit, chin, law_n, law_c, front, out_dir, tag, out, errors
-             ) -> list[str]:
+def _figures(points, summary, frontier_fit, chin, law_n, law_c, front, fpt, out_dir, tag, out,
+             errors) -> list[str]:
+    seeded = any(a["n_seeds"] > 1 for a in summary)
     paths = [plots.plot_loss_vs_flops(points, frontier_fit,
-                                      os.path.join(out_dir, f"loss_vs_flops_{tag}.png"))]
+                                      os.path.join(out_dir, f"loss_vs_flops_{tag}.png"),
+                                      flops_per_token=fpt, summary=summary if seeded else None)]
     iso_path = os.path.join(out_dir, f"isoflops_{tag}.png")
-    out["isoflop_optima"] = plots.plot_isoflops(points, iso_path)
+    # With seeds: one profile point per (size, budget) at the seeds' mean, min-max error bars.
+    out["isoflop_optima"] = plots.plot_isoflops(summary if seeded else points, iso_path)
     paths.append(iso_path)
     for name, fit, pts in (("chinchilla", chin, points), ("power_n", law_n,
                                                           largest_budget_per_size(points))):
@@ -173,6 +262,23 @@ def _figures(points, frontier_fit, chin, law_n, law_c, front, out_dir, tag, out,
         _attempt("plot_power_c", lambda: plots.plot_law(law_c, front_points, path), errors)
         paths.append(path)
     return [os.path.basename(p) for p in paths if os.path.exists(p)]
+
+
+def provenance() -> dict:
+    """The git commit of the code that wrote the report (None outside a git checkout)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True,
+                                  timeout=30, check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": commit, "git_dirty": None if dirty is None else bool(dirty),
+            "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
 
 
 def group_by_arch(results: Sequence[Mapping]) -> dict[str, list[Mapping]]:
@@ -197,7 +303,7 @@ def report(sweep_cfg, sweep_dir: str) -> dict:
                          "'mot_vs_dense'")
     out: dict[str, Any] = {"num_runs": len(results),
                            "wall_s_total": float(sum(r["wall_s"] for r in results)),
-                           "param_key": sweep_cfg.param_key}
+                           "param_key": sweep_cfg.param_key, **provenance()}
     if "scaling" in analyses:
         out["scaling"] = {}
         for arch, group in group_by_arch(results).items():
@@ -206,7 +312,9 @@ def report(sweep_cfg, sweep_dir: str) -> dict:
                 tag = f"{arch}_{key}"
                 out["scaling"][tag] = scaling_analysis(
                     points, out_dir, tag, int(sweep_cfg.get("fit_starts", 8)),
-                    float(sweep_cfg.get("frontier_from", 0.5))) if points else \
+                    float(sweep_cfg.get("frontier_from", 0.5)),
+                    int(sweep_cfg.get("bootstrap_samples", 0)),
+                    int(sweep_cfg.get("bootstrap_seed", 0))) if points else \
                     {"num_runs": 0, "errors": {"points": f"no run has {key!r}"}}
     if "mot_vs_dense" in analyses:
         baseline, candidate = tuple(sweep_cfg.compare)

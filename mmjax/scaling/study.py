@@ -60,11 +60,17 @@ def flops_fraction(baseline: Sequence[Mapping[str, float]],
 
 def pairs(results: Sequence[Mapping], baseline: str, candidate: str
           ) -> list[tuple[Mapping, Mapping]]:
-    """(baseline run, candidate run) with the same size and budget."""
-    by_key = {(r["size"], r["budget"], r["arch"]): r for r in results}
-    out = [(by_key[(s, b, baseline)], by_key[(s, b, candidate)])
-           for (s, b, a) in sorted(by_key) if a == baseline and (s, b, candidate) in by_key]
+    """(baseline run, candidate run) with the same size, budget and seed (seeds axis)."""
+    by_key = {(r["size"], r["budget"], _seed(r), r["arch"]): r for r in results}
+    out = [(by_key[(s, b, k, baseline)], by_key[(s, b, k, candidate)])
+           for (s, b, k, a) in sorted(by_key)
+           if a == baseline and (s, b, k, candidate) in by_key]
     return out
+
+
+def _seed(run: Mapping) -> int:
+    """A run's seed (-1 for results written before runs recorded one)."""
+    return -1 if run.get("seed") is None else int(run["seed"])
 
 
 def compare(results: Sequence[Mapping], baseline: str, candidate: str, keys: Sequence[str],
@@ -75,9 +81,11 @@ def compare(results: Sequence[Mapping], baseline: str, candidate: str, keys: Seq
         archs = sorted({r["arch"] for r in results})
         raise ValueError(f"sweep.compare={baseline, candidate}: no (size, budget) has both "
                          f"archs among the finished runs (archs present: {archs})")
+    seeded = len({_seed(r) for r in results}) > 1  # a seeds axis: one entry per seed
     out = {}
     for base_run, cand_run in matched:
-        tag = f"{base_run['size']}_{base_run['budget']}"
+        tag = f"{base_run['size']}_{base_run['budget']}" + \
+            (f"_seed{_seed(base_run)}" if seeded else "")
         entry: dict[str, Any] = {
             "baseline": base_run["name"], "candidate": cand_run["name"],
             "flops_ratio": cand_run["flops"] / base_run["flops"],  # 1 when FLOPs-matched

@@ -120,13 +120,14 @@ def point_setup(sweep_cfg, sweep_dir: str, point: grid.Point, base, info: Mappin
     vocab, levels = int(info["vocab_size"]), tuple(int(v) for v in config.fsq.levels)
     seq_len, batch = int(config.model.max_seq_len), int(config.train.batch_size)
     fraction = measure_image_fraction(config, workdir)
-    fpt = flops_lib.flops_per_token(config.model, vocab, levels, seq_len, fraction)["train"]
+    model_cfg = config_validation.model_block(config.model, vocab, levels)
+    fpt = flops_lib.flops_per_token(model_cfg, seq_len, fraction)["train"]
     if point.flops_budget is not None:
         steps = grid.steps_for_flops(point.flops_budget, fpt, batch * seq_len,
                                      int(sweep_cfg.min_steps))
         config = grid.point_config(base, point, shared, sweep_cfg, steps=steps)
     config_validation.validate(config)
-    counts = flops_lib.param_counts(config.model, vocab, levels)
+    counts = flops_lib.param_counts(config_validation.model_block(config.model, vocab, levels))
     steps = int(config.train.steps)
     return {"config": config, "vocab_size": vocab, "seq_len": seq_len, "batch_size": batch,
             "steps": steps, "tokens_per_step": batch * seq_len, "tokens": steps * batch * seq_len,
@@ -195,7 +196,7 @@ def make_result(point: grid.Point, setup: Mapping, summary: Mapping, rows, attem
                   "image_head", "flow_width", "flow_depth", "flow_t_samples")
     return {
         "name": point.name, "index": point.index, "size": point.size, "budget": point.budget,
-        "arch": point.arch, "overrides": point.overrides, "flops_budget": point.flops_budget,
+        "arch": point.arch, "seed": int(config.seed), "shuffle_seed": int(config.data.shuffle_seed), "overrides": point.overrides, "flops_budget": point.flops_budget,
         "model": {k: config.model[k] for k in model_keys},
         **{k: v for k, v in setup.items() if k != "config"},
         **{k: validation[k] for k in loss_keys if k in validation},
@@ -273,6 +274,7 @@ def describe(sweep_cfg) -> list[str]:
     lines = []
     for p in grid.points(sweep_cfg):
         budget = f"flops={p.flops_budget:.3g}" if p.flops_budget else ""
+        budget += "" if p.seed is None else f" seed={p.seed}"
         over = json.dumps({k: v for k, v in p.overrides.items() if k != "flops"},
                           sort_keys=True)
         lines.append(f"{p.index:4d}  {p.name:32s} {budget} {over}".rstrip())
