@@ -93,7 +93,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              lambda v: config.model.d_model % v == 0 and (config.model.d_model // v) % 2 == 0,
              "must divide model.d_model into an even head dimension (RoPE rotates pairs)")
     _one_of(config, "model.mot_impl", ("auto", "ragged", "tiled", "masked"))
-    _pos(config, ["model.mot_tile"])
+    _pos(config, ["model.mot_tile", "model.attention_block"])
+    _one_of(config, "model.attention_impl",
+            ("auto", "reference", "chunked", "cudnn", "pallas", "splash"))
     _one_of(config, "objective.flow_t_dist", ("uniform", "logit_normal"))
     _one_of(config, "model.image_head", ("flow", "discrete"))
     _one_of(config, "model.dtype", ("float32", "bfloat16", "float16"))

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from mmjax.models import heads, layers, masks, mot
+from mmjax.models import attention, heads, layers, mot
 
 CHUNK_KEYS = ("tokens", "codes", "modality", "positions", "segment_ids", "image_block")
 _HEADS = ("flow", "discrete")
@@ -42,6 +42,14 @@ def _cfg(model_cfg, name):
     except (KeyError, AttributeError):
         raise ValueError(f"model config has no field {name!r} (see config_defaults.model_config)"
                          ) from None
+
+
+def _cfg_or(model_cfg, name, default):
+    """A field added after configs were saved (older configs lack it)."""
+    try:
+        return model_cfg[name]
+    except (KeyError, AttributeError):
+        return default
 
 
 def init_cache(model_cfg, batch_size: int, max_len: int | None = None) -> dict[str, Any]:
@@ -90,6 +98,10 @@ class MultimodalLM(nn.Module):
                              f"{_HEADS}.")
         if _cfg(c, "mot_impl") not in mot.IMPLS:
             raise ValueError(f"model.mot_impl={_cfg(c, 'mot_impl')!r}: must be one of {mot.IMPLS}.")
+        self.attention_impl = _cfg_or(c, "attention_impl", "auto")
+        if self.attention_impl not in attention.IMPLS:
+            raise ValueError(f"model.attention_impl={self.attention_impl!r}: must be one of "
+                             f"{attention.IMPLS}.")
         self.code_dim = len(self.fsq_levels)
         self.embed = nn.Embed(self.vocab_size, d, dtype=self.dtype, param_dtype=jnp.float32,
                               embedding_init=layers.partitioned(
@@ -100,7 +112,8 @@ class MultimodalLM(nn.Module):
         block = layers.remat_module(mot.MoTBlock, _cfg(c, "remat"))
         self.blocks = [block(self.num_modalities, d, heads_, int(_cfg(c, "mlp_dim")),
                              float(_cfg(c, "rope_theta")), float(_cfg(c, "norm_eps")), self.dtype,
-                             _cfg(c, "mot_impl"), int(_cfg(c, "mot_tile")))
+                             _cfg(c, "mot_impl"), int(_cfg(c, "mot_tile")),
+                             self.attention_impl, int(_cfg_or(c, "attention_block", 512)))
                        for _ in range(int(_cfg(c, "num_layers")))]
         self.final_norm = mot.ModalityRMSNorm(self.num_modalities, float(_cfg(c, "norm_eps")),
                                               self.dtype)
@@ -169,7 +182,7 @@ class MultimodalLM(nn.Module):
     # ---- forward -----------------------------------------------------------------------------
     def __call__(self, batch: Mapping[str, jax.Array], *, train: bool = False) -> jax.Array:
         """Hidden states [B, L, D] of a packed batch (only its input keys are read)."""
-        mask = masks.attention_mask(batch["segment_ids"], batch["image_block"],
+        mask = attention.train_spec(batch["segment_ids"], batch["image_block"],
                                     bool(_cfg(self.model_cfg, "image_bidirectional_context")))
         hidden, _ = self._backbone(batch, mask, train=train)
         return hidden
@@ -189,7 +202,7 @@ class MultimodalLM(nn.Module):
                                            chunk["segment_ids"].astype(jnp.int32), start)
         blk = jax.lax.dynamic_update_slice(cache["image_block"],
                                            chunk["image_block"].astype(jnp.int32), start)
-        mask = masks.decode_attention_mask(
+        mask = attention.decode_spec(
             chunk["segment_ids"], chunk["image_block"], index, seg, blk,
             bool(_cfg(self.model_cfg, "image_bidirectional_context")))
         hidden, kv = self._backbone(chunk, mask, cache["layers"], index, train=False)
