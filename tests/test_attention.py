@@ -99,7 +99,7 @@ def test_unidirectional_spec_ignores_image_blocks(case):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
 
 
-@pytest.mark.parametrize("filled,t", [(5, 1), (23, 1), (16, 8)])
+@pytest.mark.parametrize("filled,t", [(5, 1), (23, 1), (37, 1), (16, 8)])
 def test_decode_over_filled_blocks_equals_reference(filled, t):
     """A chunk of t queries at slots filled-t.. of a 40-slot cache whose later slots hold junk
     (non-zero k/v, segment 0): the chunked loop over filled blocks == the dense decode mask."""
@@ -120,6 +120,12 @@ def test_decode_over_filled_blocks_equals_reference(filled, t):
     want = attention.reference_attend(q, k, v, dense)
     got = jax.jit(lambda *a: attention.attend(*a, spec, "chunked", block_size=8))(q, k, v)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
+    # The model's path: a head-major cache, blocks of 8 and of 16 (40 = 2.5 blocks: the last
+    # one is shifted back and masked), and the dense reference over the whole cache.
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    for impl, block in (("auto", 8), ("chunked", 16), ("reference", 8)):
+        got = jax.jit(lambda *a: attention.attend_cache(*a, spec, impl, block))(q, kh, vh)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
 
 
 def test_splash_sets_partition_the_mask(case):
