@@ -132,8 +132,11 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, impl: str =
         return cudnn_attend(q, k, v, spec)
     if impl == "pallas":
         from mmjax.models import attention_pallas
-        return attention_pallas.pallas_attend(q, k, v, spec, block_size, block_size,
-                                              interpret=jax.default_backend() == "cpu")
+        on_cpu = jax.default_backend() == "cpu"
+        # A GPU program holds a [block_q, Dh] accumulator and [block_q, block_k] logits in
+        # registers: 128 is the largest tile jax's own Triton attention kernel defaults to.
+        block = block_size if on_cpu else min(block_size, 128)
+        return attention_pallas.pallas_attend(q, k, v, spec, block, block, interpret=on_cpu)
     from mmjax.models import attention_splash
     return attention_splash.splash_attend(q, k, v, spec)
 
