@@ -354,7 +354,8 @@ class MoTBlock(nn.Module):
             k, v = layers.update_kv_cache(kv[0], kv[1], k, v, cache_index)
             new_kv = (k, v)
             o = attention.attend_cache(q, k.astype(self.dtype), v.astype(self.dtype), mask,
-                                       self.attention_impl, self.attention_block)
+                                       self.attention_impl,
+                                       attention.decode_block(self.attention_block))
         elif isinstance(mask, attention.MaskSpec):  # built per tile by the chosen implementation
             o = attention.attend(q, k, v, mask, self.attention_impl, self.attention_block)
         else:  # a dense bool mask [B, T, S]
