@@ -1,5 +1,6 @@
 """Attention implementations (mmjax/models/attention*.py) against the dense reference einsum:
-values and gradients on random packed batches (several segments, context image blocks, padding),
+values and gradients (chunked, Pallas and splash in interpret mode, the cuDNN call through XLA)
+on random packed batches (several segments, context image blocks, padding),
 decode over a partly filled cache, the splash mask decomposition, the whole model with each
 implementation, and the config check."""
 import jax
@@ -139,6 +140,22 @@ def test_splash_sets_partition_the_mask(case):
     _, _, has_b = attention_splash.split_sets(case["spec"])
     np.testing.assert_array_equal(np.asarray(has_b), b.any(-1))
     assert np.asarray(has_b).any() and a.any(-1).all()
+
+
+def test_splash_interpret_equals_reference_values_and_gradients():
+    """The two splash calls merged by lse (Pallas interpret mode; splash tiles are 128)."""
+    rng = np.random.default_rng(5)
+    seg, blk = random_layout(rng, 1, 128)
+    q, k, v = qkv(rng, batch=1, t=128)
+    do = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+    spec = attention.train_spec(jnp.asarray(seg), jnp.asarray(blk), True)
+    ref = run_impl("reference", spec, 0)
+    got = lambda *a: attention_splash.splash_attend(*a, spec, True)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(got(q, k, v)), np.asarray(ref(q, k, v)), atol=2e-6)
+    for name_grads in zip(*(jax.grad(lambda *a, f=f: jnp.sum(f(*a) * do), argnums=(0, 1, 2))(
+            q, k, v) for f in (got, ref))):
+        np.testing.assert_allclose(np.asarray(name_grads[0]), np.asarray(name_grads[1]),
+                                   atol=2e-5)
 
 
 @pytest.fixture(scope="module")

@@ -138,7 +138,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, impl: str =
         block = block_size if on_cpu else min(block_size, 128)
         return attention_pallas.pallas_attend(q, k, v, spec, block, block, interpret=on_cpu)
     from mmjax.models import attention_splash
-    return attention_splash.splash_attend(q, k, v, spec)
+    return attention_splash.splash_attend(q, k, v, spec, jax.default_backend() == "cpu")
 
 
 # ---- decode over a head-major KV cache -------------------------------------------------------

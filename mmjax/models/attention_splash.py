@@ -19,8 +19,9 @@ from B explicitly, so no value of a fully masked splash row is ever used.
 The backward is attention.chunked_backward from the merged (o, lse) (exact, pure JAX, no
 [B, H, T, S]); a TPU run would want splash's own backward kernels instead.
 
-UNTESTED: no TPU was available; the CPU tests cover the decomposition (`split_sets`) against the
-dense mask, not the kernel calls. T and S must be multiples of the splash block size (128).
+Tested on CPU only, in Pallas interpret mode (tests/test_attention.py: values and gradients
+equal the reference); no TPU was available, so the compiled TPU kernels are untested. T and S
+must be multiples of the splash block size (128).
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def set_masks(spec: attention.MaskSpec):
     return a, b
 
 
-def _splash_forward(q, k, v, spec: attention.MaskSpec):
+def _splash_forward(q, k, v, spec: attention.MaskSpec, interpret: bool = False):
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     if spec.kv_len is not None:
@@ -71,8 +72,8 @@ def _splash_forward(q, k, v, spec: attention.MaskSpec):
     shape = (t, s)
     causal = sa.MultiHeadMask([sa.CausalMask(shape) for _ in range(h)])
     after = sa.MultiHeadMask([sa.LocalMask(shape, (-1, None), 0) for _ in range(h)])
-    kernel_a = sa.make_splash_mha_single_device(causal, save_residuals=True)
-    kernel_b = sa.make_splash_mha_single_device(after, save_residuals=True)
+    kernel_a = sa.make_splash_mha_single_device(causal, save_residuals=True, interpret=interpret)
+    kernel_b = sa.make_splash_mha_single_device(after, save_residuals=True, interpret=interpret)
     (qa, ka), (qb, kb), has_b = split_sets(spec)
     scale = dh ** -0.5
     # splash wants [H, T, Dh] per example and does not scale the logits itself.
@@ -94,18 +95,19 @@ def _splash_forward(q, k, v, spec: attention.MaskSpec):
     return o.transpose(0, 2, 1, 3).astype(q.dtype), lse
 
 
-@jax.custom_vjp
-def splash_attend(q, k, v, spec):
-    """Packed-mask attention with two TPU splash calls (see the module docstring)."""
-    return _splash_forward(q, k, v, spec)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def splash_attend(q, k, v, spec, interpret: bool = False):
+    """Packed-mask attention with two TPU splash calls (see the module docstring);
+    `interpret` runs the kernels in Pallas interpret mode (CPU tests)."""
+    return _splash_forward(q, k, v, spec, interpret)[0]
 
 
-def _fwd(q, k, v, spec):
-    o, lse = _splash_forward(q, k, v, spec)
+def _fwd(q, k, v, spec, interpret):
+    o, lse = _splash_forward(q, k, v, spec, interpret)
     return o, (q, k, v, spec, o, lse)
 
 
-def _bwd(res, do):
+def _bwd(interpret, res, do):
     q, k, v, spec, o, lse = res
     dq, dk, dv = attention.chunked_backward(q, k, v, spec, o, lse, do, 512, 512)
     return dq, dk, dv, attention._zero_cotangent(spec)
