@@ -127,6 +127,15 @@ def test_decode_over_filled_blocks_equals_reference(filled, t):
     for impl, block in (("auto", 8), ("chunked", 16), ("reference", 8)):
         got = jax.jit(lambda *a: attention.attend_cache(*a, spec, impl, block))(q, kh, vh)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
+        # What the model does: the cache before the chunk is written (junk in the chunk's
+        # slots) plus the chunk's own k/v.
+        junk = jnp.asarray(rng.normal(size=(B, H, t, DH)), jnp.float32)
+        old_k = kh.at[:, :, start:filled].set(junk)
+        old_v = vh.at[:, :, start:filled].set(-junk)
+        chunk = (k[:, start:filled], v[:, start:filled])
+        got = jax.jit(lambda *a: attention.attend_cache(*a, spec, impl, block, chunk))(
+            q, old_k, old_v)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
 
 
 def test_splash_sets_partition_the_mask(case):
