@@ -17,8 +17,9 @@ pytree of int arrays (it passes through `nn.remat` and `jit` untouched), and eve
 implements one formula.
 
 `kv_len` (decode): keys at slots >= kv_len are empty cache slots. The chunked path then loops only
-over the key blocks that hold filled slots (a `while_loop` with a dynamic trip count), which is
-what makes a cached decode step cost O(filled) rather than O(cache size).
+over the key blocks that hold filled slots (a `while_loop` with a dynamic trip count), so a step
+costs O(filled) rather than O(cache size); 'auto' still decodes with the dense reference on
+every backend (see `attend`).
 """
 from __future__ import annotations
 
@@ -98,8 +99,7 @@ def resolve_impl(impl: str, q_len: int, kv_len: int) -> str:
     """'auto' -> the fused path of the backend: 'pallas' on GPU (builds the full mask in-kernel;
     cuDNN cannot express segments or image blocks without a dense mask), 'splash' on TPU, and on
     CPU 'chunked' for long sequences, 'reference' for short ones where the dense einsum is
-    faster (bench/attention_memory.py). Decode (kv_len given to `attend`) always chunks on CPU:
-    it is what skips the empty cache slots."""
+    faster (bench/attention_memory.py). Decode (kv_len given to `attend`) uses 'reference'."""
     if impl != "auto":
         return impl
     backend = jax.default_backend()
@@ -119,8 +119,13 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, impl: str =
     """
     if impl not in IMPLS:
         raise ValueError(f"model.attention_impl={impl!r}: must be one of {', '.join(IMPLS)}.")
-    if impl == "auto" and spec.kv_len is not None and jax.default_backend() == "cpu":
-        impl = "chunked"
+    if impl == "auto" and spec.kv_len is not None:
+        # Decode: the dense pass over the updated cache. Both blockwise variants tried here
+        # (a while loop over filled blocks; a head-major cache) made XLA:CPU copy the donated
+        # cache every step (loop-carried operands / an update fused into two consumers), which
+        # cost more than the empty slots they skip (bench/decode.py; see the issue-14 report).
+        # 'chunked' stays selectable for caches much larger than their filled part.
+        impl = "reference"
     impl = resolve_impl(impl, q.shape[1], k.shape[1])
     if impl == "reference":
         return reference_attend(q, k, v, dense_mask(spec))
@@ -139,110 +144,6 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, impl: str =
         return attention_pallas.pallas_attend(q, k, v, spec, block, block, interpret=on_cpu)
     from mmjax.models import attention_splash
     return attention_splash.splash_attend(q, k, v, spec, jax.default_backend() == "cpu")
-
-
-# ---- decode over a head-major KV cache -------------------------------------------------------
-# Decode keys per loop step. One dense pass over a 1057-slot cache took 31 us against 100 us for
-# three 512-slot blocks (batch 1, demo heads, 2-core CPU; 16 vs 73 ms at batch 64): the loop only
-# pays when the cache is much larger than its filled part, so decode blocks are this large.
-DECODE_MIN_BLOCK = 2048
-
-
-def decode_block(attention_block: int) -> int:
-    """Block size `attend_cache` should use for model.attention_block (see DECODE_MIN_BLOCK)."""
-    return max(int(attention_block), DECODE_MIN_BLOCK)
-
-
-def attend_cache(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, mask, impl: str = "auto",
-                 block_size: int = 512, chunk_kv: tuple[jax.Array, jax.Array] | None = None
-                 ) -> jax.Array:
-    """Attention of T new queries q [B, T, H, Dh] over a KV cache [B, H, S, Dh] (head-major).
-
-    Why head-major: with heads ahead of slots both contractions are plain batched matmuls over
-    (B, H); the slot-major [B, S, H, Dh] layout made XLA transpose the whole cache twice per
-    layer per token (on 2 CPU cores: 4x slower per call at batch 1, 25x at batch 64).
-
-    `chunk_kv` = the chunk's own (k, v) [B, T, H, Dh]: then `cache_*` is the cache *before* the
-    chunk is written, its slots start.. are ignored and the chunk's keys are attended directly
-    (softmax merged). Why: reading the cache after the update made XLA:CPU fuse the update into
-    both the new cache and the matmul, which cannot both be in place, and copy the whole cache
-    several times per layer per token; reading the old cache keeps the update's one consumer.
-
-    `mask`: a decode MaskSpec (with kv_len), or a dense bool [B, T, S] mask (only without
-    chunk_kv). 'reference', a cache of at most one block, or no kv_len attend over every slot
-    in one pass; otherwise the cache is read `block_size` slots at a time up to the last filled
-    one (kv_len), so a step costs O(filled slots), not O(cache size). Decode is never
-    differentiated, so a `while_loop` with a dynamic trip count is fine here.
-    """
-    if impl not in IMPLS:
-        raise ValueError(f"model.attention_impl={impl!r}: must be one of {', '.join(IMPLS)}.")
-    if not isinstance(mask, MaskSpec):
-        if chunk_kv is not None:
-            raise ValueError("attend_cache: a dense mask needs the updated cache (no chunk_kv).")
-        return _finish(q, *_cache_block(q, cache_k, cache_v, mask))
-    size = cache_k.shape[2]
-    spec = mask
-    start = spec.q_slot[:, :1]  # [B, 1]: the chunk's first slot
-    keep = (lambda slot: slot < start[:, :, None]) if chunk_kv is not None else (  # noqa: E731
-        lambda slot: jnp.ones_like(slot, bool))
-    state = None
-    if chunk_kv is not None:  # the chunk against itself: keys are the queries
-        own = masks.allowed(spec.q_segment, spec.q_block, spec.q_slot, spec.q_segment,
-                            spec.q_block, spec.q_slot, True)
-        state = _cache_block(q, chunk_kv[0].transpose(0, 2, 1, 3),
-                             chunk_kv[1].transpose(0, 2, 1, 3), own)
-    if impl == "reference" or size <= block_size or spec.kv_len is None:
-        m = dense_mask(spec) & keep(spec.k_slot[:, None, :])
-        return _finish(q, *_merge(state, _cache_block(q, cache_k, cache_v, m)))
-    bk = block_size
-    # No padding (it would copy the cache every step): the last block is shifted back to end at
-    # slot S, and its slots that the previous block already covered are masked out.
-    n = jnp.minimum((spec.kv_len + bk - 1) // bk, -(-size // bk))
-    b, t, h, dh = q.shape
-
-    def step(j, carry):
-        lo = jnp.minimum(j * bk, size - bk)
-        kj, vj = (jax.lax.dynamic_slice_in_dim(x, lo, bk, axis=2) for x in (cache_k, cache_v))
-        kseg, kblk, kslot = (jax.lax.dynamic_slice_in_dim(x, lo, bk, axis=1)
-                             for x in (spec.k_segment, spec.k_block, spec.k_slot))
-        fresh = (lo + jnp.arange(bk, dtype=jnp.int32)) >= j * bk
-        blk_mask = (masks.allowed(spec.q_segment, spec.q_block, spec.q_slot, kseg, kblk, kslot,
-                                  True) & fresh[None, None, :] & keep(kslot[:, None, :]))
-        return _merge(carry, _cache_block(q, kj, vj, blk_mask))
-
-    if state is None:
-        state = (jnp.full((b, h, t), _MASK_VALUE, jnp.float32), jnp.zeros((b, h, t), jnp.float32),
-                 jnp.zeros((b, h, t, dh), jnp.float32))
-    return _finish(q, *jax.lax.fori_loop(0, n, step, state))
-
-
-def _merge(a, b):
-    """Online-softmax merge of two (row max, row sum, unnormalised output) partial states."""
-    if a is None:
-        return b
-    m = jnp.maximum(a[0], b[0])
-    ca, cb = jnp.exp(a[0] - m), jnp.exp(b[0] - m)
-    return m, a[1] * ca + b[1] * cb, a[2] * ca[..., None] + b[2] * cb[..., None]
-
-
-def _finish(q, s_max, s_sum, o):
-    """Normalised output [B, T, H, Dh] from a partial state (every row has >= 1 key: itself)."""
-    del s_max
-    return (o / s_sum[..., None]).transpose(0, 2, 1, 3).astype(q.dtype)
-
-
-def _cache_block(q, k, v, mask):
-    """One block of head-major keys: q [B, T, H, Dh], k/v [B, H, s, Dh], mask [B, T, s] ->
-    the partial state (row max [B, H, T], row sum [B, H, T], unnormalised output [B, H, T, Dh]
-    in float32); masked keys get exactly zero weight, so an all-masked block adds nothing."""
-    scale = q.shape[-1] ** -0.5
-    qh = q.transpose(0, 2, 1, 3)
-    logits = jnp.einsum("bhtd,bhsd->bhts", qh, k, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(mask[:, None], logits, _MASK_VALUE)
-    s_max = logits.max(-1)
-    p = jnp.where(mask[:, None], jnp.exp(logits - s_max[..., None]), 0.0)
-    o = jnp.einsum("bhts,bhsd->bhtd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return s_max, p.sum(-1), o
 
 
 # ---- reference ---------------------------------------------------------------------------------

@@ -102,15 +102,13 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
 
 def update_kv_cache(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array,
                     index: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Writes a chunk k/v [B, T, H, Dh] into the head-major caches [B, H, S, Dh] at slot `index`
-    (scalar); see attention.attend_cache for why head-major.
+    """Writes a chunk k/v [B, T, H, Dh] into the caches [B, S, H, Dh] at slot `index` (scalar).
 
     All rows share the slot: a batch decodes in lockstep; rows with shorter prompts carry padding
     (segment 0), which no real query attends to.
     """
     zero = jnp.zeros((), jnp.int32)
-    start = (zero, zero, jnp.asarray(index, jnp.int32), zero)
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    start = (zero, jnp.asarray(index, jnp.int32), zero, zero)
     cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
     cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
     return cache_k, cache_v

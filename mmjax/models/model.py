@@ -56,13 +56,12 @@ def init_cache(model_cfg, batch_size: int, max_len: int | None = None) -> dict[s
     """An empty KV cache for `batch_size` rows and `max_len` slots (default model.max_seq_len).
 
     {"index": int32 [] next free slot, "segment_ids"/"image_block": int32 [B, S] of the cached
-    positions (0 = empty), "layers": ({"k", "v": [B, H, S, Dh] in the compute dtype}, ...)}
-    (head-major: see attention.attend_cache).
+    positions (0 = empty), "layers": ({"k", "v": [B, S, H, Dh] in the compute dtype}, ...)}.
     """
     size = int(max_len or _cfg(model_cfg, "max_seq_len"))
     heads_, d = int(_cfg(model_cfg, "num_heads")), int(_cfg(model_cfg, "d_model"))
     dtype = layers.resolve_dtype(_cfg(model_cfg, "dtype"))
-    kv = lambda: jnp.zeros((batch_size, heads_, size, d // heads_), dtype)  # noqa: E731
+    kv = lambda: jnp.zeros((batch_size, size, heads_, d // heads_), dtype)  # noqa: E731
     return {
         "index": jnp.zeros((), jnp.int32),
         "segment_ids": jnp.zeros((batch_size, size), jnp.int32),

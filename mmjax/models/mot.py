@@ -308,7 +308,7 @@ class MoTBlock(nn.Module):
     x: the sorted residual stream (`sorted_layout`: [B, T, D], or [S, R, D] when padded to tiles);
     positions [B, T] / mask in original order; `mask` is an attention.MaskSpec (attended with
     `attention_impl`) or a dense bool [B, T, S] mask.
-    With `kv` = (cache_k, cache_v) [B, H, S, Dh] and `cache_index`, the chunk's keys/values are
+    With `kv` = (cache_k, cache_v) [B, S, H, Dh] and `cache_index`, the chunk's keys/values are
     written at slots cache_index.. and attention runs over the whole cache (mask [B, T, S]).
     Returns (x, updated (k, v) or None).
     """
@@ -350,18 +350,11 @@ class MoTBlock(nn.Module):
         q = layers.rope(q, positions, self.rope_theta)
         k = layers.rope(k, positions, self.rope_theta)
         new_kv = None
-        if kv is not None and isinstance(mask, attention.MaskSpec):  # head-major [B, H, S, Dh]
-            # Attend over the cache as it was plus the chunk itself, then write the chunk (see
-            # attention.attend_cache: the update then has one consumer and stays in place).
-            o = attention.attend_cache(q, kv[0].astype(self.dtype), kv[1].astype(self.dtype),
-                                       mask, self.attention_impl,
-                                       attention.decode_block(self.attention_block), (k, v))
-            new_kv = layers.update_kv_cache(kv[0], kv[1], k, v, cache_index)
-        elif kv is not None:  # a dense mask over the updated cache
-            new_kv = layers.update_kv_cache(kv[0], kv[1], k, v, cache_index)
-            o = attention.attend_cache(q, new_kv[0].astype(self.dtype),
-                                       new_kv[1].astype(self.dtype), mask)
-        elif isinstance(mask, attention.MaskSpec):  # built per tile by the chosen implementation
+        if kv is not None:
+            k, v = layers.update_kv_cache(kv[0], kv[1], k, v, cache_index)
+            new_kv = (k, v)
+        k, v = k.astype(self.dtype), v.astype(self.dtype)
+        if isinstance(mask, attention.MaskSpec):  # built per tile by the chosen implementation
             o = attention.attend(q, k, v, mask, self.attention_impl, self.attention_block)
         else:  # a dense bool mask [B, T, S]
             o = layers.attend(q, k, v, mask)
