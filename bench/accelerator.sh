@@ -28,3 +28,5 @@ python3 -c "import jax; print(jax.__version__, jax.devices())"
 run step_time --sizes="$STEP_SIZES" --batch_size="$BATCH" --steps="$STEPS" --warmup=2
 run mot_overhead --size=base --batch_size="$BATCH" --impls=ragged,tiled --steps="$STEPS" --warmup=2
 run decode --size=base --steps=32
+run ragged_dot_check --xla_variants   # does ragged_dot cost M x dense FLOPs here? (issue 14.6)
+run attention_memory --lengths=1024,8192 --time_lengths=1024,8192 --impls=reference,chunked,pallas,cudnn

@@ -67,6 +67,11 @@ def model_config() -> ml_collections.ConfigDict:
     c.mot_impl = "auto"  # Per-modality compute: "auto" (ragged on GPU/TPU, tiled on CPU) | "ragged"
     # (sort + jax.lax.ragged_dot) | "tiled" (groups padded to whole tiles) | "masked" (reference only).
     c.mot_tile = 128  # Rows per tile of the "tiled" grouped matmul (padding <= M * tile rows).
+    c.attention_impl = "auto"  # Attention kernel (models/attention.py): "auto" (pallas on GPU, splash on
+    # TPU; on CPU the dense reference for short sequences, "chunked" for long ones and for decode)
+    # | "reference" (einsum + dense mask) | "chunked" (pure-JAX online softmax, no [B,H,T,S]) |
+    # "cudnn" (jax.nn.dot_product_attention, dense bool mask) | "pallas" | "splash" (TPU, untested).
+    c.attention_block = 512  # Query/key tile of the "chunked" and "pallas" attention paths.
     c.image_bidirectional_context = True  # Bidirectional attention inside an image that is context only.
     c.image_head = "flow"  # "flow" (rectified flow on FSQ code vectors) | "discrete" (FSQ-index softmax).
     c.discrete_factorized = False  # Discrete head: one softmax per FSQ dimension instead of prod(levels).

@@ -132,12 +132,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def _validate_model(config) -> None:
     _pos(config, ["model.num_modalities", "model.num_layers", "model.d_model", "model.num_heads",
                   "model.mlp_dim", "model.max_seq_len", "model.flow_depth", "model.flow_width",
-                  "model.flow_t_samples", "model.mot_tile"])
+                  "model.flow_t_samples", "model.mot_tile", "model.attention_block"])
     _require(config, "model.num_heads",
              lambda v: _get(config, "model.d_model") % v == 0
              and (_get(config, "model.d_model") // v) % 2 == 0,
              "must divide model.d_model into an even head dimension (RoPE rotates pairs)")
-    for field in ("mot_impl", "image_head", "dtype", "remat"):
+    for field in ("mot_impl", "attention_impl", "image_head", "dtype", "remat"):
         _one_of(config, f"model.{field}")
     _nonneg(config, ["model.noise_aug"])
 

@@ -11,7 +11,7 @@ import pytest
 
 from mmjax import config_defaults, config_validation, flops, image_heads, objectives, sampling
 from mmjax.choices import CHOICES
-from mmjax.models import mot
+from mmjax.models import attention, mot
 from mmjax.models import model as model_lib
 from mmjax.tokenizers import autoencoder
 
@@ -45,6 +45,7 @@ def test_every_implementation_table_matches_its_choice_list():
     assert tuple(objectives.T_DISTS) == CHOICES["objective.flow_t_dist"]
     assert sampling.SOLVERS == CHOICES["sample.ode_solver"]
     assert mot.IMPLS == CHOICES["model.mot_impl"]
+    assert attention.IMPLS == CHOICES["model.attention_impl"]
     assert autoencoder.LOSS_TYPES == CHOICES["fsq.loss"]
     for path, choices in CHOICES.items():  # every choice list is a real config field
         block, field = path.split(".")

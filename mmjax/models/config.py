@@ -32,6 +32,8 @@ class ModelConfig:
     max_seq_len: int
     mot_impl: str
     mot_tile: int
+    attention_impl: str
+    attention_block: int
     image_bidirectional_context: bool
     head: Any  # mmjax.image_heads.ImageHead (registry entry of model.image_head)
     discrete_factorized: bool

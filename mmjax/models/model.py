@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from mmjax.models import heads, layers, masks, mot
+from mmjax.models import attention, heads, layers, mot
 from mmjax.models.config import ModelConfig
 
 CHUNK_KEYS = ("tokens", "codes", "modality", "positions", "segment_ids", "image_block")
@@ -90,7 +90,8 @@ class MultimodalLM(nn.Module):
                                                                ("code", "embed")))
         block = layers.remat_module(mot.MoTBlock, c.remat)
         self.blocks = [block(self.num_modalities, d, c.num_heads, c.mlp_dim, c.rope_theta,
-                             c.norm_eps, self.dtype, c.mot_impl, c.mot_tile)
+                             c.norm_eps, self.dtype, c.mot_impl, c.mot_tile, c.attention_impl,
+                             c.attention_block)
                        for _ in range(c.num_layers)]
         self.final_norm = mot.ModalityRMSNorm(self.num_modalities, c.norm_eps, self.dtype)
         if not c.tie_embeddings:
@@ -155,7 +156,7 @@ class MultimodalLM(nn.Module):
     # ---- forward -----------------------------------------------------------------------------
     def __call__(self, batch: Mapping[str, jax.Array], *, train: bool = False) -> jax.Array:
         """Hidden states [B, L, D] of a packed batch (only its input keys are read)."""
-        mask = masks.attention_mask(batch["segment_ids"], batch["image_block"],
+        mask = attention.train_spec(batch["segment_ids"], batch["image_block"],
                                     self.cfg.image_bidirectional_context)
         hidden, _ = self._backbone(batch, mask, train=train)
         return hidden
@@ -175,7 +176,7 @@ class MultimodalLM(nn.Module):
                                            chunk["segment_ids"].astype(jnp.int32), start)
         blk = jax.lax.dynamic_update_slice(cache["image_block"],
                                            chunk["image_block"].astype(jnp.int32), start)
-        mask = masks.decode_attention_mask(
+        mask = attention.decode_spec(
             chunk["segment_ids"], chunk["image_block"], index, seg, blk,
             self.cfg.image_bidirectional_context)
         hidden, kv = self._backbone(chunk, mask, cache["layers"], index, train=False)

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mmjax.choices import CHOICES
-from mmjax.models import layers
+from mmjax.models import attention, layers
 
 
 class Routing(NamedTuple):
@@ -306,7 +306,8 @@ class MoTBlock(nn.Module):
     """Pre-norm transformer block, every weight per modality, global attention.
 
     x: the sorted residual stream (`sorted_layout`: [B, T, D], or [S, R, D] when padded to tiles);
-    positions [B, T] / mask in original order.
+    positions [B, T] / mask in original order; `mask` is an attention.MaskSpec (attended with
+    `attention_impl`) or a dense bool [B, T, S] mask.
     With `kv` = (cache_k, cache_v) [B, S, H, Dh] and `cache_index`, the chunk's keys/values are
     written at slots cache_index.. and attention runs over the whole cache (mask [B, T, S]).
     Returns (x, updated (k, v) or None).
@@ -321,6 +322,8 @@ class MoTBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
     mot_impl: str = "auto"
     mot_tile: int = 128
+    attention_impl: str = "reference"  # model.attention_impl (used when `mask` is a MaskSpec)
+    attention_block: int = 512  # model.attention_block
 
     def _dense(self, in_shape, features, in_names, out_names, name):
         return ModalityDense(self.num_modalities, tuple(in_shape), tuple(features), tuple(in_names),
@@ -350,7 +353,11 @@ class MoTBlock(nn.Module):
         if kv is not None:
             k, v = layers.update_kv_cache(kv[0], kv[1], k, v, cache_index)
             new_kv = (k, v)
-        o = layers.attend(q, k.astype(self.dtype), v.astype(self.dtype), mask)
+        k, v = k.astype(self.dtype), v.astype(self.dtype)
+        if isinstance(mask, attention.MaskSpec):  # built per tile by the chosen implementation
+            o = attention.attend(q, k, v, mask, self.attention_impl, self.attention_block)
+        else:  # a dense bool mask [B, T, S]
+            o = layers.attend(q, k, v, mask)
         o = to_sorted(o.reshape(batch, length, heads * head_dim), routing)
         x = x + self._dense((heads, head_dim), (d,), ("heads", "kv"), ("embed",), "out")(o, routing)
 
