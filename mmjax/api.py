@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from mmjax import checkpointing, config_validation, layout, sampling
+from mmjax import checkpointing, config_defaults, config_validation, layout, sampling
 from mmjax.data import text
 from mmjax.errors import InputError
 from mmjax.models import model as model_lib
@@ -44,9 +44,28 @@ def load(workdir, *, step: int | None = None, config=None) -> "Run":
     root = Workdir.from_config({}, workdir)  # where the checkpoints are
     if config is None:
         checkpointing.require_directory(root.model_checkpoints)
-        config = ml_collections.ConfigDict(checkpointing.restore_config(
-            str(root.model_checkpoints), step=step))
+        config = with_defaults(checkpointing.restore_config(str(root.model_checkpoints),
+                                                            step=step))
     return Run(config, Workdir.from_config(config, root.root), step=step)
+
+
+def with_defaults(stored: dict) -> ml_collections.ConfigDict:
+    """A checkpoint's config JSON over today's defaults: a run saved before a field existed
+    loads with that field's default (JSON lists back to tuples where the default is one)."""
+    config = config_defaults.base_config()
+
+    def merge(node, values):
+        for key, value in values.items():
+            default = node.get(key) if key in node else None
+            if isinstance(value, dict) and isinstance(default, ml_collections.ConfigDict):
+                merge(default, value)
+            elif isinstance(default, tuple) and isinstance(value, list):
+                node[key] = tuple(value)
+            else:
+                node[key] = value
+
+    merge(config, stored)
+    return config
 
 
 def example_batch(config) -> dict:
