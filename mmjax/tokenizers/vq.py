@@ -38,7 +38,7 @@ import numpy as np
 
 QUANTIZERS = ("fsq", "vq")
 _EMA_MIN_COUNT = 1e-6  # Below this EMA count a code keeps its vector (avoids 0/0).
-_MAX_DIST_ENTRIES = 1 << 23  # Rows x codes per distance block (32 MiB of float32).
+_MAX_DIST_ENTRIES = 1 << 24  # Rows x codes per distance block (64 MiB of float32).
 _RESEED_NOISE = 1e-3  # Relative jitter on reseeded codes so duplicates of one z differ.
 
 
