@@ -165,13 +165,13 @@ def test_tokenize_round_trip(ema):
 
 
 def test_training_loss_falls_and_codebook_state_is_checkpointed(tmp_path):
-    """The real trainer on shapes: loss falls, the EMA codebook moves (model state), the tokenizer
+    """The real trainer on natural crops: loss falls, the EMA codebook moves (model state), the tokenizer
     reloads from the checkpoint with its trained codebook and evaluates."""
     from mmjax.metrics_writer import read_jsonl
     from mmjax.tasks.tokenizer_task import TokenizerTask, evaluate_tokenizer, load_tokenizer
     cfg = tiny_config(vq_reseed=5)
     cfg.data.num_train, cfg.data.num_validation, cfg.data.num_test = 64, 16, 16
-    cfg.data.image_size = 16
+    cfg.data.image_size, cfg.data.name = 16, "natural"
     tc = cfg.tokenizer_train
     tc.steps, tc.batch_size, tc.warmup_steps, tc.lr = 40, 8, 4, 3e-3
     tc.log_every, tc.checkpoint_every, tc.eval_batches, tc.progress_bar = 4, 40, 1, False
@@ -185,6 +185,16 @@ def test_training_loss_falls_and_codebook_state_is_checkpointed(tmp_path):
     np.testing.assert_array_equal(weights["vq"]["codebook"], trained)
     init = nn.unbox(ae.init_variables(model, jax.random.PRNGKey(cfg.seed), 16))["vq"]["codebook"]
     assert float(jnp.abs(trained - init).max()) > 1e-3
+    # precomputed tokens for the model stage, as for FSQ (image_tokens), equal direct tokenisation
+    from mmjax.data import pipeline
+    from mmjax.tasks import image_tokens
+    meta = image_tokens.tokenize_split(cfg, str(tmp_path), "validation", model, weights, 40)
+    assert meta["quantizer"] == "vq" and meta["codebook_size"] == 32
+    ds = pipeline.image_caption_dataset(cfg.data, "validation", str(tmp_path))
+    stored = image_tokens.load_tokens(str(tmp_path), "validation", len(ds), cfg)
+    images = np.stack([ds[i]["image"] for i in range(len(ds))])
+    np.testing.assert_array_equal(np.stack([stored[i] for i in range(len(ds))]),
+                                  ae.tokenize(model, weights, jnp.asarray(images)))
     metrics = evaluate_tokenizer(cfg, str(tmp_path))
     assert metrics["codebook_size"] == 32 and 0 < metrics["validation_usage"] <= 1
     with open(os.path.join(tmp_path, "tokenizer", "eval_validation.json")) as f:
