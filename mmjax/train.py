@@ -201,9 +201,11 @@ def build_setup(task, config, tc, example, mesh, rules) -> Setup:
         init_fn = jax.jit(init, out_shardings=shardings)
         train_step = jax.jit(step, in_shardings=(shardings, batch_sh),
                              out_shardings=(shardings, repl), donate_argnums=0)
-        eval_fn = jax.jit(eval_step, in_shardings=(shardings["params"], batch_sh,
-                                                   shardings.get("model_state")),
-                          out_shardings=repl)
+        eval_jit = jax.jit(eval_step, in_shardings=(shardings["params"], batch_sh,
+                                                    shardings.get("model_state")),
+                           out_shardings=repl)
+        eval_fn = lambda params, batch, model_state=None: eval_jit(  # noqa: E731
+            params, batch, model_state)
     return Setup(mesh, rules, shardings, abstract, init_fn, train_step, eval_fn)
 
 
