@@ -314,6 +314,7 @@ def vq_loss_fn(model: VQAutoencoder, variables: dict, batch: dict[str, Any], rng
                 new_state = {**new_state, "codebook": l2_normalize(new_state["codebook"])}
         else:
             new_state = state
-        metrics["dead_codes"] = jnp.mean((new_state["unused"] > 0).astype(jnp.float32))
+        # share of codes no token of this batch (or, with grad_accum, microbatch) was assigned to
+        metrics["unused_this_step"] = jnp.mean((new_state["unused"] > 0).astype(jnp.float32))
     return loss, (metrics, new_state)
 
