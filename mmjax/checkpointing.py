@@ -138,17 +138,26 @@ def restore_params(directory: str, abstract_params: Any,
     Only the params are read (not the optimizer state), placed as `abstract_params` says
     (ShapeDtypeStructs, optionally with shardings: a different mesh than training is fine).
     """
+    step, items = restore_state_items(directory, {"params": abstract_params}, step)
+    return step, items["params"]
+
+
+def restore_state_items(directory: str, abstract_items: dict,
+                        step: int | None = None) -> tuple[int, dict]:
+    """(step, {key: tree}) for some top-level entries of the train state, e.g. params and
+    model_state (a tokenizer with an EMA codebook), from the newest readable checkpoint (or
+    checkpoint `step`)."""
     require_directory(directory)
     manager = make_manager(directory, keep=1, read_only=True)
     steps = _pick_steps(manager, directory, step)
     for step in steps:
         try:
-            target = {"params": jax.tree.map(_with_default_sharding, abstract_params)}
+            target = jax.tree.map(_with_default_sharding, abstract_items)
             args = ocp.args.PyTreeRestore(
                 item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                 partial_restore=True)
             restored = manager.restore(step, args=ocp.args.Composite(**{STATE: args}))
-            return step, restored[STATE]["params"]
+            return step, {k: restored[STATE][k] for k in abstract_items}
         except Exception as e:  # noqa: BLE001
             logging.warning("checkpoint at step %d in %s is unreadable (%s); trying the previous "
                             "one", step, directory, e)

@@ -16,7 +16,7 @@ import ml_collections
 def data_config() -> ml_collections.ConfigDict:
     """Dataset, text tokenizer and loader settings."""
     c = ml_collections.ConfigDict()
-    c.name = "shapes"  # "shapes" | "digits" (embedded) or any standard TFDS image dataset name.
+    c.name = "shapes"  # "shapes" | "digits" | "natural" (embedded) or any standard TFDS image dataset name.
     c.data_dir = ""  # TFDS data dir; "" -> <workdir>/data for embedded sets, TFDS default otherwise.
     c.image_size = 32  # Square image side in pixels (embedded sets are generated at this size).
     c.num_train = 4096  # Embedded sets: examples generated for the train split.
@@ -42,7 +42,15 @@ def data_config() -> ml_collections.ConfigDict:
 def fsq_config() -> ml_collections.ConfigDict:
     """FSQ autoencoder (image tokenizer) architecture and loss."""
     c = ml_collections.ConfigDict()
+    c.quantizer = "fsq"  # "fsq" (the fixed grid of `levels`) | "vq" (learned VQ-VAE codebook, the
+    # FSQ paper's baseline; mmjax.tokenizers.vq). The model stage runs on FSQ tokens only.
     c.levels = (8, 5, 5, 5)  # FSQ levels per latent channel; codebook size = prod(levels).
+    c.vq_codebook_size = 1024  # VQ: codebook entries K (tokens are indices in [0, K)).
+    c.vq_dim = 4  # VQ: code (latent) width d; small d = ViT-VQGAN's low-dimensional codes.
+    c.vq_beta = 0.25  # VQ: commitment loss weight beta * |z - sg(e)|^2 (VQ-VAE's 0.25).
+    c.vq_ema_decay = 0.99  # VQ: codebook EMA decay; 0 = codebook learned by gradient (codebook loss).
+    c.vq_reseed = 0  # VQ: reseed a code unused this many consecutive steps from encoder outputs (0 = off; needs EMA).
+    c.vq_l2 = False  # VQ: compare l2-normalised latents and codes (cosine assignment, ViT-VQGAN).
     c.channels = (32, 64)  # Conv widths per resolution; len(channels) - 1 = number of 2x downsamples.
     c.num_res_blocks = 1  # Residual blocks per resolution in encoder and decoder.
     c.norm_groups = 8  # GroupNorm groups in encoder/decoder; must divide every entry of channels.

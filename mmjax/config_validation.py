@@ -88,6 +88,26 @@ def validate_train_block(config, block: str) -> None:
              "must be () or (start, stop) with 0 <= start < stop")
 
 
+def _validate_vq(config) -> None:
+    """The fsq.quantizer switch and the fsq.vq_* fields (mmjax.tokenizers.vq)."""
+    _one_of(config, "fsq.quantizer")
+    _require(config, "fsq.vq_codebook_size", lambda v: int(v) == v and 2 <= v < 2**31,
+             "must be an integer in [2, 2^31) (int32 indices)")
+    _pos(config, ["fsq.vq_dim"])
+    _nonneg(config, ["fsq.vq_beta"])
+    _require(config, "fsq.vq_ema_decay", lambda v: 0 <= v < 1,
+             "must be in [0, 1) (0 = codebook learned by gradient)")
+    _require(config, "fsq.vq_reseed", lambda v: int(v) == v and v >= 0,
+             "must be an integer >= 0 (steps unused before a code is reseeded; 0 = off)")
+    _require(config, "fsq.vq_reseed",
+             lambda v: v == 0 or _get(config, "fsq.vq_ema_decay") > 0,
+             "needs fsq.vq_ema_decay > 0 (reseeding rewrites the EMA codebook)")
+    if "model" in config:  # a multimodal config: its model stage reads FSQ tokens
+        _require(config, "fsq.quantizer", lambda v: v == "fsq",
+                 "the model stage (flow and discrete heads) runs on FSQ tokens only; use "
+                 "fsq.quantizer='vq' with a tokenizer config (configs/fsq_shapes.py)")
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Raises ConfigError naming the first bad field; returns the config unchanged."""
     missing = [block for block in ("data", "mesh") if block not in config]
@@ -117,6 +137,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              "must be divisible by the FSQ downsampling factor 2**(len(fsq.channels)-1)")
     _nonneg(config, ["fsq.num_res_blocks"])
     _one_of(config, "fsq.loss")
+    _validate_vq(config)
     _validate_model(config)
     _validate_objective(config)
     for block in ("train", "tokenizer_train"):

@@ -40,6 +40,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("kv", None),
     ("modality", None),
     ("code", None),
+    ("codebook", None),  # VQ tokenizer codebook rows (small; replicated)
     ("conv_h", None),
     ("conv_w", None),
     ("conv_in", None),

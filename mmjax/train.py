@@ -38,6 +38,25 @@ class Task(Protocol):
     def dataset(self, split: str, *, train: bool): ...
     def init_params(self, rng, batch) -> Any: ...
     def loss_fn(self, params, batch, rng, train: bool) -> tuple[jax.Array, dict]: ...
+    # Optional, for tasks with non-trained variables (e.g. an EMA VQ codebook):
+    #   init_model_state(rng, batch) -> pytree, or None for none; when not None the trainer
+    #   keeps it in state["model_state"] (replicated, checkpointed) and calls
+    #   loss_fn_with_state(params, model_state, batch, rng, train)
+    #       -> (loss, (metrics, new_model_state)) instead of loss_fn.
+
+
+def init_model_state(task, rng, batch):
+    """The task's non-param state, or None (tasks without `init_model_state` have none)."""
+    init = getattr(task, "init_model_state", None)
+    return None if init is None else init(rng, batch)
+
+
+def task_loss(task, params, model_state, batch, rng, train: bool):
+    """(loss, (metrics, new model state)) whether or not the task has model state."""
+    if model_state is None:
+        loss, metrics = task.loss_fn(params, batch, rng, train)
+        return loss, (metrics, None)
+    return task.loss_fn_with_state(params, model_state, batch, rng, train)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -110,34 +129,42 @@ def _state_shardings(task, tx, example, mesh, rules):
     abstract = {"params": abstract_params, "opt_state": abstract_opt,
                 "step": jax.ShapeDtypeStruct((), jnp.int32),
                 "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0))}
+    abstract_ms = jax.eval_shape(lambda r: init_model_state(task, r, example), rng)
+    if abstract_ms is not None:  # only then is there a "model_state" entry (old checkpoints match)
+        shardings["model_state"] = jax.tree.map(lambda _: repl, abstract_ms)
+        abstract["model_state"] = abstract_ms
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)
     return shardings, abstract
 
 
-def _grads(task, params, batch, rng, grad_accum: int):
-    """Loss, metrics and gradients, averaged over `grad_accum` microbatches (lax.scan)."""
-    loss_fn = lambda p, b, r: task.loss_fn(p, b, r, True)  # noqa: E731
+def _grads(task, params, model_state, batch, rng, grad_accum: int):
+    """Loss, metrics and gradients, averaged over `grad_accum` microbatches (lax.scan), and the
+    model state after them (threaded through the microbatches in order; None without one)."""
+    loss_fn = lambda p, ms, b, r: task_loss(task, p, ms, b, r, True)  # noqa: E731
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if grad_accum == 1:
-        (loss, metrics), grads = grad_fn(params, batch, rng)
-        return loss, metrics, grads
+        (loss, (metrics, model_state)), grads = grad_fn(params, model_state, batch, rng)
+        return loss, metrics, grads, model_state
     # [B, ...] -> [A, B/A, ...] taking every A-th example so each microbatch stays spread over
     # the batch-sharded devices.
     micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, grad_accum, *x.shape[1:]), 0, 1),
                          batch)
 
     def body(carry, xs):
+        acc, ms = carry
         mb, i = xs
-        (loss, metrics), grads = grad_fn(params, mb, jax.random.fold_in(rng, i))
-        acc = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
-        return acc, None
+        (loss, (metrics, ms)), grads = grad_fn(params, ms, mb, jax.random.fold_in(rng, i))
+        acc = jax.tree.map(jnp.add, acc, (loss, metrics, grads))
+        return (acc, ms), None
 
     zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-        lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng)))
-    zeros = (zeros[0][0], zeros[0][1], zeros[1])
-    total, _ = jax.lax.scan(body, zeros, (micro, jnp.arange(grad_accum)))
-    return jax.tree.map(lambda x: x / grad_accum, total)
+        lambda: grad_fn(params, model_state, jax.tree.map(lambda x: x[0], micro), rng)))
+    zeros = (zeros[0][0], zeros[0][1][0], zeros[1])
+    (total, model_state), _ = jax.lax.scan(body, (zeros, model_state),
+                                           (micro, jnp.arange(grad_accum)))
+    loss, metrics, grads = jax.tree.map(lambda x: x / grad_accum, total)
+    return loss, metrics, grads, model_state
 
 
 def build_setup(task, example, mesh, rules) -> Setup:
@@ -152,12 +179,18 @@ def build_setup(task, example, mesh, rules) -> Setup:
     def init(rng):
         init_rng, state_rng = jax.random.split(rng)
         params = nn.unbox(task.init_params(init_rng, example))
-        return {"params": params, "opt_state": tx.init(params),
-                "step": jnp.zeros((), jnp.int32), "rng": state_rng}
+        state = {"params": params, "opt_state": tx.init(params),
+                 "step": jnp.zeros((), jnp.int32), "rng": state_rng}
+        model_state = init_model_state(task, init_rng, example)
+        if model_state is not None:
+            state["model_state"] = model_state
+        return state
 
     def step(state, batch):
         rng = jax.random.fold_in(state["rng"], state["step"])
-        loss, metrics, grads = _grads(task, state["params"], batch, rng, tc.grad_accum)
+        loss, metrics, grads, model_state = _grads(task, state["params"],
+                                                   state.get("model_state"), batch, rng,
+                                                   tc.grad_accum)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
@@ -169,20 +202,26 @@ def build_setup(task, example, mesh, rules) -> Setup:
         params, opt_state = keep(params, state["params"]), keep(opt_state, state["opt_state"])
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
                      "rng": state["rng"]}
+        if model_state is not None:
+            new_state["model_state"] = keep(model_state, state["model_state"])
         metrics = {**metrics, "loss": loss, "grad_norm": grad_norm,
                    "lr": schedule(state["step"]), "finite": finite.astype(jnp.float32)}
         return new_state, metrics
 
-    def eval_step(params, batch):
-        _, metrics = task.loss_fn(params, batch, jax.random.PRNGKey(0), False)
+    def eval_step(params, batch, model_state=None):
+        _, (metrics, _) = task_loss(task, params, model_state, batch, jax.random.PRNGKey(0),
+                                    False)
         return metrics
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         init_fn = jax.jit(init, out_shardings=shardings)
         train_step = jax.jit(step, in_shardings=(shardings, batch_sh),
                              out_shardings=(shardings, repl), donate_argnums=0)
-        eval_fn = jax.jit(eval_step, in_shardings=(shardings["params"], batch_sh),
-                          out_shardings=repl)
+        eval_jit = jax.jit(eval_step, in_shardings=(shardings["params"], batch_sh,
+                                                    shardings.get("model_state")),
+                           out_shardings=repl)
+        eval_fn = lambda params, batch, model_state=None: eval_jit(  # noqa: E731
+            params, batch, model_state)
     return Setup(mesh, rules, shardings, abstract, init_fn, train_step, eval_fn)
 
 
@@ -222,14 +261,16 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def evaluate_loss(setup: Setup, params, iterator, num_batches: int) -> dict[str, float]:
+def evaluate_loss(setup: Setup, params, iterator, num_batches: int,
+                  model_state=None) -> dict[str, float]:
     """Mean of the task's metrics over `num_batches` validation batches."""
     sums: dict[str, float] = {}
     count = 0
     for batch in iterator:
         if count >= num_batches:
             break
-        metrics = jax.device_get(setup.eval_step(params, parallel.shard_batch(batch, setup.mesh)))
+        metrics = jax.device_get(setup.eval_step(params, parallel.shard_batch(batch, setup.mesh),
+                                                 model_state))
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         count += 1
@@ -402,7 +443,8 @@ def _validation(task, setup, state) -> dict[str, float]:
     ds = task.dataset("validation", train=False)
     it = batched_iterator(ds, int(tc.batch_size), seed=0, shuffle=False, num_epochs=1,
                           process_index=jax.process_index(), process_count=jax.process_count())
-    metrics = evaluate_loss(setup, state["params"], iter(it), int(tc.eval_batches))
+    metrics = evaluate_loss(setup, state["params"], iter(it), int(tc.eval_batches),
+                            state.get("model_state"))
     return {f"val_{k}": v for k, v in metrics.items()}
 
 

@@ -21,7 +21,8 @@ from etils import epath
 
 from mmjax import io
 
-EMBEDDED_DATASETS = ("shapes", "digits")  # generated into <root>/data by the data stage
+# Datasets mmjax generates itself (mmjax/data/builders.py), into <root>/data by the data stage.
+EMBEDDED_DATASETS = ("shapes", "digits", "natural")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,10 +17,11 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mmjax.data import digits, shapes
+from mmjax.data import digits, natural, shapes
 from mmjax.errors import InputError
+from mmjax.workdir import EMBEDDED_DATASETS
 
-EMBEDDED = ("shapes", "digits")
+EMBEDDED = EMBEDDED_DATASETS  # one list, shared with the Workdir (which places them)
 FILE_FORMAT = "array_record"
 
 
@@ -118,7 +119,24 @@ class MmjaxDigits(_EmbeddedBuilder):
         return digits.generate_record(split, index, cfg.image_size, cfg.max_objects)
 
 
-_BUILDERS = {"shapes": MmjaxShapes, "digits": MmjaxDigits}
+class MmjaxNatural(_EmbeddedBuilder):
+    """Crops of scikit-learn's two sample photos plus digits (mmjax.data.natural)."""
+
+    DESCRIPTION = ("Random multi-scale, flipped crops of scikit-learn's sample photos (held-out "
+                   "tiles for validation/test) plus handwritten digits (mmjax.data.natural).")
+
+    def _split_sizes(self):
+        cfg = self.builder_config
+        return {"train": cfg.num_train, "validation": cfg.num_validation, "test": cfg.num_test}
+
+    def _record(self, split, index):
+        cfg = self.builder_config
+        return natural.generate_record(cfg.seed, split, index, cfg.image_size, cfg.max_objects)
+
+
+_BUILDERS = {"shapes": MmjaxShapes, "digits": MmjaxDigits, "natural": MmjaxNatural}
+if tuple(_BUILDERS) != EMBEDDED:
+    raise ImportError(f"builders._BUILDERS {tuple(_BUILDERS)} must match workdir.EMBEDDED_DATASETS {EMBEDDED}")
 
 
 def config_from_data_cfg(data_cfg) -> EmbeddedConfig:
@@ -141,7 +159,7 @@ def config_from_data_cfg(data_cfg) -> EmbeddedConfig:
         if not 1 <= values["max_objects"] <= shapes.GRID**2:
             raise InputError(f"data.max_objects={values['max_objects']} must be in [1, {shapes.GRID ** 2}]")
     elif values["image_size"] < 8:
-        raise InputError(f"data.image_size={values['image_size']} < 8 for digits")
+        raise InputError(f"data.image_size={values['image_size']} < 8 for {data_cfg.name}")
     name = "s{image_size}_tr{num_train}_va{num_validation}_te{num_test}_o{max_objects}_seed{seed}".format(**values)
     return EmbeddedConfig(name=name, **values)
 

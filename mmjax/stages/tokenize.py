@@ -22,9 +22,13 @@ from mmjax.tokenizers import autoencoder as ae
 
 
 def _expected_meta(config, num_records: int, grid: tuple[int, int], step: int) -> dict:
-    return {"dataset": config.data.name, "image_size": int(config.data.image_size),
+    meta = {"dataset": config.data.name, "image_size": int(config.data.image_size),
             "levels": [int(v) for v in config.fsq.levels], "grid": list(grid),
             "num_records": int(num_records), "tokenizer_step": int(step)}
+    if config.fsq.get("quantizer", "fsq") == "vq":  # FSQ metas stay as they were
+        meta.update(quantizer="vq", codebook_size=int(config.fsq.vq_codebook_size),
+                    code_dim=int(config.fsq.vq_dim))
+    return meta
 
 
 def tokenize_split(config, workdir, split: str, model, params, step: int,

@@ -32,9 +32,15 @@ def load_tokenizer(config, workdir):
     """(model, params) of the trained tokenizer; a clear error when it has not been trained."""
     model = ae.autoencoder_from_config(config)
     abstract = jax.eval_shape(
-        lambda: nn.unbox(ae.init_params(model, jax.random.PRNGKey(0), config.data.image_size)))
-    _, params = checkpointing.restore_params(str(workdir.tokenizer_checkpoints), abstract)
-    return model, params
+        lambda: nn.unbox(ae.init_variables(model, jax.random.PRNGKey(0), config.data.image_size)))
+    directory = str(workdir.tokenizer_checkpoints)
+    if "vq" not in abstract:
+        _, params = checkpointing.restore_params(directory, abstract["params"])
+        return model, params
+    # EMA VQ: the codebook is the trainer's model_state; the weights are the variables dict.
+    _, items = checkpointing.restore_state_items(
+        directory, {"params": abstract["params"], "model_state": abstract["vq"]})
+    return model, {"params": items["params"], "vq": items["model_state"]}
 
 
 def evaluate(config, workdir, split: str = "validation", max_images: int = EVAL_IMAGES) -> dict:
@@ -46,12 +52,12 @@ def evaluate(config, workdir, split: str = "validation", max_images: int = EVAL_
     bs = 64
     batches = ({"image": np.stack([ds[i]["image"] for i in range(s, min(s + bs, n))])}
                for s in range(0, n, bs))
-    metrics = recon.evaluate_autoencoder(recon_fn, batches, model.quantizer.codebook_size)
+    metrics = recon.evaluate_autoencoder(recon_fn, batches, model.codebook_size)
     originals = np.stack([ds[i]["image"] for i in range(min(GRID_IMAGES, n))])
     recons, _ = recon_fn(originals)
     pictures.save_reconstruction_grid(originals, np.asarray(recons),
                                    workdir.tokenizer / f"reconstructions_{split}.png")
     metrics = {f"{split}_{k}": float(v) for k, v in metrics.items()}
-    metrics["codebook_size"] = model.quantizer.codebook_size
+    metrics["codebook_size"] = model.codebook_size
     io.write_json_atomic(workdir.tokenizer / f"eval_{split}.json", metrics)
     return metrics

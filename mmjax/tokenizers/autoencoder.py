@@ -146,10 +146,23 @@ class FSQAutoencoder(nn.Module):
         """Pixels per token side, 2**(len(channels) - 1)."""
         return 2 ** (len(self.channels) - 1)
 
+    @property
+    def codebook_size(self) -> int:
+        return self.quantizer.codebook_size
+
     def encode(self, images):
         """images (uint8, or float in [-1, 1]) [B, H, W, 3] -> codes [B, H/f, W/f, dim] on the FSQ grid."""
         images = _as_float_images(images, self.downsample)
         return self.quantizer.quantize(self.encoder(images))
+
+    def encode_with_indices(self, images):
+        """(codes [B, h, w, dim], int32 indices [B, h, w]); the interface VQAutoencoder shares."""
+        codes = self.encode(images)
+        return codes, self.quantizer.codes_to_indices(codes)
+
+    def codes_from_indices(self, indices):
+        """Grid codes [..., dim] of integer indices [...]."""
+        return self.quantizer.indices_to_codes(indices)
 
     def decode(self, codes, clip: bool = True):
         """codes [B, h, w, dim] -> images [B, h*f, w*f, 3] in [-1, 1] (unclipped if clip=False)."""
@@ -194,9 +207,13 @@ def _fsq_block(cfg):
     return cfg.fsq if "fsq" in cfg else cfg
 
 
-def autoencoder_from_config(cfg) -> FSQAutoencoder:
-    """Builds the tokenizer from `config.fsq` (or the full config)."""
+def autoencoder_from_config(cfg):
+    """Builds the tokenizer from `config.fsq` (or the full config): FSQAutoencoder, or
+    `vq.VQAutoencoder` when `fsq.quantizer == "vq"`."""
     f = _fsq_block(cfg)
+    if f.get("quantizer", "fsq") == "vq":
+        from mmjax.tokenizers import vq
+        return vq.vq_autoencoder_from_config(f)
     return FSQAutoencoder(levels=tuple(int(v) for v in f.levels),
                           channels=tuple(int(v) for v in f.channels),
                           num_res_blocks=int(f.num_res_blocks),
@@ -205,14 +222,29 @@ def autoencoder_from_config(cfg) -> FSQAutoencoder:
 
 def init_params(model: FSQAutoencoder, rng, image_size: int, batch_size: int = 1):
     """Params boxed with their logical axis names (nn.unbox them for optax / apply)."""
+    return init_variables(model, rng, image_size, batch_size)["params"]
+
+
+def init_variables(model, rng, image_size: int, batch_size: int = 1) -> dict:
+    """All variable collections: {"params"} for FSQ, plus {"vq"} for an EMA VQ codebook."""
     images = jnp.zeros((batch_size, image_size, image_size, 3), jnp.float32)
-    return model.init(rng, images)["params"]
+    return dict(model.init(rng, images))
+
+
+def variables_of(params) -> dict:
+    """Flax variables from tokenizer weights: a params tree, or a {"params", "vq", ...} dict.
+
+    The tokenizer's weights are passed around as one tree; for FSQ (and gradient-learned VQ)
+    that is the params, for EMA VQ it is the variables dict (the EMA codebook is not a param).
+    A params tree never has a top-level "params" key (its keys are module names).
+    """
+    return dict(params) if "params" in params else {"params": params}
 
 
 def tokenize(model: FSQAutoencoder, params, images) -> jax.Array:
-    """images [B, H, W, 3] -> int32 FSQ indices [B, (H/f)*(W/f)], row-major over the token grid."""
-    codes = model.apply({"params": params}, images, method=FSQAutoencoder.encode)
-    return model.quantizer.codes_to_indices(codes).reshape(codes.shape[0], -1)
+    """images [B, H, W, 3] -> int32 code indices [B, (H/f)*(W/f)], row-major over the token grid."""
+    _, indices = model.apply(variables_of(params), images, method=type(model).encode_with_indices)
+    return indices.reshape(indices.shape[0], -1).astype(jnp.int32)
 
 
 def detokenize(model: FSQAutoencoder, params, indices, grid_hw: tuple[int, int]) -> jax.Array:
@@ -220,18 +252,21 @@ def detokenize(model: FSQAutoencoder, params, indices, grid_hw: tuple[int, int])
     h, w = grid_hw
     if indices.ndim != 2 or indices.shape[1] != h * w:
         raise ValueError(f"detokenize: indices must be [B, {h}*{w}], got shape {indices.shape}.")
-    codes = model.quantizer.indices_to_codes(jnp.asarray(indices)).reshape(-1, h, w, len(model.levels))
-    return model.apply({"params": params}, codes, method=FSQAutoencoder.decode)
+    variables = variables_of(params)
+    codes = model.apply(variables, jnp.asarray(indices), method=type(model).codes_from_indices)
+    return model.apply(variables, codes.reshape(indices.shape[0], h, w, -1),
+                       method=type(model).decode)
 
 
 def make_recon_fn(model: FSQAutoencoder, params):
     """A jitted `images uint8 -> (recon uint8, indices [B, h*w])`, as evals.recon expects."""
+    variables = variables_of(params)
+
     @jax.jit
     def recon_fn(images):
-        codes = model.apply({"params": params}, images, method=FSQAutoencoder.encode)
-        recon = model.apply({"params": params}, codes, method=FSQAutoencoder.decode)
-        indices = model.quantizer.codes_to_indices(codes).reshape(codes.shape[0], -1)
-        return float_to_images(recon), indices
+        codes, indices = model.apply(variables, images, method=type(model).encode_with_indices)
+        recon = model.apply(variables, codes, method=type(model).decode)
+        return float_to_images(recon), indices.reshape(codes.shape[0], -1).astype(jnp.int32)
     return recon_fn
 
 

@@ -1,0 +1,199 @@
+"""FSQ against VQ (Mentzer et al. 2023, Fig. 3): codebook usage and PSNR vs codebook size.
+
+  python -m bench.fsq_vs_vq            # 5 sizes x {fsq, vq}, 300 steps x 16 images each
+
+Both quantizers sit on the same conv autoencoder (configs/fsq_shapes.py:demo widths) and train
+on the embedded natural-image set (`data.name="natural"`: crops of scikit-learn's photos plus
+digits) for the same steps and batch. FSQ uses the paper's recommended levels per size; VQ gets
+a codebook of the same size and the same code width (len(levels)), with the baseline tricks:
+EMA codebook (decay 0.99), commitment beta 0.25, dead codes reseeded from encoder outputs after
+`--reseed` unused steps.
+
+Every run trains from a FRESH workdir (`<root>/<timestamp>/<quantizer>_<size>`; an existing one
+is an error), so `wall_s` is the cost of training + evaluating that run and nothing is resumed.
+The dataset is built once into `<root>/<timestamp>/data` beforehand (timed apart, `data_s`).
+Usage and perplexity are counted over validation crops only (held-out photo tiles, never seen in
+training): a run with K codes evaluates max(--min_eval_images, 10 K / tokens per image) crops, so
+tokens_counted >= 10 x K; the set holds enough crops for the largest K.
+
+Writes bench/results/fsq_vs_vq.json (rows + git commit + command) and fsq_vs_vq.png.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+from bench.common import RESULTS_DIR, load_config, write_results
+
+FLAGS = flags.FLAGS
+# The FSQ paper's recommended levels (Table 1) for ~2^8 .. 2^16 codes.
+PAPER_LEVELS = {8: (8, 6, 5), 10: (8, 5, 5, 5), 12: (7, 5, 5, 5, 5), 14: (8, 8, 8, 6, 5),
+                16: (8, 8, 8, 5, 5, 5)}
+flags.DEFINE_list("log2_sizes", ["8", "10", "12", "14", "16"], "Codebook sizes as log2 (keys of "
+                  "the FSQ paper's level table: 8, 10, 12, 14, 16).")
+flags.DEFINE_list("quantizers", ["fsq", "vq"], "Quantizers to run.")
+flags.DEFINE_integer("steps", 300, "Training steps per run.")
+flags.DEFINE_integer("batch_size", 16, "Training batch size.")
+flags.DEFINE_integer("image_size", 32, "Image side (pixels).")
+flags.DEFINE_integer("num_train", 8192, "Natural train crops.")
+flags.DEFINE_integer("usage_factor", 10, "Usage of a codebook of K codes is counted over >= this "
+                     "x K validation tokens.")
+flags.DEFINE_integer("min_eval_images", 2048, "Validation crops evaluated per run at least.")
+flags.DEFINE_integer("reseed", 100, "VQ: reseed a code unused for this many steps (0 = off).")
+flags.DEFINE_float("ema_decay", 0.99, "VQ: codebook EMA decay (0 = learned by gradient).")
+flags.DEFINE_string("root", "/tmp/mmjax_bench_fsq_vs_vq", "Parent of this invocation's fresh dir.")
+flags.DEFINE_string("out", None, "Output JSON (default bench/results/fsq_vs_vq.json).")
+
+
+def base_config(num_validation: int, data_dir: str):
+    config = load_config("configs/fsq_shapes.py:demo")
+    config.data.name = "natural"
+    config.data.image_size = FLAGS.image_size
+    config.data.num_train = FLAGS.num_train
+    config.data.num_validation = num_validation
+    config.data.num_test = 64
+    config.data.data_dir = data_dir
+    tc = config.tokenizer_train
+    tc.steps = FLAGS.steps
+    tc.batch_size = FLAGS.batch_size
+    tc.warmup_steps = min(100, FLAGS.steps // 10)
+    tc.checkpoint_every = FLAGS.steps
+    tc.log_every = max(min(50, FLAGS.steps // 4), 1)
+    tc.eval_every = 0
+    tc.progress_bar = False
+    return config
+
+
+def run_config(base, quantizer: str, levels: tuple[int, ...]):
+    config = base.copy_and_resolve_references()
+    config.fsq.levels = levels
+    config.fsq.quantizer = quantizer
+    if quantizer == "vq":
+        config.fsq.vq_codebook_size = math.prod(levels)
+        config.fsq.vq_dim = len(levels)
+        config.fsq.vq_ema_decay = FLAGS.ema_decay
+        config.fsq.vq_reseed = FLAGS.reseed if FLAGS.ema_decay > 0 else 0
+    return config
+
+
+def run_one(config, workdir: str, eval_images: int) -> dict:
+    from mmjax import train
+    from mmjax.config_validation import validate
+    from mmjax.metrics_writer import read_jsonl
+    from mmjax import stages
+    from mmjax.stages.tokenizer import evaluate as evaluate_tokenizer
+    from mmjax.tasks.tokenizer import TokenizerTask
+    from mmjax.workdir import Workdir
+    if os.path.exists(workdir):
+        raise FileExistsError(f"{workdir} exists; every run must start from a fresh workdir")
+    validate(config)
+    start = time.perf_counter()
+    wd = Workdir.from_config(config, workdir)
+    stages.data.run(config, wd)  # the data is built once beforehand; this only checks it
+    summary = train.train(config, wd, TokenizerTask(config, wd.data_dir))
+    train_s = time.perf_counter() - start
+    metrics = evaluate_tokenizer(config, wd, "validation",
+                                 max_images=eval_images)
+    wall = time.perf_counter() - start
+    rows = [r for r in read_jsonl(os.path.join(workdir, "tokenizer", "train_metrics.jsonl"))
+            if "steps_per_sec" in r]
+    steady = [r["steps_per_sec"] for r in rows[1:]] or [rows[-1]["steps_per_sec"]]
+    grid = config.data.image_size // 2 ** (len(config.fsq.channels) - 1)
+    return {"quantizer": config.fsq.quantizer, "codebook_size": int(metrics["codebook_size"]),
+            "levels": list(config.fsq.levels) if config.fsq.quantizer == "fsq" else None,
+            "code_dim": len(config.fsq.levels),
+            "usage": metrics["validation_usage"], "perplexity": metrics["validation_perplexity"],
+            "psnr": metrics["validation_psnr"],
+            "tokens_counted": eval_images * grid * grid, "eval_images": eval_images,
+            "steps": int(summary["step"]), "batch_size": int(config.tokenizer_train.batch_size),
+            "final_train_loss": summary["train"].get("loss"),
+            "steps_per_sec": sum(steady) / len(steady), "train_s": train_s, "wall_s": wall}
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(__file__), check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, cwd=os.path.dirname(__file__),
+                               check=True).stdout.strip()
+        return out + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax_u, ax_p) = plt.subplots(1, 2, figsize=(10, 4))
+    for q, style in (("fsq", "o-"), ("vq", "s--")):
+        rs = sorted((r for r in rows if r["quantizer"] == q), key=lambda r: r["codebook_size"])
+        if not rs:
+            continue
+        ks = [r["codebook_size"] for r in rs]
+        ax_u.plot(ks, [100 * r["usage"] for r in rs], style, label=q.upper())
+        ax_p.plot(ks, [r["psnr"] for r in rs], style, label=q.upper())
+    for ax, label in ((ax_u, "codebook usage (%)"), (ax_p, "validation PSNR (dB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("codebook size")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    ax_u.set_ylim(0, 105)
+    fig.suptitle("FSQ vs VQ on natural crops (held-out validation tiles)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(_):
+    sizes = [int(s) for s in FLAGS.log2_sizes]
+    bad = [s for s in sizes if s not in PAPER_LEVELS]
+    if bad:
+        raise app.UsageError(f"--log2_sizes: {bad} not in the FSQ paper's table {sorted(PAPER_LEVELS)}")
+    bad = [q for q in FLAGS.quantizers if q not in ("fsq", "vq")]
+    if bad:
+        raise app.UsageError(f"--quantizers: {bad}; choose from fsq, vq")
+    root = os.path.join(FLAGS.root, time.strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(root, exist_ok=False)
+    largest = max(math.prod(PAPER_LEVELS[s]) for s in sizes)
+    base = base_config(64, os.path.join(root, "data"))
+    grid = base.data.image_size // 2 ** (len(base.fsq.channels) - 1)
+    num_validation = -(-FLAGS.usage_factor * largest // (grid * grid))
+    base.data.num_validation = num_validation
+    from mmjax.data import pipeline
+    t0 = time.perf_counter()
+    pipeline.build_dataset(base.data, base.data.data_dir)
+    data_s = time.perf_counter() - t0
+    command = "python -m bench.fsq_vs_vq " + " ".join(sys.argv[1:])
+    results = {"command": command.strip(), "git_commit": git_commit(), "root": root,
+               "data": {"name": "natural", "image_size": base.data.image_size,
+                        "num_train": base.data.num_train, "num_validation": num_validation,
+                        "token_grid": [grid, grid], "usage_counted_on": "validation",
+                        "data_s": data_s},
+               "vq": {"ema_decay": FLAGS.ema_decay, "beta": float(base.fsq.vq_beta),
+                      "reseed": FLAGS.reseed, "code_dim": "len(levels) of the FSQ run"},
+               "channels": list(base.fsq.channels), "rows": []}
+    for size in sizes:
+        for q in FLAGS.quantizers:
+            config = run_config(base, q, PAPER_LEVELS[size])
+            k = math.prod(PAPER_LEVELS[size])
+            eval_images = min(num_validation,
+                              max(FLAGS.min_eval_images, -(-FLAGS.usage_factor * k // (grid * grid))))
+            row = run_one(config, os.path.join(root, f"{q}_{size}"), eval_images)
+            row["log2_size"] = size
+            results["rows"].append(row)
+            print(row, flush=True)
+            out = write_results("fsq_vs_vq", results, FLAGS.out, quiet=True)
+            plot(results["rows"], os.path.splitext(out)[0] + ".png")  # partial results survive
+    write_results("fsq_vs_vq", results, FLAGS.out)
+
+
+if __name__ == "__main__":
+    app.run(main)
