@@ -80,7 +80,8 @@ def test_tfds_build_shapes_and_dtypes(tmp_path):
         name="natural", data_dir=str(tmp_path / "data"), image_size=16, num_train=24,
         num_validation=8, num_test=8, max_objects=3, seed=3, image_key="image",
         caption_key="caption", label_key="label"))
-    ds = pipeline.image_caption_dataset(cfg, "validation", str(tmp_path))
+    pipeline.build_dataset(cfg, cfg.data_dir)  # the data stage's half
+    ds = pipeline.image_caption_dataset(cfg, "validation", cfg.data_dir)
     assert len(ds) == 8
     rec = ds[5]
     assert rec["image"].shape == (16, 16, 3) and rec["image"].dtype == np.uint8

@@ -1,5 +1,6 @@
 """Stage orchestration: a preempted training stage stops the pipeline (no eval on a half-trained
 stage) and the CLI reports it in one line with exit code 143."""
+import ml_collections
 import pytest
 
 from mmjax import stages, train
@@ -11,8 +12,9 @@ def test_preempted_training_stops_the_pipeline(monkeypatch, tmp_path):
     monkeypatch.setattr(stages.tokenizer, "TokenizerTask", lambda *a: None)
     later = []
     monkeypatch.setattr(stages.tokenize, "run", lambda *a: later.append("tokenize"))
+    config = ml_collections.ConfigDict({"train": {"eval_every": 0}})
     with pytest.raises(train.Preempted, match="step 7"):
-        stages.model.run(None, None)
+        stages.model.run(config, None)
     with pytest.raises(train.Preempted, match="tokenizer training stopped at step 7"):
         stages.tokenizer.run(None, type("W", (), {"data_dir": None})())
     assert not later

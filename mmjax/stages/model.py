@@ -19,6 +19,7 @@ from mmjax.stages.common import finished, text_tokenizer
 from mmjax.tasks.multimodal import MultimodalTask, encode_caption
 
 PERIODIC_PROMPTS = 16  # test prompts sampled at each train.eval_every (grids and accuracies)
+GRID_COLUMNS = 8  # images per row of the TensorBoard grids
 
 
 def build_task(config, workdir) -> MultimodalTask:
@@ -69,9 +70,10 @@ class PeriodicSamples:
         logging.info("step %d: periodic samples %s", step,
                      {k: round(v, 3) for k, v in scalars.items() if k.endswith("prompt_acc")})
         return {"scalars": scalars,
-                "images": {"samples/text_to_image (top: true)": recon.make_grid(truth, images),
+                "images": {"samples/text_to_image (top: true)": recon.make_grid(
+                               truth, images, GRID_COLUMNS),
                            "samples/reconstruction (top: true)": recon.make_grid(
-                               truth, run.pixels(self.true_tokens))},
+                               truth, run.pixels(self.true_tokens), GRID_COLUMNS)},
                 "text": {"samples/image_to_caption": "\n\n".join(lines)}}
 
 
