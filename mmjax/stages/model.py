@@ -1,7 +1,7 @@
 """The model stage: train the multimodal LM on packed text/image rows (image tokens must exist)."""
 from __future__ import annotations
 
-from mmjax import train
+from mmjax import multihost, train
 from mmjax.data import image_tokens, pipeline
 from mmjax.stages.common import finished, text_tokenizer
 from mmjax.tasks.multimodal import MultimodalTask
@@ -19,6 +19,7 @@ def build_task(config, workdir) -> MultimodalTask:
 
 
 def run(config, workdir, **train_kwargs) -> dict:
-    summary = finished(train.train(config, workdir, build_task(config, workdir), **train_kwargs),
-                       "model training")
+    # Every process checks its inputs, and all stop together when one cannot see them.
+    task = multihost.together("model stage inputs", lambda: build_task(config, workdir))
+    summary = finished(train.train(config, workdir, task, **train_kwargs), "model training")
     return {"step": summary["step"], **summary.get("validation", {})}
