@@ -98,3 +98,14 @@ def test_a_missing_shard_names_the_tokenize_stage_and_a_short_one_is_an_error(tm
     _write(shards[1], np.zeros((2, 2)))  # 4 records, the sidecar says 5
     with pytest.raises(InputError, match="hold 4 records"):
         image_tokens.load_tokens(wd, "train", 5)
+
+
+def test_existing_tokens_are_reused_only_when_their_content_fields_match(tmp_path):
+    from mmjax.stages import tokenize
+    wd = _workdir(tmp_path)
+    assert not tokenize._existing(wd, "train", META)  # nothing there: tokenize
+    # Written by 2 processes, read by 1: the same tokens, only stored in two files.
+    io.write_json_atomic(wd.image_token_files("train")[1], {**META, "files": ["a", "b"]})
+    assert tokenize._existing(wd, "train", META)
+    with pytest.raises(InputError, match="Refusing to overwrite"):
+        tokenize._existing(wd, "train", {**META, "tokenizer_step": 4})
