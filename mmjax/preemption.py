@@ -14,6 +14,13 @@ on, and every one of them saves that step and exits 143.
   handler is installed then: it would replace the manager's C++ handler and hide the signal.
 - Several processes without the manager (the service disabled): the local flags are all-gathered
   every `check_every` steps (one tiny collective, so not every step).
+
+Limits of the multi-process mode: the manager's handler stays installed for the whole process,
+so a SIGTERM that arrives outside a training loop (data build, tokenize, sample) does not stop
+the process at once: the stage goes on, and a later training loop stops only if its step counter
+passes the agreed step number; otherwise the scheduler's SIGKILL ends the job. Every stage is
+idempotent, so the rerun resumes either way. A notice that arrives after the last step of a
+training loop lets that loop finish normally.
 """
 from __future__ import annotations
 
