@@ -79,8 +79,9 @@ on_all_workers() {
   gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${gcloud_args[@]}" --worker=all --command="$1"
 }
 
-# Remote shell prelude: the worker's index and its log/pid/status files.
-worker_files="w=\${MMJAX_WORKER_ID:-\$(curl -sf -H Metadata-Flavor:Google \
+# Remote shell prelude: the worker's index (MMJAX_WORKER_ID, else the TPU metadata server's
+# agent-worker-number, else the hostname) and its log/pid/status files.
+worker_files="w=\${MMJAX_WORKER_ID:-\$(curl -sf --max-time 5 -H Metadata-Flavor:Google \
 http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number \
 || hostname)}; mkdir -p $LOG_DIR; log=$LOG_DIR/worker_\$w.log; pidf=$LOG_DIR/worker_\$w.pid; \
 statf=$LOG_DIR/worker_\$w.status"

@@ -40,7 +40,8 @@ def _sync_manager():
 
 
 class PreemptionWatch:
-    """Context manager for a training loop: `should_stop(step)` after each step, on every process."""
+    """Context manager for a training loop: `should_stop(step)` after every step, on every
+    process."""
 
     def __init__(self, check_every: int = 1):
         self.requested = False  # a SIGTERM reached this process (Python handler modes)

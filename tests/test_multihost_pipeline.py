@@ -57,7 +57,8 @@ def test_two_process_pipeline_on_a_fresh_workdir(tmp_path):
     single = dataclasses.replace(wd, tokens_dir_override=str(tmp_path / "single_tokens"))
     tokenize.run(config, single)
     for split in image_tokens.SPLITS:
-        assert io.read_json(single.image_token_files(split)[1])["files"] == [f"{split}.array_record"]
+        files = io.read_json(single.image_token_files(split)[1])["files"]
+        assert files == [f"{split}.array_record"]
         n = len(pipeline.image_caption_dataset(config.data, split, wd.data_dir))
         sharded = image_tokens.load_tokens(wd, split, n)
         one = image_tokens.load_tokens(single, split, n)

@@ -39,8 +39,9 @@ def _existing(workdir, split: str, meta: dict) -> bool:
     if any(seen) and not all(seen):
         if not found:
             raise multihost.not_visible(meta_path, f"the {split} image tokens", "another process")
-        raise multihost.PeerFailedError(f"tokenize: process(es) {[i for i, s in enumerate(seen) if not s]} "
-                                        f"cannot see {meta_path} (their logs say where they looked)")
+        blind = ", ".join(str(i) for i, s in enumerate(seen) if not s)
+        raise multihost.PeerFailedError(f"tokenize: process(es) {blind} cannot see {meta_path} "
+                                        "(their logs say where they looked)")
     if not found:
         return False
     stored = io.read_json(meta_path)
