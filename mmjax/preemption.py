@@ -53,6 +53,9 @@ class PreemptionWatch:
     def __enter__(self):
         if jax.process_count() > 1:
             self.mode = "service" if _sync_manager() is not None else "allgather"
+            how = ("JAX's preemption sync service" if self.mode == "service" else
+                   f"SIGTERM flags all-gathered every {self.check_every} step(s)")
+            logging.info("preemption: every process stops at one agreed step (%s)", how)
         if self.mode != "service":
             try:
                 self._old = signal.signal(signal.SIGTERM, self._handle)
