@@ -173,8 +173,10 @@ def latest_step(directory: str) -> int:
 
 
 def _with_default_sharding(x):
-    """Unsharded targets land on the first device as jax.Arrays."""
-    sharding = getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    """Unsharded targets land on this process's first device as jax.Arrays (on a multi-process
+    run jax.devices()[0] belongs to process 0, which other processes cannot write to)."""
+    sharding = getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(
+        jax.local_devices()[0])
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import logging
 import math
-import signal
 from typing import Any, Callable, Protocol
 
 import jax
@@ -21,6 +20,7 @@ import optax
 from flax import linen as nn
 
 from mmjax import checkpointing, io, parallel, progress
+from mmjax.preemption import PreemptionWatch
 from mmjax.data.pipeline import batched_iterator
 from mmjax.errors import InputError
 from mmjax.metrics_writer import MetricsWriter
@@ -238,29 +238,6 @@ def _check_batch(tc, mesh) -> int:
     return bs // procs
 
 
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks at step boundaries (save, then exit)."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = None
-
-    def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. a notebook worker): no handler
-            self._old = None
-        return self
-
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: checkpointing and stopping at the next step boundary")
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-
-
 def evaluate_loss(setup: Setup, params, iterator, num_batches: int,
                   model_state=None) -> dict[str, float]:
     """Mean of the task's metrics over `num_batches` validation batches."""
@@ -368,7 +345,8 @@ def _loop(run: _Run, state, start: int) -> dict:
     step = start
     unchecked = []  # (step, device metrics) of steps whose finiteness the host has not seen yet
     try:
-        with _Preemption() as preempt, jax.set_mesh(setup.mesh), \
+        # Multi-process: every process stops at the same step (see mmjax.preemption).
+        with PreemptionWatch(check_every=tc.log_every) as preempt, jax.set_mesh(setup.mesh), \
                 nn.logical_axis_rules(setup.rules):
             while step < total:
                 host_batch = next(run.iterator)
@@ -378,7 +356,8 @@ def _loop(run: _Run, state, start: int) -> dict:
                                                   parallel.shard_batch(host_batch, setup.mesh))
                 step += 1
                 unchecked.append((step, {k: metrics[k] for k in ("finite", "loss", "grad_norm")}))
-                stopping = preempt.requested or step == run.stop_at_step or step == total
+                preempted = preempt.should_stop(step)  # every step: a collective protocol
+                stopping = preempted or step == run.stop_at_step or step == total
                 due_ckpt = step % tc.checkpoint_every == 0 or stopping
                 if step % tc.log_every == 0 or due_ckpt:
                     _check_finite(unchecked, tc)

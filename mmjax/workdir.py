@@ -110,6 +110,13 @@ class Workdir:
         """(<split>.array_record, <split>.json) of the precomputed tokens."""
         return (self.image_tokens / f"{split}.array_record", self.image_tokens / f"{split}.json")
 
+    def image_token_shard(self, split: str, index: int, count: int) -> epath.Path:
+        """Process `index`'s share of `split`'s tokens when `count` processes tokenize it
+        (count 1: <split>.array_record itself). The sidecar lists the files, in record order."""
+        if count == 1:
+            return self.image_token_files(split)[0]
+        return self.image_tokens / f"{split}-{index:05d}-of-{count:05d}.array_record"
+
     @property
     def samples(self) -> epath.Path:
         return self.root / "samples"

@@ -29,6 +29,7 @@ def get_config(arg: str = "12"):
     config.worker = ml_collections.ConfigDict(dict(
         step_delay=0.0,  # Seconds slept before every step, so a test can signal mid-run.
         nan_index=-1,  # >= 0: this train record's target is inf (poisons the steps that read it).
+        as_stage=False,  # True: end like a stage does (a preempted run raises, the CLI exits 143).
     ))
     return config
 
@@ -50,6 +51,9 @@ def _run_toy(config, workdir: str, mode: str) -> dict:
     nan_index = int(config.worker.nan_index)
     summary = train.train(config, workdir, ToyTask(nan_index if nan_index >= 0 else None).build(config))
     print(f"WORKER_DONE step={summary['step']} preempted={summary['preempted']}", flush=True)
+    if config.worker.as_stage:
+        from mmjax.stages.common import finished
+        finished(summary, "toy training")
     return summary
 
 

@@ -12,7 +12,7 @@ import logging
 import jax
 import numpy as np
 
-from mmjax import api, train
+from mmjax import api, multihost, train
 from mmjax.data import image_tokens, pipeline
 from mmjax.evals import recon, shapes_checker, text_metrics
 from mmjax.stages.common import finished, text_tokenizer
@@ -79,6 +79,8 @@ class PeriodicSamples:
 
 def run(config, workdir, **train_kwargs) -> dict:
     observe = PeriodicSamples(config, workdir) if int(config.train.eval_every) > 0 else None
-    summary = finished(train.train(config, workdir, build_task(config, workdir), observe=observe,
-                                   **train_kwargs), "model training")
+    # Every process checks its inputs, and all stop together when one cannot see them.
+    task = multihost.together("model stage inputs", lambda: build_task(config, workdir))
+    summary = finished(train.train(config, workdir, task, observe=observe, **train_kwargs),
+                       "model training")
     return {"step": summary["step"], **summary.get("validation", {})}

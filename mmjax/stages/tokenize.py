@@ -3,6 +3,10 @@
 Why precompute: the model stage then reads a few bytes per image instead of running the conv
 encoder every step, and the tokens are exactly reproducible. The file layout and the reader are in
 mmjax.data.image_tokens; existing token files are never overwritten (a mismatch is an error).
+
+On N processes each encodes a contiguous share of the records into its own file
+(`Workdir.image_token_shard`); after a barrier process 0 writes the sidecar that lists the files in
+order, so reading them in order gives exactly the single-process record sequence.
 """
 from __future__ import annotations
 
@@ -13,9 +17,9 @@ import jax
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from mmjax import checkpointing, io
+from mmjax import checkpointing, io, multihost
 from mmjax.data import pipeline
-from mmjax.data.image_tokens import SPLITS
+from mmjax.data.image_tokens import CONTENT_KEYS, SPLITS
 from mmjax.errors import InputError
 from mmjax.stages import tokenizer as tokenizer_stage
 from mmjax.tokenizers import autoencoder as ae
@@ -31,46 +35,85 @@ def _expected_meta(config, num_records: int, grid: tuple[int, int], step: int) -
     return meta
 
 
+def _existing(workdir, split: str, meta: dict) -> bool:
+    """True when `split`'s tokens are complete and match `meta` (agreed by every process)."""
+    meta_path = workdir.image_token_files(split)[1]
+    found = meta_path.exists()
+    seen = multihost.all_ok(found)
+    if any(seen) and not all(seen):
+        if not found:
+            raise multihost.not_visible(meta_path, f"the {split} image tokens", "another process")
+        blind = ", ".join(str(i) for i, s in enumerate(seen) if not s)
+        raise multihost.PeerFailedError(f"tokenize: process(es) {blind} cannot see {meta_path} "
+                                        "(their logs say where they looked)")
+    if not found:
+        return False
+    stored = io.read_json(meta_path)
+    if {k: stored.get(k) for k in CONTENT_KEYS} == meta:
+        return True
+    raise InputError(
+        f"{meta_path} holds tokens from another tokenizer or dataset ({stored}); expected "
+        f"{meta}. Refusing to overwrite: delete {workdir.image_tokens} or use a new workdir.")
+
+
+def _write_records(path, rows) -> None:
+    """Writes int32 rows as ArrayRecord records, beside `path` first (never half a file there)."""
+    tmp = os.fspath(path) + ".tmp"
+    writer = ArrayRecordWriter(tmp, "group_size:1")
+    for row in rows:
+        writer.write(np.asarray(row, np.int32).tobytes())
+    writer.close()
+    os.replace(tmp, os.fspath(path))
+
+
 def tokenize_split(config, workdir, split: str, model, params, step: int,
                    batch_size: int = 128) -> dict:
-    """Writes the token file of one split (skips when an identical one exists)."""
+    """Writes the token files of one split (skips when identical ones exist)."""
     ds = pipeline.image_caption_dataset(config.data, split, workdir.data_dir)
     factor = model.downsample
     grid = (config.data.image_size // factor, config.data.image_size // factor)
     meta = _expected_meta(config, len(ds), grid, step)
-    data_path, meta_path = workdir.image_token_files(split)
-    if meta_path.exists():
-        found = io.read_json(meta_path)
-        if found == meta:
-            return meta
-        raise InputError(
-            f"{meta_path} holds tokens from another tokenizer or dataset ({found}); expected "
-            f"{meta}. Refusing to overwrite: delete {workdir.image_tokens} or use a new workdir.")
-    io.make_dirs(workdir.image_tokens)
+    if _existing(workdir, split, meta):
+        return meta
+    pid, nproc = jax.process_index(), jax.process_count()
+    files = [workdir.image_token_shard(split, i, nproc) for i in range(nproc)]
+    start, stop = multihost.shard_range(len(ds), pid, nproc)
     encode = jax.jit(lambda imgs: ae.tokenize(model, params, ae.images_to_float(imgs)))
-    tmp = os.fspath(data_path) + ".tmp"
-    writer = ArrayRecordWriter(tmp, "group_size:1")
-    for start in range(0, len(ds), batch_size):
-        idx = range(start, min(start + batch_size, len(ds)))
-        images = np.stack([ds[i]["image"] for i in idx])
-        for row in np.asarray(encode(images), np.int32):
-            writer.write(row.tobytes())
-    writer.close()
-    os.replace(tmp, data_path)
-    io.write_json_atomic(meta_path, meta)  # the sidecar last: it marks the split complete
-    logging.info("tokenized %s: %d images -> %s tokens each", split, len(ds), grid)
+
+    def rows():
+        for lo in range(start, stop, batch_size):
+            images = np.stack([ds[i]["image"] for i in range(lo, min(lo + batch_size, stop))])
+            yield from np.asarray(encode(images), np.int32)
+
+    def write_share():
+        io.make_dirs(workdir.image_tokens)
+        _write_records(files[pid], rows())
+
+    multihost.together(f"tokenize {split}: encoding each process's share", write_share)
+    sidecar = {**meta, "files": [f.name for f in files]}
+
+    def finish():  # process 0, once every share is written: the sidecar marks the split complete
+        multihost.require_visible(files, f"the {split} image token shards", "another process")
+        io.write_json_atomic(workdir.image_token_files(split)[1], sidecar)
+        return meta
+
+    def visible():
+        multihost.require_visible([workdir.image_token_files(split)[1], *files],
+                                  f"the {split} image tokens")
+        return meta
+
+    multihost.run_once(f"tokenize {split}", finish, visible)
+    logging.info("tokenized %s: %d images -> %s tokens each (%d file(s))", split, len(ds), grid,
+                 len(files))
     return meta
 
 
 def run(config, workdir) -> dict:
-    """Encodes every split with the trained tokenizer (process 0 writes, others wait)."""
-    out = {}
-    if jax.process_index() == 0:
+    """Encodes every split with the trained tokenizer, each process its share of the records."""
+    def load():
         model, params = tokenizer_stage.load_tokenizer(config, workdir)
-        step = checkpointing.latest_step(workdir.tokenizer_checkpoints)
-        for split in SPLITS:
-            out[split] = tokenize_split(config, workdir, split, model, params, step)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("image_tokens_written")
-    return out
+        return model, params, checkpointing.latest_step(workdir.tokenizer_checkpoints)
+
+    model, params, step = multihost.together("tokenize: loading the tokenizer", load)
+    return {split: tokenize_split(config, workdir, split, model, params, step)
+            for split in SPLITS}

@@ -24,7 +24,9 @@ GRID_IMAGES = 16  # originals shown above their reconstructions in the PNG
 def run(config, workdir) -> dict:
     summary = finished(train.train(config, workdir, TokenizerTask(config, workdir.data_dir)),
                        "tokenizer training")
-    metrics = evaluate(config, workdir) if jax.process_index() == 0 else {}
+    # Every process restores (orbax's restore is a collective), only process 0 scores and writes.
+    loaded = load_tokenizer(config, workdir)
+    metrics = evaluate(config, workdir, loaded=loaded) if jax.process_index() == 0 else {}
     return {"step": summary["step"], **metrics}
 
 
@@ -43,9 +45,12 @@ def load_tokenizer(config, workdir):
     return model, {"params": items["params"], "vq": items["model_state"]}
 
 
-def evaluate(config, workdir, split: str = "validation", max_images: int = EVAL_IMAGES) -> dict:
-    """PSNR, codebook usage and perplexity on `split`; writes eval JSON and a recon PNG grid."""
-    model, params = load_tokenizer(config, workdir)
+def evaluate(config, workdir, split: str = "validation", max_images: int = EVAL_IMAGES,
+             loaded=None) -> dict:
+    """PSNR, codebook usage and perplexity on `split`; writes eval JSON and a recon PNG grid.
+
+    `loaded`: (model, params) from `load_tokenizer`, else loaded here."""
+    model, params = loaded or load_tokenizer(config, workdir)
     recon_fn = ae.make_recon_fn(model, params)
     ds = pipeline.image_caption_dataset(config.data, split, workdir.data_dir)
     n = min(len(ds), max_images)
