@@ -9,15 +9,15 @@ is missing fails with one line naming the stage to run.
 """
 from __future__ import annotations
 
+import importlib
+
 import jax
 
 from mmjax import io
 from mmjax.errors import InputError
-from mmjax.stages import data, model, sample, tokenize, tokenizer
 from mmjax.workdir import Workdir
 
-STAGES = {"data": data, "tokenizer": tokenizer, "tokenize": tokenize, "model": model,
-          "sample": sample}
+STAGES = ("data", "tokenizer", "tokenize", "model", "sample")  # modules of this package, in order
 MODEL_STAGES = ("tokenize", "model", "sample")  # need a config with a `model` block
 
 
@@ -36,7 +36,22 @@ def run_mode(config, workdir, mode: str) -> dict:
     """Runs the stages of `mode`; process 0 writes their summaries to results_<mode>.json."""
     wd = workdir if isinstance(workdir, Workdir) else Workdir.from_config(config, workdir)
     io.make_dirs(wd.root)  # a root that cannot be a directory fails here, naming the path
-    results = {name: STAGES[name].run(config, wd) for name in plan(mode, "model" in config)}
+    results = {name: stage(name).run(config, wd) for name in plan(mode, "model" in config)}
     if jax.process_index() == 0:
         io.write_json_atomic(wd.results(mode), results)
     return results
+
+
+def stage(name: str):
+    """The module of stage `name` (imported on first use: stages import each other's helpers,
+    so the package itself imports none of them eagerly and no import runs in a circle)."""
+    if name not in STAGES:
+        raise InputError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def __getattr__(name: str):
+    """`stages.data`, `stages.model`, ... as attributes (see `stage`)."""
+    if name in STAGES:
+        return stage(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
