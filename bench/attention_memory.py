@@ -15,7 +15,6 @@ Writes bench/results/attention_memory.json (with the command and git commit).
 from __future__ import annotations
 
 import statistics
-import subprocess
 import sys
 import time
 
@@ -24,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from bench.common import write_results
+from bench.common import git_commit, write_results
 from mmjax.models import attention
 
 FLAGS = flags.FLAGS
@@ -88,13 +87,6 @@ def measure(impl: str, length: int, timed: bool) -> dict:
         row["step_s_min"] = min(times)
     return row
 
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(_):

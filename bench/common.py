@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import platform
 import time
 
@@ -19,12 +20,21 @@ def load_config(spec: str):
     return module.get_config(arg) if arg else module.get_config()
 
 
+def git_commit() -> str:
+    """The commit the benchmark ran at (recorded in every result JSON), or "unknown"."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=os.path.dirname(RESULTS_DIR)).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def environment() -> dict:
     devices = jax.devices()
     return {"backend": jax.default_backend(), "device_kind": devices[0].device_kind,
             "num_devices": len(devices), "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "jax": jax.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "git_commit": git_commit()}
 
 
 def write_results(name: str, results: dict, out: str | None = None, quiet: bool = False) -> str:

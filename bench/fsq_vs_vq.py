@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import sys
 import time
 
 from absl import app, flags
 
-from bench.common import RESULTS_DIR, load_config, write_results
+from bench.common import git_commit, load_config, write_results
 
 FLAGS = flags.FLAGS
 # The FSQ paper's recommended levels (Table 1) for ~2^8 .. 2^16 codes.
@@ -114,17 +113,6 @@ def run_one(config, workdir: str, eval_images: int) -> dict:
             "final_train_loss": summary["train"].get("loss"),
             "steps_per_sec": sum(steady) / len(steady), "train_s": train_s, "wall_s": wall}
 
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(__file__), check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, cwd=os.path.dirname(__file__),
-                               check=True).stdout.strip()
-        return out + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def plot(rows: list[dict], path: str) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import load_config, write_results  # noqa: E402
+from bench.common import git_commit, load_config, write_results  # noqa: E402
 
 
 def write_source(root: str, n: int) -> None:
@@ -87,10 +86,9 @@ def main():
                             ("imported JPEGs, worker_count 2", {"name": "bench_jpegs", "data_dir": data_dir, "worker_count": 2})):
             training.append({"what": label, **train_speed(os.path.join(tmp, f"w{len(training)}"), data, args.steps)})
             print(training[-1], flush=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     write_results("import_images", {
         "command": "python -m bench.import_images " + " ".join(sys.argv[1:]),
-        "git_commit": commit, "import": imports, "tokenizer_training": training,
+        "git_commit": git_commit(), "import": imports, "tokenizer_training": training,
         "ratio_jpeg_w0_vs_shapes": training[1]["steps_per_sec"] / training[0]["steps_per_sec"],
         "ratio_jpeg_w2_vs_w0": training[2]["steps_per_sec"] / training[1]["steps_per_sec"]})
 

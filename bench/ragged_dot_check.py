@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from bench.common import write_results
+from bench.common import git_commit, write_results
 from mmjax.models import mot
 
 FLAGS = flags.FLAGS
@@ -141,13 +141,6 @@ def lowering_by_platform(spec: str) -> dict:
                          "masked dense dot_general" if "dot_general" in text else "other")
     return out
 
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(_):
