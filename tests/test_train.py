@@ -186,3 +186,16 @@ def test_weight_decay_skips_norm_scales_and_biases():
     updates, _ = tx.update(zero_grads, tx.init(params), params)
     moved = jax.tree.map(lambda u: bool(jnp.any(u != 0)), updates)
     assert moved == mask  # with zero gradients only decayed leaves change
+
+
+def test_profile_window_writes_a_trace_and_logs_throughput(tmp_path):
+    """train.profile_steps=(2, 4) writes a jax.profiler trace (xplane) under <run>/profile, and
+    every logged row carries steps/s and examples/s (the toy task counts no tokens)."""
+    config = toy_config(steps=5, profile_steps=(2, 4))
+    train.train(config, str(tmp_path), ToyTask().build(config), mesh=one_device_mesh())
+    traces = list((tmp_path / "toy" / "profile").rglob("*.xplane.pb"))
+    assert traces, list((tmp_path / "toy").rglob("*"))
+    rows = [r for r in read_jsonl(os.path.join(tmp_path, "toy", "train_metrics.jsonl"))
+            if "loss" in r]
+    assert rows and all(r["steps_per_sec"] > 0 and r["examples_per_sec"] > 0 for r in rows)
+    assert (tmp_path / "toy" / "config.json").exists()
