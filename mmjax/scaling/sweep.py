@@ -25,11 +25,16 @@ from typing import Mapping, Sequence
 
 import jax
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
+from mmjax import checkpointing, config_validation, io, stages, train
 from mmjax import flops as flops_lib
-from mmjax import io
-from mmjax.workdir import Workdir
+from mmjax.data import text
+from mmjax.metrics_writer import read_jsonl
 from mmjax.scaling import grid
+from mmjax.scaling import report as report_lib
+from mmjax.workdir import Workdir
 
 SHARED = "shared"
 RUNS = "runs"
@@ -75,8 +80,6 @@ def prepare_shared(base, sweep_dir: str) -> dict:
     Idempotent: a `shared.json` marker (written last) makes later calls return at once. A base
     config with fsq.checkpoint_dir set reuses that tokenizer instead of training one.
     """
-    from mmjax import config_validation, stages
-    from mmjax.data import text
     workdir = Workdir.from_config(base, os.path.join(sweep_dir, SHARED))
     marker = os.path.join(str(workdir), "shared.json")
     if os.path.exists(marker):
@@ -104,8 +107,7 @@ def measure_image_fraction(config, workdir: str, rows: int = 64) -> float:
 
     This is the `image_fraction` of mmjax.flops (where the image head runs).
     """
-    from mmjax.stages import model as model_stage
-    ds = model_stage.build_task(config, Workdir.from_config(config, workdir)).dataset(
+    ds = stages.model.build_task(config, Workdir.from_config(config, workdir)).dataset(
         "train", train=True)
     n = min(int(rows), len(ds))
     return float(np.mean([np.mean(ds[i]["image_mask"]) for i in range(n)]))
@@ -113,7 +115,6 @@ def measure_image_fraction(config, workdir: str, rows: int = 64) -> float:
 
 def point_setup(sweep_cfg, sweep_dir: str, point: grid.Point, base, info: Mapping) -> dict:
     """The point's config plus the analytic numbers of its result (params, FLOPs, tokens)."""
-    from mmjax import config_validation
     workdir = run_dir(sweep_dir, point.name)
     shared = shared_overrides(base, sweep_dir)
     config = grid.point_config(base, point, shared, sweep_cfg)
@@ -178,7 +179,6 @@ def _record_attempt(path: str, attempt: dict) -> None:
 
 
 def _latest_step(directory: str) -> int:
-    from mmjax import checkpointing
     try:
         return checkpointing.latest_step(directory) if os.path.isdir(directory) else 0
     except FileNotFoundError:
@@ -212,9 +212,6 @@ def run_point(sweep_cfg, sweep_dir: str, point: grid.Point, *, base=None, info=N
     An interrupted invocation (`stop_at_step` or SIGTERM) returns {"name", "status":
     "interrupted", "step"} and writes no result; the next call resumes from the checkpoint.
     """
-    from mmjax import train
-    from mmjax.metrics_writer import read_jsonl
-    from mmjax.stages import model as model_stage
     workdir = run_dir(sweep_dir, point.name)
     result_path = os.path.join(workdir, RESULT)
     if os.path.exists(result_path):
@@ -230,7 +227,7 @@ def run_point(sweep_cfg, sweep_dir: str, point: grid.Point, *, base=None, info=N
                  f", resuming at step {start}" if start else "")
     t0 = time.perf_counter()
     wd = Workdir.from_config(setup["config"], workdir)
-    summary = train.train(setup["config"], wd, model_stage.build_task(setup["config"], wd),
+    summary = train.train(setup["config"], wd, stages.model.build_task(setup["config"], wd),
                           mesh=mesh, stop_at_step=stop_at_step)
     attempt = {"start_step": start, "end_step": int(summary["step"]),
                "wall_s": time.perf_counter() - t0}
@@ -253,7 +250,6 @@ def run_point(sweep_cfg, sweep_dir: str, point: grid.Point, *, base=None, info=N
 def run_sweep(sweep_cfg, sweep_dir: str, *, indices: Sequence[int] | None = None, mesh=None,
               report: bool = True) -> list[dict]:
     """Runs the points `indices` (default: all) in order, then (optionally) the report."""
-    from mmjax.scaling import report as report_lib
     if sweep_cfg.compilation_cache:
         enable_compilation_cache(os.path.join(sweep_dir, "jax_cache"))
     all_points = grid.points(sweep_cfg)
@@ -297,8 +293,6 @@ class _MmjaxLogsOnly(logging.Filter):
 
 
 def _main(argv) -> None:
-    from absl import app, flags
-    from mmjax.scaling import report as report_lib
     flag = flags.FLAGS
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -326,8 +320,6 @@ def _main(argv) -> None:
 
 def entry() -> None:
     """Defines the flags only when run as a program (mmjax.main owns --config in-process)."""
-    from absl import app, flags
-    from ml_collections import config_flags
     config_flags.DEFINE_config_file("config", None, "Sweep config, e.g. "
                                     "configs/sweep_scaling.py:tiny.", lock_config=True)
     flags.DEFINE_string("sweep_dir", None, "Directory of the sweep (shared build, runs, report).")
