@@ -15,7 +15,7 @@ from mmjax.models.model import MultimodalLM
 from mmjax.tokenizers.fsq import FSQ
 from test_mot import LEVELS, build, key, tiny_cfg
 
-SPECIAL = SpecialIds(bos=2, eos=3, boi=4, eoi=5)
+SPECIAL = SpecialIds(bos=2, eos=3, boi=4, eoi=5, uncond=6)
 N = 6  # image tokens per image
 L = 24  # full-forward length
 FSQ_ = FSQ(LEVELS)
