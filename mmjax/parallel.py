@@ -40,6 +40,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("kv", None),
     ("modality", None),
     ("code", None),
+    ("image_grid", None),  # rows / columns of the learned 2-D image position tables (small)
     ("conv_h", None),
     ("conv_w", None),
     ("conv_in", None),
