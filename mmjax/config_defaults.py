@@ -91,7 +91,7 @@ def objective_config() -> ml_collections.ConfigDict:
     c.flow_t_dist = "uniform"  # Flow loss time sampling: "uniform" U(0,1) | "logit_normal" (SD3).
     c.flow_logit_std = 1.0  # logit_normal: std of logit(t) (mean 0); larger puts more mass near 0 and 1.
     c.t2i_prob = 0.7  # Probability an example is text->image (else image->caption).
-    c.caption_dropout = 0.1  # Text->image examples whose caption is dropped (for CFG).
+    c.caption_dropout = 0.1  # Text->image examples whose caption is replaced by <uncond> (for CFG).
     c.direction_redraws = 8  # Copies of each example per pass, each with a fresh direction draw.
     return c
 
