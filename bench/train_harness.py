@@ -21,7 +21,7 @@ from mmjax.models import mot
 from mmjax.tasks.multimodal import MultimodalTask
 from mmjax.tokenizers.fsq import FSQ
 
-SPECIAL = packing.SpecialIds(bos=1, eos=2, boi=3, eoi=4)
+SPECIAL = packing.SpecialIds(bos=1, eos=2, boi=3, eoi=4, uncond=5)
 
 
 def image_tokens_per_image(config) -> int:

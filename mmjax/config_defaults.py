@@ -87,7 +87,10 @@ def model_config() -> ml_collections.ConfigDict:
     c.flow_depth = 3  # Flow head: AdaLN residual MLP blocks.
     c.flow_width = 256  # Flow head: hidden width.
     c.flow_t_samples = 4  # Flow head: t (and noise) samples per position per step, as MAR does.
-    c.noise_aug = 0.0  # CAM: max std of Gaussian noise on continuous input image tokens (train only).
+    c.noise_aug = 0.0  # CAM (train only): each text->image DOCUMENT draws std ~ U(0, noise_aug) and its
+    # generated-image inputs get that Gaussian noise (context images of image->text stay clean). 0 = off.
+    c.image_positions = "none"  # 2-D position of image tokens on top of 1-D RoPE: "none" | "learned_2d"
+    # (row and column embedding tables added to the image input embedding, LlamaGen/MAR style).
     c.dtype = "float32"  # Compute dtype ("bfloat16" on accelerators); params stay float32.
     c.remat = "none"  # Activation checkpointing per block: "none" | "full" | "dots".
     return c
@@ -101,7 +104,7 @@ def objective_config() -> ml_collections.ConfigDict:
     c.flow_t_dist = "uniform"  # Flow loss time sampling: "uniform" U(0,1) | "logit_normal" (SD3).
     c.flow_logit_std = 1.0  # logit_normal: std of logit(t) (mean 0); larger puts more mass near 0 and 1.
     c.t2i_prob = 0.7  # Probability an example is text->image (else image->caption).
-    c.caption_dropout = 0.1  # Text->image examples whose caption is dropped (for CFG).
+    c.caption_dropout = 0.1  # Text->image examples whose caption is replaced by <uncond> (for CFG).
     c.direction_redraws = 8  # Copies of each example per pass, each with a fresh direction draw.
     return c
 
@@ -154,6 +157,8 @@ def sample_config() -> ml_collections.ConfigDict:
     c.image_temperature = 1.0  # Discrete image head: FSQ-index sampling temperature (0 -> argmax).
     c.image_top_k = 0  # Discrete image head: keep the k most likely FSQ indices (0 disables).
     c.flow_temperature = 1.0  # Flow head: std of the ODE's starting noise (MAR's tau; < 1 = sharper).
+    c.noise_aug = 0.0  # CAM at inference: std of Gaussian noise on the sampled image tokens fed back to
+    # the model (the returned image stays clean); 0 = off. Pair with a model trained with model.noise_aug.
     c.num_samples = 16  # Images in the written text->image grid.
     c.num_eval = 512  # Test records scored (rule checker, captioning): 512 gives +-4 points at 50%.
     c.batch_size = 64  # Prompts per jitted sampling call (the last batch is padded: one compile).

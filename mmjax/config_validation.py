@@ -158,7 +158,7 @@ def _validate_model(config) -> None:
              lambda v: _get(config, "model.d_model") % v == 0
              and (_get(config, "model.d_model") // v) % 2 == 0,
              "must divide model.d_model into an even head dimension (RoPE rotates pairs)")
-    for field in ("mot_impl", "attention_impl", "image_head", "dtype", "remat"):
+    for field in ("mot_impl", "attention_impl", "image_head", "dtype", "remat", "image_positions"):
         _one_of(config, f"model.{field}")
     _nonneg(config, ["model.noise_aug"])
 
@@ -173,7 +173,7 @@ def _validate_objective(config) -> None:
 def _validate_sample(config) -> None:
     _nonneg(config, ["sample.temperature", "sample.top_k", "sample.cfg_scale",
                      "sample.image_temperature", "sample.image_top_k",
-                     "sample.flow_temperature"])
+                     "sample.flow_temperature", "sample.noise_aug"])
     _require(config, "sample.top_p", lambda v: 0 < v <= 1, "must be in (0, 1]")
     _pos(config, ["sample.ode_steps", "sample.num_samples", "sample.max_text_len"])
     _one_of(config, "sample.ode_solver")
@@ -188,25 +188,34 @@ def _fields(cls, block: str, cfg, skip: Sequence[str] = ()) -> dict[str, Any]:
     return {n: cfg[n] for n in names}
 
 
-def model_block(model_cfg: Mapping, vocab_size: int, fsq_levels: Sequence[int]) -> ModelConfig:
-    """The checked, frozen ModelConfig of a `model` block, a text vocabulary and FSQ levels."""
+def model_block(model_cfg: Mapping, vocab_size: int, fsq_levels: Sequence[int],
+                image_side: int = 0) -> ModelConfig:
+    """The checked, frozen ModelConfig of a `model` block, a text vocabulary and FSQ levels
+    (and the image grid's side in tokens, which model.image_positions="learned_2d" needs)."""
     if isinstance(vocab_size, bool) or int(vocab_size) != vocab_size or vocab_size <= 0:
         raise ConfigError(f"vocab_size={vocab_size!r}: must be a positive integer")
     levels_error = _fsq_levels_error(fsq_levels)
     if levels_error:
         raise ConfigError(f"fsq_levels={tuple(fsq_levels)!r}: {levels_error}")
     _validate_model({"model": model_cfg})
-    kw = _fields(ModelConfig, "model", model_cfg, skip=("head", "vocab_size", "fsq_levels"))
+    if model_cfg.get("image_positions") == "learned_2d" and int(image_side) <= 0:
+        raise ConfigError("model.image_positions='learned_2d' needs the image grid's side "
+                          f"(image_side={image_side!r}): build it with config_validation.model_config")
+    kw = _fields(ModelConfig, "model", model_cfg,
+                 skip=("head", "vocab_size", "fsq_levels", "image_side"))
     kinds = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
     cast = {"int": int, "float": float, "bool": bool, "str": str}
     kw = {k: cast[kinds[k]](v) for k, v in kw.items()}
     return ModelConfig(**kw, head=image_heads.get(model_cfg["image_head"]),
-                       vocab_size=int(vocab_size), fsq_levels=fsq.FSQ(fsq_levels).levels)
+                       vocab_size=int(vocab_size), fsq_levels=fsq.FSQ(fsq_levels).levels,
+                       image_side=int(image_side))
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
-    """The ModelConfig of a full config (its `model` block and `fsq.levels`)."""
-    return model_block(config.model, vocab_size, config.fsq.levels)
+    """The ModelConfig of a full config (its `model` block, `fsq.levels` and the image grid's
+    side: data.image_size over the tokenizer's 2**(len(fsq.channels) - 1) downsampling)."""
+    side = int(config.data.image_size) // 2 ** (len(config.fsq.channels) - 1)
+    return model_block(config.model, vocab_size, config.fsq.levels, side)
 
 
 def objective_config(objective_cfg: Mapping) -> ObjectiveConfig:

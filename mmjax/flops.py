@@ -95,7 +95,7 @@ def param_counts(cfg) -> dict[str, int]:
     """Parameter counts of MultimodalLM(cfg) for a ModelConfig `cfg`.
 
     Keys: total; active_per_token (what one token's forward touches = the dense model's total);
-    embedding (input tables: text embedding + image input projection); non_embedding (total -
+    embedding (input tables: text embedding + image input projection [+ 2-D image position tables]); non_embedding (total -
     embedding); per_modality (one modality's backbone: its blocks' weights and final norm);
     backbone (all modalities); lm_head (0 when tied to the embedding); image_head.
     """
@@ -103,6 +103,8 @@ def param_counts(cfg) -> dict[str, int]:
     d, m = c.d_model, c.num_modalities
     per_modality = c.num_layers * _block(d, c.mlp_dim)[0] + d  # + final RMSNorm scale
     embedding = c.vocab_size * d + c.code_dim * d  # text table + image input projection
+    if c.image_positions == "learned_2d":
+        embedding += 2 * c.image_side * d  # row and column tables (lookups: no FLOPs counted)
     lm_head = 0 if c.tie_embeddings else d * c.vocab_size
     image_head = c.head.param_count(c)
     total = embedding + m * per_modality + lm_head + image_head

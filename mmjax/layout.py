@@ -5,10 +5,19 @@ data package, and the two can never disagree on an id or a template.
 
 Document templates (position i predicts token i+1):
     text -> image:    <bos> caption <boi> img_1 .. img_n <eoi> <eos>
-    caption dropped:  <bos> <boi> img_1 .. img_n <eoi> <eos>          (the CFG unconditional)
+    caption dropped:  <bos> <uncond> <boi> img_1 .. img_n <eoi> <eos> (the CFG unconditional)
     image -> text:    <bos> <boi> img_1 .. img_n <eoi> caption <eos>  (the image is context)
 `*_parts` give a template as (token run, modality) pairs for a caption and image-token sequence;
 the packer concatenates them, the sampler builds its prompts from the same prefixes.
+
+Why `<uncond>`: with an empty caption the dropped text->image document would be token-identical
+to an image->text document up to `<eoi>` (`<bos> <boi> img ...`), so the model could not tell
+"generate an image" from "read this context image". The dropped caption is therefore the single
+token `<uncond>` (`uncond_caption`), in training rows and in the CFG sampler's unconditional half.
+
+`image_pos` (the batch key of docs/INTERFACES.md): the index of an image token inside its image
+(0 .. n-1, row = idx // side, col = idx % side), -1 at text and padding; `image_positions` gives
+it for a template's runs.
 """
 from __future__ import annotations
 
@@ -28,11 +37,18 @@ class SpecialIds(NamedTuple):
     eos: int
     boi: int
     eoi: int
+    uncond: int  # the caption of a caption-dropped text->image document (CFG unconditional)
 
 
 def special_ids(tokenizer) -> SpecialIds:
-    """SpecialIds of anything with bos_id / eos_id / boi_id / eoi_id (e.g. TextTokenizer)."""
-    return SpecialIds(tokenizer.bos_id, tokenizer.eos_id, tokenizer.boi_id, tokenizer.eoi_id)
+    """SpecialIds of anything with bos_id / eos_id / boi_id / eoi_id / uncond_id (TextTokenizer)."""
+    return SpecialIds(tokenizer.bos_id, tokenizer.eos_id, tokenizer.boi_id, tokenizer.eoi_id,
+                      tokenizer.uncond_id)
+
+
+def uncond_caption(s: SpecialIds) -> list[int]:
+    """The caption of a caption-dropped (unconditional) text->image document: `[<uncond>]`."""
+    return [s.uncond]
 
 
 def document_length(caption_len: int, num_image_tokens: int) -> int:
@@ -50,3 +66,12 @@ def i2t_parts(caption: Sequence[int], image: Sequence[int], s: SpecialIds) -> li
     """`<bos> <boi> img <eoi> caption <eos>` as (tokens, modality) runs."""
     return [([s.bos, s.boi], TEXT), (image, IMAGE), ([s.eoi], TEXT), (caption, TEXT),
             ([s.eos], TEXT)]
+
+
+def image_positions(parts: list) -> list[int]:
+    """Per token of a template's runs: its index inside its image run, -1 outside images."""
+    out: list[int] = []
+    for tokens, modality in parts:
+        n = len(tokens)
+        out.extend(range(n) if modality == IMAGE else [-1] * n)
+    return out

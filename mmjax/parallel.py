@@ -41,6 +41,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("modality", None),
     ("code", None),
     ("codebook", None),  # VQ tokenizer codebook rows (small; replicated)
+    ("image_grid", None),  # rows / columns of the learned 2-D image position tables (small)
     ("conv_h", None),
     ("conv_w", None),
     ("conv_in", None),

@@ -13,11 +13,15 @@ Design choices, and why:
   step (the cache is written in lockstep) while each row computes exactly what it would alone.
 - Classifier-free guidance runs the conditional and the unconditional stream as the two halves of
   one batch with their own cache rows: rows [0, B) hold `<bos> caption <boi>`, rows [B, 2B) the
-  caption-dropped `<bos> <boi>` the model saw with objective.caption_dropout. Both get the same
+  caption-dropped `<bos> <uncond> <boi>` the model saw with objective.caption_dropout (the same
+  layout.uncond_caption the packer writes). Both get the same
   sampled (snapped) image token fed back. The guided velocity is v_u + s (v_c - v_u) (for the
   discrete head the same mix of logits). cfg_scale == 1 statically drops the second half.
 - Randomness is per row: row i's key is fold_in(rng, i), and every draw folds in the step, so a
   row's sample does not depend on which other rows share its batch (tests check this).
+- Every chunk carries `image_pos` (index inside the image, -1 at text) as the packer writes it,
+  for model.image_positions; sample.noise_aug > 0 adds CAM's low-level Gaussian noise to the image
+  tokens fed back to the model (the returned tokens stay clean and on the grid).
 - Image tokens: the ODE dx/dt = v(x, t | h) runs from x0 ~ N(0, I) at t=0 to t=1 (rectified flow,
   v = x1 - x0 as trained in objectives.py), then the result is SNAPPED to the FSQ grid, so every
   image token fed back (and decoded to pixels) is a code the tokenizer can produce.
@@ -46,6 +50,8 @@ from mmjax.models.model import MultimodalLM, init_cache
 from mmjax.tokenizers.fsq import FSQ
 
 SOLVERS = CHOICES["sample.ode_solver"]
+# fold_in data of the inference noise (sample.noise_aug) draws: apart from the heads' streams.
+NOISE_STREAM = 0x6E6F6973
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +72,7 @@ class SampleSettings:
     image_temperature: float = 1.0
     image_top_k: int = 0
     flow_temperature: float = 1.0
+    noise_aug: float = 0.0
 
     @property
     def guided(self) -> bool:  # cfg_scale 1 is plain conditional sampling: no uncond half
@@ -164,16 +171,17 @@ class Decoder:
         return self.model.cfg.head.sample_token(self, hidden, keys)
 
 
-def _chunk(tokens, codes, modality, positions, segment, block) -> dict:
+def _chunk(tokens, codes, modality, positions, segment, block, image_pos) -> dict:
     return {"tokens": tokens, "codes": codes, "modality": modality, "positions": positions,
-            "segment_ids": segment, "image_block": block}
+            "segment_ids": segment, "image_block": block, "image_pos": image_pos}
 
 
-def _step_chunk(tokens, codes, modality: int, pos, segment: int) -> dict:
-    """One causal position per row (no context block): tokens [R], codes [R, d], pos [R]."""
+def _step_chunk(tokens, codes, modality: int, pos, segment: int, image_pos=-1) -> dict:
+    """One causal position per row (no context block): tokens [R], codes [R, d], pos [R];
+    image_pos: the token's index inside its image (-1 for text)."""
     ones = jnp.ones((tokens.shape[0], 1), jnp.int32)
     return _chunk(tokens[:, None], codes[:, None], ones * modality, pos[:, None], ones * segment,
-                  ones * 0)
+                  ones * 0, ones * image_pos)
 
 
 # ---- per-token samplers (hidden of the position before the new token -> new token) -----------
@@ -227,6 +235,14 @@ def left_pad(ids: jax.Array, lengths: jax.Array, width: int) -> tuple[jax.Array,
     return jnp.where(valid, out, 0).astype(jnp.int32), valid
 
 
+def uncond_prompt(caption_ids, special: SpecialIds):
+    """The CFG-unconditional captions for a batch of caption ids [B, T] (T >= 1): every row is
+    layout.uncond_caption (`<uncond>`) -> (ids [B, T], lengths [B])."""
+    uncond = jnp.asarray(layout.uncond_caption(special), jnp.int32)
+    ids = jnp.zeros_like(caption_ids, jnp.int32).at[:, :len(uncond)].set(uncond)
+    return ids, jnp.full(caption_ids.shape[:1], len(uncond), jnp.int32)
+
+
 def _t2i_prompt(caption_ids, lengths, special: SpecialIds):
     """`<bos> caption <boi>` (layout.t2i_parts' prefix) left-padded to caption width + 2 ->
     (tokens, valid, next position)."""
@@ -245,7 +261,7 @@ def _text_chunk(tokens, valid, segment: int, d: int) -> dict:
     seg = jnp.where(valid, segment, 0).astype(jnp.int32)
     zeros = jnp.zeros_like(tokens)
     return _chunk(tokens, jnp.zeros(tokens.shape + (d,), jnp.float32), zeros + TEXT,
-                  positions.astype(jnp.int32), seg, zeros)
+                  positions.astype(jnp.int32), seg, zeros, zeros - 1)
 
 
 def _image_loop(dec: Decoder, state: dict, segment, keys, num_tokens: int, collect: bool):
@@ -257,12 +273,17 @@ def _image_loop(dec: Decoder, state: dict, segment, keys, num_tokens: int, colle
     """
     batch = keys.shape[0]
     groups = state["hidden"].shape[0] // batch
+    noise_aug = dec.settings.noise_aug
 
     def body(s, k):
         index, codes = dec.sample_token(s["hidden"], _fold(keys, k))
-        index_r, codes_r = jnp.tile(index, groups), jnp.tile(codes, (groups, 1))
+        fed = codes
+        if noise_aug > 0:  # CAM at inference: the model reads a slightly noisy token
+            fed = codes + noise_aug * jax.vmap(lambda r: jax.random.normal(r, codes.shape[1:]))(
+                _fold(_fold(keys, k), NOISE_STREAM))
+        index_r, codes_r = jnp.tile(index, groups), jnp.tile(fed, (groups, 1))
         new_h, cache = dec.decode(s["cache"], _step_chunk(index_r, codes_r, IMAGE, s["pos"],
-                                                          segment))
+                                                          segment, k))
         out = (index, codes, s["hidden"][:batch] if collect else None)
         return {"cache": cache, "hidden": new_h[:, 0], "pos": s["pos"] + 1}, out
 
@@ -316,12 +337,12 @@ def text_lengths(tokens: jax.Array, eos: int) -> jax.Array:
 
 def _t2i_doc(dec: Decoder, cache, caption_ids, lengths, segment, keys, num_tokens: int,
              collect: bool):
-    """Prefills `<bos> caption <boi>` (+ the uncond `<bos> <boi>` half with CFG), samples the
-    image -> (cache, the image loop's outputs)."""
+    """Prefills `<bos> caption <boi>` (+ the uncond `<bos> <uncond> <boi>` half with CFG; the
+    caption width must be >= 1), samples the image -> (cache, the image loop's outputs)."""
     tokens, valid, pos = _t2i_prompt(caption_ids, lengths, dec.special)
     if dec.settings.guided:
-        u_tokens, u_valid, u_pos = _t2i_prompt(jnp.zeros_like(caption_ids),
-                                               jnp.zeros_like(lengths), dec.special)
+        u_tokens, u_valid, u_pos = _t2i_prompt(*uncond_prompt(caption_ids, dec.special),
+                                               dec.special)
         tokens, valid = jnp.concatenate([tokens, u_tokens]), jnp.concatenate([valid, u_valid])
         pos = jnp.concatenate([pos, u_pos])
     hidden, cache = dec.decode(cache, _text_chunk(tokens, valid, segment, dec.fsq.dim))
@@ -346,10 +367,19 @@ def _i2t_doc(dec: Decoder, cache, codes, segment, keys, collect: bool):
     hidden, cache = dec.decode(cache, _chunk(
         tokens, chunk_codes, jnp.where(is_img, IMAGE, TEXT), positions,
         jnp.full(tokens.shape, segment, jnp.int32),
-        jnp.where(is_img, segment, 0).astype(jnp.int32)))
+        jnp.where(is_img, segment, 0).astype(jnp.int32),
+        jnp.where(is_img, positions - 2, -1).astype(jnp.int32)))
     state = {"cache": cache, "hidden": hidden[:, -1], "pos": positions[:, -1] + 1}
     state, out = _text_loop(dec, state, segment, keys, collect)
     return state["cache"], out
+
+
+def _at_least_one_column(caption_ids):
+    """Caption ids [B, T] with T >= 1 (a padding column when T == 0): the unconditional half
+    of CFG needs room for its `<uncond>` caption, and lengths are unchanged."""
+    if caption_ids.shape[1] >= 1:
+        return caption_ids
+    return jnp.zeros((caption_ids.shape[0], 1), jnp.int32)
 
 
 # ---- public entry points (pure; jit them with `Sampler`) --------------------------------------
@@ -359,6 +389,7 @@ def text_to_image(params, model, caption_ids, caption_lengths, rng, *, settings:
     {"indices": int32 [B, n], "codes": float32 [B, n, d] on the FSQ grid
      (+ "hidden": [B, n, D], the state that predicted each token, when `collect`)}."""
     dec = Decoder(model, params, settings, special)
+    caption_ids = _at_least_one_column(caption_ids)
     b, width = caption_ids.shape
     cache = init_cache(model.cfg, (1 + settings.guided) * b,
                        width + layout.T2I_PROMPT_SPECIALS + num_image_tokens)
@@ -396,7 +427,7 @@ def interleaved(params, model, caption_ids, caption_lengths, rng, *, settings: S
     b, width = caption_ids.shape
     n, t = num_image_tokens, settings.max_text_len
     groups = 1 + settings.guided
-    width = max(width, t)  # every round's prompt has the same static width
+    width = max(width, t, 1)  # every round's prompt has the same static width
     ids = jnp.pad(caption_ids.astype(jnp.int32), ((0, 0), (0, width - caption_ids.shape[1])))
     per_round = (width + layout.T2I_PROMPT_SPECIALS + n) + (n + layout.I2T_PROMPT_SPECIALS + t)
     cache = init_cache(model.cfg, groups * b, rounds * per_round)

@@ -3,6 +3,8 @@ bidirectional context image, then one position at a time), packed documents are 
 every parameter is logically partitioned, remat does not change gradients, the config variants
 (tied LM head, discrete/factorised head, bf16) behave, CAM noise only touches image inputs, and
 bad input fails loudly."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,14 +42,14 @@ def setup():
     return dict(cfg=cfg, batch=batch, model=model, params=params, forward=forward, heads=heads)
 
 
-def _decode_all(s, chunks):
+def _decode_all(s, chunks, keys=INPUT_KEYS):
     """Decodes `chunks` [(start, end), ...] in order; returns the hidden states [B, L, D]."""
     decode = jax.jit(lambda p, c, cache: s["model"].apply(
         {"params": p}, c, cache, method=MultimodalLM.decode))
     cache = init_cache(s["cfg"], 2)
     out = []
     for start, end in chunks:
-        chunk = {k: s["batch"][k][:, start:end] for k in INPUT_KEYS}
+        chunk = {k: s["batch"][k][:, start:end] for k in keys}
         hidden, cache = decode(s["params"], chunk, cache)
         out.append(hidden)
     assert int(cache["index"]) == L
@@ -194,3 +196,87 @@ def test_sharded_over_data_fsdp_tensor_matches_unsharded():
     assert got[0].sharding.spec[0] == ("data", "fsdp")
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
+
+
+def with_image_pos(batch):
+    """The packer's `image_pos`: each image token's index inside its (contiguous) image run."""
+    mod = np.asarray(batch["modality"])
+    pos = np.full(mod.shape, -1, np.int32)
+    for r in range(mod.shape[0]):
+        for i in range(mod.shape[1]):
+            if mod[r, i] == 1:
+                pos[r, i] = pos[r, i - 1] + 1 if i and mod[r, i - 1] == 1 else 0
+    return dict(batch, image_pos=pos)
+
+
+@pytest.fixture(scope="module")
+def grid(setup):
+    """The setup's batch under model.image_positions="learned_2d" (3-wide grid)."""
+    cfg = dataclasses.replace(setup["cfg"], image_positions="learned_2d", image_side=3)
+    batch = with_image_pos(setup["batch"])
+    model, params = build(cfg, batch)
+    return dict(setup, cfg=cfg, batch=batch, model=model, params=params,
+                forward=jax.jit(lambda p, b: model.apply({"params": p}, b)))
+
+
+def test_learned_2d_cached_decoding_matches_full_forward(grid):
+    s = grid
+    assert {"image_row", "image_col"} <= set(s["params"])
+    full = np.asarray(s["forward"](s["params"], s["batch"]))
+    hidden = _decode_all(s, [(0, PREFILL)] + [(i, i + 1) for i in range(PREFILL, L)],
+                         INPUT_KEYS + ("image_pos",))
+    np.testing.assert_allclose(hidden, full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="image_pos"):  # the scheme needs the key
+        _decode_all(s, [(0, L)])
+    # The grid embedding is used: shifting every image token's index changes the output.
+    pos = s["batch"]["image_pos"]
+    moved = dict(s["batch"], image_pos=np.where(pos >= 0, (pos + 1) % 9, -1).astype(np.int32))
+    assert not np.allclose(np.asarray(s["forward"](s["params"], moved)), full, atol=1e-4)
+
+
+def test_learned_2d_packed_documents_are_independent(grid):
+    s = grid
+    batch = s["batch"]
+    packed = s["forward"](s["params"], batch)
+    alone = {k: np.zeros_like(v) for k, v in batch.items()}
+    alone["image_pos"][:] = -1
+    for k, v in batch.items():
+        alone[k][:, :9] = v[:1, 13:22]  # row 0's second document, moved to the row's start
+    alone["segment_ids"][:, :9] = 1
+    got = s["forward"](s["params"], alone)
+    np.testing.assert_allclose(got[0, :9], packed[0, 13:22], atol=1e-5, rtol=1e-5)
+
+
+def test_cam_noise_on_generated_images_only_one_std_per_document():
+    """Eight text->image documents of 64 image tokens, then a context image (image->text) and
+    padding in one row: noise only on the generated images, with a std per document."""
+    docs, n, d = 8, 64, len(LEVELS)
+    seg = np.concatenate([np.repeat(np.arange(1, docs + 1), n), np.full(n, docs + 1),
+                          np.zeros(16, np.int64)]).astype(np.int32)[None]
+    batch = {"segment_ids": seg, "modality": np.ones_like(seg),
+             "image_block": np.where(seg == docs + 1, docs + 1, 0).astype(np.int32),
+             "codes": np.zeros(seg.shape + (d,), np.float32)}
+    batch["modality"][0, ::n] = 0  # one text token at the start of each document
+    model = MultimodalLM(tiny_cfg(num_modalities=2, max_seq_len=L, noise_aug=1.0))
+    noise = np.asarray(model.apply({}, batch, rngs={"noise": key(3)},
+                                   method=lambda m, b: m._cam_noise(b, b["codes"].shape)))[0]
+    generated = (batch["modality"][0] == 1) & (seg[0] >= 1) & (seg[0] <= docs)
+    assert not noise[~generated].any() and (noise[generated] != 0).all()
+    stds = np.array([noise[(seg[0] == k) & generated].std() for k in range(1, docs + 1)])
+    # One std for the whole row would give 8 estimates within a few % of each other.
+    assert stds.max() / stds.min() > 1.5
+    halves = [noise[(seg[0] == k) & generated] for k in range(1, docs + 1)]
+    for h in halves:  # ... and within a document both halves share one std
+        a, b = h[:len(h) // 2].std(), h[len(h) // 2:].std()
+        assert 0.7 < a / b < 1.4
+
+
+def test_no_image_positions_ignores_image_pos(setup):
+    """model.image_positions="none" (the default) is the model before image_pos existed."""
+    s = setup
+    batch = with_image_pos(s["batch"])
+    pos = batch["image_pos"]
+    moved = dict(batch, image_pos=np.where(pos >= 0, (pos + 1) % 9, -1).astype(np.int32))
+    np.testing.assert_array_equal(s["forward"](s["params"], batch),
+                                  s["forward"](s["params"], moved))
+    assert "image_row" not in s["params"]

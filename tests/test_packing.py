@@ -5,7 +5,7 @@ import pytest
 
 from mmjax.data import packing
 
-SP = packing.SpecialIds(bos=2, eos=3, boi=4, eoi=5)
+SP = packing.SpecialIds(bos=2, eos=3, boi=4, eoi=5, uncond=6)
 D = 3
 TABLE = np.random.default_rng(0).uniform(-1, 1, (64, D)).astype(np.float32)  # stand-in FSQ codebook
 
@@ -18,7 +18,7 @@ def _doc(direction, caption=(10, 11, 12), image=(7, 8), drop=False):
 def test_layouts_exactly_as_specified():
     assert _doc("t2i")["tokens"].tolist() == [2, 10, 11, 12, 4, 7, 8, 5, 3]
     assert _doc("t2i")["modality"].tolist() == [0, 0, 0, 0, 0, 1, 1, 0, 0]
-    assert _doc("t2i", drop=True)["tokens"].tolist() == [2, 4, 7, 8, 5, 3]
+    assert _doc("t2i", drop=True)["tokens"].tolist() == [2, 6, 4, 7, 8, 5, 3]  # <uncond> caption
     assert _doc("i2t")["tokens"].tolist() == [2, 4, 7, 8, 5, 10, 11, 12, 3]
     assert _doc("i2t")["modality"].tolist() == [0, 0, 1, 1, 0, 0, 0, 0, 0]
     for direction in packing.DIRECTIONS:
@@ -30,6 +30,17 @@ def test_layouts_exactly_as_specified():
         assert not doc["codes"][~img].any()
     assert _doc("i2t")["image_block"].tolist() == [0, 0, 1, 1, 0, 0, 0, 0, 0]
     assert not _doc("t2i")["image_block"].any()
+    assert _doc("t2i")["image_pos"].tolist() == [-1] * 5 + [0, 1] + [-1] * 2
+    assert _doc("i2t")["image_pos"].tolist() == [-1] * 2 + [0, 1] + [-1] * 5
+
+
+def test_dropped_caption_document_differs_from_image_to_caption():
+    """The defect this guards: with an empty caption the CFG-unconditional document was
+    `<bos> <boi> img <eoi>`, token for token the prefix of an image->caption document."""
+    dropped, i2t = _doc("t2i", drop=True), _doc("i2t")
+    n = 2 + 2 + 1  # <bos> <boi> img img <eoi>
+    assert dropped["tokens"][:n].tolist() != i2t["tokens"][:n].tolist()
+    assert dropped["tokens"][1] == SP.uncond and SP.uncond not in i2t["tokens"]
 
 
 @pytest.mark.parametrize("direction,drop", [("t2i", False), ("t2i", True), ("i2t", False)])
@@ -58,14 +69,16 @@ def test_pack_documents_segments_positions_padding():
     row = packing.pack_documents(docs, 32, D)
     assert set(row) == set(packing.PACKED_KEYS)
     assert row["codes"].shape == (32, D) and row["code_targets"].shape == (32, D)
-    assert row["segment_ids"].tolist() == [1] * 9 + [2] * 7 + [3] * 6 + [0] * 10
-    assert row["positions"].tolist() == list(range(9)) + list(range(7)) + list(range(6)) + [0] * 10
+    assert row["segment_ids"].tolist() == [1] * 9 + [2] * 7 + [3] * 7 + [0] * 9
+    assert row["positions"].tolist() == list(range(9)) + list(range(7)) + list(range(7)) + [0] * 9
     assert row["image_block"].tolist() == [0] * 9 + [0, 0, 2, 2, 0, 0, 0] + [0] * 16
+    assert row["image_pos"].tolist() == ([-1] * 5 + [0, 1, -1, -1] + [-1, -1, 0, 1, -1, -1, -1]
+                                         + [-1] * 3 + [0, 1, -1, -1] + [-1] * 9)
     # Nothing is predicted across documents or from padding.
-    ends = [8, 15, 21]
+    ends = [8, 15, 22]
     for key in ("text_mask", "image_mask"):
-        assert row[key][ends].sum() == 0 and row[key][22:].sum() == 0
-    assert not row["tokens"][22:].any() and not row["modality"][22:].any() and not row["codes"][22:].any()
+        assert row[key][ends].sum() == 0 and row[key][23:].sum() == 0
+    assert not row["tokens"][23:].any() and not row["modality"][23:].any() and not row["codes"][23:].any()
     assert row["text_mask"].dtype == np.float32 and row["tokens"].dtype == np.int32
     with pytest.raises(ValueError, match="longer than seq_len"):
         packing.pack_documents([_doc("t2i")], 8, D)

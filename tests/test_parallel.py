@@ -25,7 +25,7 @@ from mmjax.models import model as model_lib
 from mmjax.tokenizers.fsq import FSQ
 
 VOCAB, LEVELS, SEQ = 64, (5, 5, 5), 32
-SPECIAL = packing.SpecialIds(bos=1, eos=2, boi=3, eoi=4)
+SPECIAL = packing.SpecialIds(bos=1, eos=2, boi=3, eoi=4, uncond=5)
 IMAGE_TOKENS, MAX_CAPTION = 8, 4  # documents of <= 16 tokens: two per 32-token row
 NUM_ROWS = 64
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)]

@@ -3,6 +3,8 @@ image tokens (hidden, LM logits, flow velocities, the guided ODE end point) and 
 samples lie on the FSQ grid; rows are independent; the interleaved chain's first round equals
 text->image then image->text; discrete-head CFG picks the guided argmax; the ODE integrators and
 the logit filters (temperature, top-k, top-p) are right on hand-made inputs."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +17,7 @@ from mmjax.models.model import MultimodalLM
 from mmjax.tokenizers.fsq import FSQ
 from test_mot import LEVELS, build, key, tiny_cfg
 
-SPECIAL = SpecialIds(bos=2, eos=3, boi=4, eoi=5)
+SPECIAL = SpecialIds(bos=2, eos=3, boi=4, eoi=5, uncond=6)
 N = 6  # image tokens per image
 L = 24  # full-forward length
 FSQ_ = FSQ(LEVELS)
@@ -25,9 +27,12 @@ SETTINGS = sampling.SampleSettings(temperature=1.0, max_text_len=7, ode_steps=3,
                                    cfg_scale=2.5)
 
 
+UNCOND = np.full((3, 1), SPECIAL.uncond, np.int32)  # the CFG-unconditional captions
+
+
 def example_batch(length=8):
     batch = {k: jnp.zeros((1, length), jnp.int32)
-             for k in ("tokens", "modality", "positions", "segment_ids", "image_block")}
+             for k in ("tokens", "modality", "positions", "segment_ids", "image_block", "image_pos")}
     return {**batch, "codes": jnp.zeros((1, length, len(LEVELS)))}
 
 
@@ -42,6 +47,8 @@ def pack(rows):
         out["positions"][r, :n], out["segment_ids"][r, :n] = np.arange(n), 1
     out["codes"] = np.where((out["modality"] == 1)[..., None],
                             FSQ_.indices_to_codes(out["tokens"]), 0.0).astype(np.float32)
+    is_img = out["modality"] == 1  # one image per row: its index is the running count
+    out["image_pos"] = np.where(is_img, np.cumsum(is_img, axis=1) - 1, -1).astype(np.int32)
     return out
 
 
@@ -107,9 +114,9 @@ def test_guided_ode_endpoint_matches_full_forward(flow):
     caption-dropped sequences: CFG mix, per-row keys, Heun steps and snapping all agree."""
     model, params, out = flow["model"], flow["params"], flow["t2i"]
     cond = np.asarray(flow["forward"](params, pack(t2i_rows(CAPTIONS, LENGTHS, out["indices"]))))
-    uncond = np.asarray(flow["forward"](params, pack(t2i_rows(CAPTIONS, [0] * 3, out["indices"]))))
+    uncond = np.asarray(flow["forward"](params, pack(t2i_rows(UNCOND, [1] * 3, out["indices"]))))
     h_c = cond[np.arange(3)[:, None], (LENGTHS + 1)[:, None] + np.arange(N)]
-    h_u = uncond[:, 1:1 + N]
+    h_u = uncond[:, 2:2 + N]  # <bos> <uncond> <boi> img ...: <boi> predicts img_1
     keys = sampling._fold(sampling.row_keys(key(0), 3), 0)
     x0 = jnp.stack([jax.vmap(lambda k: jax.random.normal(k, (len(LEVELS),)))(
         sampling._fold(keys, jnp.int32(i))) for i in range(N)], axis=1)  # as the sampler draws
@@ -206,10 +213,10 @@ def test_discrete_head_greedy_cfg_picks_guided_argmax():
     np.testing.assert_array_equal(FSQ_.indices_to_codes(index), codes)
     forward = jax.jit(lambda p, b: model.apply({"params": p}, b))
     cond = np.asarray(forward(params, pack(t2i_rows(CAPTIONS, LENGTHS, index))))
-    uncond = np.asarray(forward(params, pack(t2i_rows(CAPTIONS, [0] * 3, index))))
+    uncond = np.asarray(forward(params, pack(t2i_rows(UNCOND, [1] * 3, index))))
     h_c = cond[np.arange(3)[:, None], (LENGTHS + 1)[:, None] + np.arange(N)]
     lc, lu = (model.apply({"params": params}, h, method=MultimodalLM.index_logits)
-              for h in (h_c, uncond[:, 1:1 + N]))
+              for h in (h_c, uncond[:, 2:2 + N]))
     guided = tuple(u + 3.0 * (c - u) for c, u in zip(lc, lu))
     np.testing.assert_array_equal(index, np.asarray(heads.index_argmax(guided, LEVELS)))
     assert (index != np.asarray(heads.index_argmax(lc, LEVELS))).any()  # guidance mattered
@@ -289,3 +296,79 @@ def test_settings_from_config_and_validation():
     del cfg.ode_steps
     with pytest.raises(ValueError, match="ode_steps"):
         config_validation.sample_settings(cfg)
+
+
+def test_uncond_prompt_is_the_packers_caption_dropped_prefix():
+    """Training rows and CFG prompts agree: the sampler's unconditional prompt is, token for
+    token, the prefix up to <boi> of the packer's caption-dropped text->image document, and it
+    is not the prefix of an image->caption document."""
+    from mmjax.data import packing
+    image = np.arange(N)
+    codes = FSQ_.indices_to_codes(image)
+    dropped = packing.build_document([7, 8], image, codes, "t2i", SPECIAL, drop_caption=True)
+    i2t = packing.build_document([7, 8], image, codes, "i2t", SPECIAL)
+    ids, lengths = sampling.uncond_prompt(jnp.asarray(CAPTIONS), SPECIAL)
+    tokens, valid, next_pos = sampling._t2i_prompt(ids, lengths, SPECIAL)
+    for r in range(3):
+        prompt = np.asarray(tokens[r])[np.asarray(valid[r])].tolist()
+        assert prompt == dropped["tokens"][:int(next_pos[r])].tolist() == [2, 6, 4]
+        assert prompt != i2t["tokens"][:len(prompt)].tolist()
+
+
+@pytest.fixture(scope="module")
+def grid():
+    """A model with learned 2-D image positions (a 3-wide grid: N = 6 tokens are 2 rows)."""
+    cfg = dataclasses.replace(tiny_cfg(num_modalities=2, num_layers=1),
+                              image_positions="learned_2d", image_side=3)
+    model, params = build(cfg, example_batch())
+    assert {"image_row", "image_col"} <= set(params)
+    return model, params
+
+
+def test_learned_2d_cached_decoding_matches_teacher_forcing(grid):
+    """Sampler chunks carry image_pos exactly as the packer does, for images and captions."""
+    model, params = grid
+    sampler = sampling.Sampler(model, SETTINGS, SPECIAL, N, collect=True)
+    forward = jax.jit(lambda p, b: model.apply({"params": p}, b))
+    out = sampler.text_to_image(params, CAPTIONS, LENGTHS, key(0))
+    full = np.asarray(forward(params, pack(t2i_rows(CAPTIONS, LENGTHS, out["indices"]))))
+    expected = full[np.arange(3)[:, None], (LENGTHS + 1)[:, None] + np.arange(N)]
+    np.testing.assert_allclose(np.asarray(out["hidden"]), expected, atol=1e-4, rtol=1e-4)
+    text = sampler.image_to_text(params, out["codes"], key(1))
+    seen, lengths = np.asarray(text["hidden"]), np.asarray(text["lengths"])
+    full = np.asarray(forward(params, pack(i2t_rows(out["indices"], np.asarray(text["tokens"])))))
+    for r in range(3):
+        upto = min(lengths[r] + 1, SETTINGS.max_text_len)
+        np.testing.assert_allclose(seen[r, :upto], full[r, N + 2:N + 2 + upto], atol=1e-4,
+                                   rtol=1e-4)
+    # The positions matter: the same image with its tokens' indices shifted reads differently.
+    batch = pack(t2i_rows(CAPTIONS, LENGTHS, out["indices"]))
+    shifted = dict(batch, image_pos=np.where(batch["image_pos"] >= 0, (batch["image_pos"] + 3) % 6,
+                                             -1).astype(np.int32))
+    assert not np.allclose(np.asarray(forward(params, shifted)), np.asarray(forward(params, batch)),
+                           atol=1e-4)
+
+
+def test_inference_noise_aug_feeds_back_noisy_codes(flow):
+    """sample.noise_aug: the returned tokens are clean FSQ codes, while every state after the
+    first is the full forward over the codes plus the sampler's (reproduced) noise."""
+    model, params = flow["model"], flow["params"]
+    settings = sampling.SampleSettings(**{**SETTINGS.__dict__, "cfg_scale": 1.0, "noise_aug": 0.3})
+    out = jax.jit(lambda p, c, n, r: sampling.text_to_image(
+        p, model, c, n, r, settings=settings, special=SPECIAL, num_image_tokens=N, collect=True))(
+            params, CAPTIONS, LENGTHS, key(0))
+    codes = np.asarray(out["codes"])
+    np.testing.assert_array_equal(FSQ_.snap(codes), codes)
+    keys = sampling._fold(sampling.row_keys(key(0), 3), 0)
+    noise = np.stack([np.asarray(jax.vmap(lambda k: jax.random.normal(k, (len(LEVELS),)))(
+        sampling._fold(sampling._fold(keys, jnp.int32(i)), sampling.NOISE_STREAM)))
+        for i in range(N)], axis=1)
+    batch = pack(t2i_rows(CAPTIONS, LENGTHS, out["indices"]))
+    rows = np.arange(3)[:, None]
+    img = (LENGTHS + 2)[:, None] + np.arange(N)  # the image tokens' positions
+    batch["codes"][rows, img] += 0.3 * noise
+    full = np.asarray(flow["forward"](params, batch))
+    expected = full[rows, img - 1]
+    np.testing.assert_allclose(np.asarray(out["hidden"]), expected, atol=1e-4, rtol=1e-4)
+    clean = np.asarray(flow["forward"](params, pack(t2i_rows(CAPTIONS, LENGTHS, out["indices"]))))
+    assert not np.allclose(np.asarray(out["hidden"])[:, 1:], clean[rows, img - 1][:, 1:], atol=1e-3)

@@ -29,7 +29,7 @@ def test_training_is_deterministic(captions, model_path, tmp_path):
 
 def test_special_ids_and_soft_vocab_limit(model_path):
     tok = text.TextTokenizer(model_path)
-    assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.boi_id, tok.eoi_id) == (0, 2, 3, 4, 5)
+    assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.boi_id, tok.eoi_id, tok.uncond_id) == (0, 2, 3, 4, 5, 6)
     assert 30 < tok.vocab_size < 256  # small closed vocabulary: the soft limit stopped early
 
 
@@ -41,7 +41,8 @@ def test_roundtrip_and_decode_rules(captions, model_path):
         assert tok.decode(ids) == caption
     assert len(tok.encode(captions[0])) < len(captions[0].split()) + 4  # word-level pieces
     ids = tok.encode("a small red circle")
-    wrapped = [tok.bos_id, tok.boi_id, *ids, tok.eoi_id, tok.pad_id, tok.eos_id, *tok.encode("at the top")]
+    wrapped = [tok.bos_id, tok.uncond_id, tok.boi_id, *ids, tok.eoi_id, tok.pad_id, tok.eos_id,
+               *tok.encode("at the top")]
     assert tok.decode(wrapped) == "a small red circle"
     assert tok.decode(np.array(ids + [tok.vocab_size + 7])) == "a small red circle"  # out-of-vocab skipped
 
@@ -61,7 +62,8 @@ def test_user_model_without_mmjax_specials_gets_appended_ids(captions, tmp_path)
     tok = text.TextTokenizer(str(tmp_path / "user.model"))
     size = spm.SentencePieceProcessor(model_file=str(tmp_path / "user.model")).get_piece_size()
     assert (tok.bos_id, tok.eos_id) == (1, 2)  # SentencePiece defaults
-    assert {tok.pad_id, tok.boi_id, tok.eoi_id} == {size, size + 1, size + 2} and tok.vocab_size == size + 3
+    assert {tok.pad_id, tok.boi_id, tok.eoi_id, tok.uncond_id} == {size, size + 1, size + 2, size + 3}
+    assert tok.vocab_size == size + 4
     assert tok.decode([tok.boi_id, *tok.encode("a large red circle"), tok.eos_id]) == "a large red circle"
 
 

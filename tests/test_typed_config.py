@@ -108,3 +108,16 @@ def test_a_head_is_driven_by_its_registry_entry_alone():
         jax.eval_shape(lambda p: model.apply({"params": p}, np.zeros((1, 32)), np.zeros((1, 4)),
                                              np.zeros((1,)),
                                              method=model_lib.MultimodalLM.flow_velocity), params)
+
+
+def test_image_positions_field_and_image_side():
+    with pytest.raises(config_validation.ConfigError, match="model.image_positions"):
+        config_validation.model_block(_model_cfg(image_positions="rope_3d"), 50, LEVELS)
+    with pytest.raises(config_validation.ConfigError, match="image_side"):
+        config_validation.model_block(_model_cfg(image_positions="learned_2d"), 50, LEVELS)
+    config = config_defaults.base_config()
+    config.model.image_positions = "learned_2d"
+    side = config.data.image_size // 2 ** (len(config.fsq.channels) - 1)
+    assert config_validation.model_config(config, 50).image_side == side
+    with pytest.raises(config_validation.ConfigError, match="sample.noise_aug"):
+        config_validation.sample_settings(dict(config.sample, noise_aug=-0.1))

@@ -4,12 +4,13 @@ Pure numpy, no model imports: image tokens arrive as FSQ indices plus their code
 passes a lookup table or an `index_to_code` callable, so this module never needs the FSQ code).
 
 Document layouts (mmjax/layout.py, shared with the sampler; position i predicts token i+1):
-    text -> image:  <bos> caption <boi> img_1 .. img_n <eoi> <eos>   (caption dropped: <bos> <boi> ...)
+    text -> image:  <bos> caption <boi> img_1 .. img_n <eoi> <eos>   (dropped: <bos> <uncond> <boi> ...)
     image -> text:  <bos> <boi> img_1 .. img_n <eoi> caption <eos>   (the image is context)
 Loss masks: text loss wherever the next token is text (caption, <boi>, <eoi>, <eos>); image loss
 only where the next token is an image token of a text->image document; nothing is predicted across
 documents, and the first token of a document is never a target. Context images (image->text) are
 flagged `image_block`, which packing turns into the document's segment id (unique in the row).
+`image_pos` is each image token's index inside its image (-1 elsewhere), for 2-D positions.
 
 `PackedDataset` packs a grain MapDataset of tokenized examples with random access: row r holds
 examples [r*k, (r+1)*k) where k = seq_len // (longest possible document), and each example's
@@ -30,10 +31,10 @@ from mmjax.layout import IMAGE, SPECIAL_TOKENS, TEXT, SpecialIds, document_lengt
 DIRECTIONS = ("t2i", "i2t")
 # Keys of build_document's output ([n] arrays, `codes`/`code_targets` [n, d]).
 DOC_KEYS = ("tokens", "codes", "modality", "positions", "text_targets", "text_mask", "code_targets",
-            "index_targets", "image_mask", "image_block")
+            "index_targets", "image_mask", "image_block", "image_pos")
 # Keys of a packed row (INTERFACES.md), all [seq_len] but codes/code_targets [seq_len, d].
 PACKED_KEYS = ("tokens", "codes", "modality", "positions", "segment_ids", "image_block", "text_targets",
-               "text_mask", "code_targets", "index_targets", "image_mask")
+               "text_mask", "code_targets", "index_targets", "image_mask", "image_pos")
 
 
 def build_document(caption_ids: Sequence[int], image_indices: np.ndarray, codes: np.ndarray, direction: str,
@@ -48,8 +49,8 @@ def build_document(caption_ids: Sequence[int], image_indices: np.ndarray, codes:
     codes = np.asarray(codes, dtype=np.float32)
     if codes.ndim != 2 or codes.shape[0] != len(indices):
         raise ValueError(f"codes must be [{len(indices)}, d] for {len(indices)} image tokens, got {codes.shape}")
-    if drop_caption:
-        caption = caption[:0]
+    if drop_caption:  # its own marker: never the i2t prefix <bos> <boi> (see layout.py)
+        caption = np.asarray(layout.uncond_caption(special), np.int32)
     template = layout.t2i_parts if direction == "t2i" else layout.i2t_parts
     parts = template(caption, indices, special)
     tokens = np.concatenate([np.asarray(p, np.int32) for p, _ in parts])
@@ -75,6 +76,7 @@ def build_document(caption_ids: Sequence[int], image_indices: np.ndarray, codes:
         "index_targets": np.where(next_image, shifted, 0).astype(np.int32),
         "image_mask": (next_image & (direction == "t2i")).astype(np.float32),
         "image_block": ((modality == IMAGE) & (direction == "i2t")).astype(np.int32),
+        "image_pos": np.asarray(layout.image_positions(parts), np.int32),
     }
 
 
@@ -83,6 +85,7 @@ def pack_documents(docs: Sequence[dict], seq_len: int, d: int) -> dict[str, np.n
     row = {key: np.zeros((seq_len, d) if key in ("codes", "code_targets") else seq_len,
                          np.float32 if key in ("codes", "code_targets", "text_mask", "image_mask") else np.int32)
            for key in PACKED_KEYS}
+    row["image_pos"][:] = -1
     start = 0
     for segment, doc in enumerate(docs, start=1):
         n = len(doc["tokens"])
@@ -137,7 +140,8 @@ class PackedDataset(grain.MapDataset):
         first = parent[0]
         self._max_caption = int(np.asarray(first["caption_ids"]).shape[-1])
         self._num_image = int(np.asarray(first["image_indices"]).reshape(-1).shape[0])
-        self.max_doc_len = document_length(self._max_caption, self._num_image)
+        # A dropped caption is one <uncond> token, so even an empty-caption dataset fits it.
+        self.max_doc_len = document_length(max(self._max_caption, 1), self._num_image)
         if self.max_doc_len > seq_len:
             raise ValueError(
                 f"one document ({self._max_caption} caption + {self._num_image} image + {SPECIAL_TOKENS} special "

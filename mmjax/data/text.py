@@ -9,8 +9,11 @@ Why these choices:
   (the vocabulary then is *smaller* than requested; read `TextTokenizer.vocab_size`), and BPE ends
   with whole-word pieces (~26 tokens for a 3-object shapes caption) where unigram with a soft limit
   collapses to characters.
-- Fixed special ids pad=0, unk=1, bos=2, eos=3, then user symbols `<boi>`, `<eoi>` (4, 5). A user
+- Fixed special ids pad=0, unk=1, bos=2, eos=3, then user symbols `<boi>`, `<eoi>`, `<uncond>`
+  (4, 5, 6; `<uncond>` is the caption of a CFG-unconditional document, see mmjax/layout.py). A user
   model lacking some of them still works: missing specials get ids appended after its vocabulary.
+  (A model trained before `<uncond>` existed therefore gains one id: its old checkpoints, sized to
+  the old vocabulary, need retraining.)
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from mmjax import io as mmjax_io
 from mmjax.errors import InputError, MissingArtifactError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-BOI, EOI = "<boi>", "<eoi>"
+BOI, EOI, UNCOND = "<boi>", "<eoi>", "<uncond>"
 
 
 def train_text_tokenizer(
@@ -43,7 +46,7 @@ def train_text_tokenizer(
     vocabulary may be smaller than `vocab_size` when the corpus is small (soft limit, see module doc).
     """
     if vocab_size < 8:
-        raise InputError(f"vocab_size={vocab_size} is too small (6 ids are reserved for specials)")
+        raise InputError(f"vocab_size={vocab_size} is too small (7 ids are reserved for specials)")
     sentences = [c for c in (str(c).strip() for c in captions) if c]
     if not sentences:
         raise InputError(f"no non-empty captions to train the tokenizer {model_prefix_path!r} on")
@@ -58,7 +61,7 @@ def train_text_tokenizer(
         unk_id=UNK_ID,
         bos_id=BOS_ID,
         eos_id=EOS_ID,
-        user_defined_symbols=[BOI, EOI],
+        user_defined_symbols=[BOI, EOI, UNCOND],
         hard_vocab_limit=False,
         num_threads=1,
         input_sentence_size=0,
@@ -101,9 +104,10 @@ class TextTokenizer:
         self._eos = special(self._sp.eos_id(), "eos")
         self._boi = special(self._piece_id(BOI), BOI)
         self._eoi = special(self._piece_id(EOI), EOI)
+        self._uncond = special(self._piece_id(UNCOND), UNCOND)
         self._sp_size = size
         self._vocab_size = size + len(extra)
-        self._skip = {self._pad, self._bos, self._boi, self._eoi}
+        self._skip = {self._pad, self._bos, self._boi, self._eoi, self._uncond}
 
     def _piece_id(self, piece: str) -> int:
         """Id of `piece`, or -1 when the model does not hold it (SentencePiece answers unk)."""
@@ -120,13 +124,14 @@ class TextTokenizer:
     eos_id = property(lambda self: self._eos)
     boi_id = property(lambda self: self._boi)
     eoi_id = property(lambda self: self._eoi)
+    uncond_id = property(lambda self: self._uncond)
 
     def encode(self, text: str) -> list[int]:
         """Piece ids of `text`, without bos/eos."""
         return list(self._sp.encode(str(text)))
 
     def decode(self, ids) -> str:
-        """Text of `ids` up to the first eos; pad/bos/<boi>/<eoi> and out-of-vocabulary ids are skipped."""
+        """Text of `ids` up to the first eos; pad/bos/<boi>/<eoi>/<uncond> and out-of-vocabulary ids are skipped."""
         kept = []
         for i in np.asarray(ids, dtype=np.int64).reshape(-1).tolist():
             if i == self._eos:

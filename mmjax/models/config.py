@@ -20,7 +20,7 @@ from typing import Any
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Every field of config_defaults.model_config (same names and meaning), plus the text
-    vocabulary size and the FSQ levels of the image tokens."""
+    vocabulary size, the FSQ levels of the image tokens and the image grid's side."""
 
     num_modalities: int
     num_layers: int
@@ -42,10 +42,14 @@ class ModelConfig:
     flow_width: int
     flow_t_samples: int
     noise_aug: float
+    image_positions: str
     dtype: str
     remat: str
     vocab_size: int
     fsq_levels: tuple[int, ...]
+    # Image tokens per side (data.image_size // the tokenizer's downsampling); 0 = not given
+    # (only model.image_positions="learned_2d" needs it, to split a token's index into row, col).
+    image_side: int = 0
 
     @property
     def image_head(self) -> str:

@@ -14,7 +14,8 @@ sampler can jit, donate and carry it like any other array:
     hidden, cache = model.apply({"params": p}, step, cache, method=MultimodalLM.decode)
 
 A chunk is a dict with the batch keys `tokens`, `codes`, `modality`, `positions`,
-`segment_ids`, `image_block` (each [B, T], codes [B, T, d]). The cache then holds T more slots.
+`segment_ids`, `image_block`, `image_pos` (each [B, T], codes [B, T, d]; `image_pos` is read only
+when model.image_positions != "none"). The cache then holds T more slots.
 A context image block must be decoded within one chunk (see masks.decode_attention_mask).
 
 Bad input that can only be seen at run time (a modality id >= num_modalities, a chunk that
@@ -33,7 +34,7 @@ from flax import linen as nn
 from mmjax.models import attention, heads, layers, mot
 from mmjax.models.config import ModelConfig
 
-CHUNK_KEYS = ("tokens", "codes", "modality", "positions", "segment_ids", "image_block")
+CHUNK_KEYS = ("tokens", "codes", "modality", "positions", "segment_ids", "image_block", "image_pos")
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int | None = None) -> dict[str, Any]:
@@ -88,6 +89,15 @@ class MultimodalLM(nn.Module):
         self.code_in = nn.Dense(d, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
                                 kernel_init=layers.partitioned(layers.fan_in_init(-2, -1),
                                                                ("code", "embed")))
+        if c.image_positions == "learned_2d":
+            if c.image_side <= 0:
+                raise ValueError("model.image_positions='learned_2d' needs ModelConfig.image_side")
+            # Small init (GPT-2 style): at first an image input is its code, plus a little where.
+            table = lambda: nn.Embed(  # noqa: E731
+                c.image_side, d, dtype=self.dtype, param_dtype=jnp.float32,
+                embedding_init=layers.partitioned(nn.initializers.normal(0.02),
+                                                  ("image_grid", "embed")))
+            self.image_row, self.image_col = table(), table()
         block = layers.remat_module(mot.MoTBlock, c.remat)
         self.blocks = [block(self.num_modalities, d, c.num_heads, c.mlp_dim, c.rope_theta,
                              c.norm_eps, self.dtype, c.mot_impl, c.mot_tile, c.attention_impl,
@@ -101,28 +111,59 @@ class MultimodalLM(nn.Module):
         setattr(self, c.head.attr, c.head.module(c, self.dtype))
 
     # ---- inputs ------------------------------------------------------------------------------
-    def embed_inputs(self, tokens, codes, modality, *, train: bool) -> jax.Array:
-        """Per-position input vectors [B, T, D]: text embedding or projected code vector.
+    def embed_inputs(self, batch: Mapping[str, jax.Array], *, train: bool) -> jax.Array:
+        """Per-position input vectors [B, T, D]: text embedding or projected code vector (plus,
+        with model.image_positions="learned_2d", the row and column embeddings of image tokens).
 
-        CAM noise augmentation (train only, model.noise_aug > 0): each sequence draws a noise
-        std ~ U(0, noise_aug) and its continuous inputs get that much Gaussian noise, so the model
-        learns to cope with the imperfect codes it will feed itself when sampling.
+        CAM noise augmentation (train only, model.noise_aug > 0): see `_cam_noise`.
         """
+        tokens, codes, modality = batch["tokens"], batch["codes"], batch["modality"]
         if codes.shape[-1] != self.code_dim:
             raise ValueError(f"batch['codes'] has last axis {codes.shape[-1]}, expected the FSQ "
                              f"dim {self.code_dim} (len(fsq.levels)={self.fsq_levels}).")
         is_text = modality == 0
         text = self.embed(jnp.where(is_text, tokens, 0))
         codes = codes.astype(jnp.float32)
-        noise_aug = self.cfg.noise_aug
-        if train and noise_aug > 0:
-            key_std, key_noise = jax.random.split(self.make_rng("noise"))
-            std = jax.random.uniform(key_std, codes.shape[:1] + (1,) * (codes.ndim - 1),
-                                     maxval=noise_aug)
-            noise = std * jax.random.normal(key_noise, codes.shape)
-            codes = codes + jnp.where(is_text[..., None], 0.0, noise)
+        if train and self.cfg.noise_aug > 0:
+            codes = codes + self._cam_noise(batch, codes.shape)
         image = self.code_in(codes)
+        if self.cfg.image_positions == "learned_2d":
+            image = image + self._grid_embedding(batch, ~is_text)
         return jnp.where(is_text[..., None], text, image).astype(self.dtype)
+
+    def _cam_noise(self, batch, shape) -> jax.Array:
+        """CAM (Continuous AR Models, Fan et al.) noise [B, T, d] for the code inputs.
+
+        Only inputs of GENERATED image tokens get noise (image tokens of text->image documents:
+        the model feeds those back to itself when sampling); context images (image_block > 0)
+        are clean at inference, so they stay clean here. Each document (segment) draws its own
+        std ~ U(0, model.noise_aug), as a sequence does in the paper, not one per packed row.
+        """
+        segment = batch["segment_ids"].astype(jnp.int32)
+        generated = (batch["modality"] != 0) & (batch["image_block"] == 0) & (segment > 0)
+        key_std, key_noise = jax.random.split(self.make_rng("noise"))
+        # Segment ids are < T + 1, so one draw per possible id and row covers every document.
+        per_segment = jax.random.uniform(key_std, (shape[0], shape[1] + 1),
+                                         maxval=self.cfg.noise_aug)
+        std = jnp.take_along_axis(per_segment, segment, axis=1)
+        noise = std[..., None] * jax.random.normal(key_noise, shape)
+        return jnp.where(generated[..., None], noise, 0.0)
+
+    def _grid_embedding(self, batch, is_image) -> jax.Array:
+        """Row + column embedding [B, T, D] of each image token (0 elsewhere) from its index
+        inside its image (`image_pos`): row = idx // side, col = idx % side."""
+        if "image_pos" not in batch:
+            raise ValueError("model.image_positions='learned_2d' needs batch['image_pos'] (the "
+                             "index of each image token inside its image, -1 elsewhere).")
+        side = self.cfg.image_side
+        pos = batch["image_pos"].astype(jnp.int32)
+        if _is_concrete(pos) and int(np.max(np.asarray(pos), initial=-1)) >= side * side:
+            raise ValueError(f"batch['image_pos'] holds indices >= {side * side} = image_side**2 "
+                             f"(image_side={side}).")
+        valid = is_image & (pos >= 0)
+        pos = jnp.clip(pos, 0, side * side - 1)
+        emb = self.image_row(pos // side) + self.image_col(pos % side)
+        return jnp.where(valid[..., None], emb, 0.0)
 
     def _valid_modality(self, ids):
         """Ids that have weights (with one modality every id >= 0 shares them)."""
@@ -140,7 +181,7 @@ class MultimodalLM(nn.Module):
         impl = mot.resolve_impl(self.cfg.mot_impl, b * t, tile)
         routing = mot.make_routing(modality, self.num_modalities, mot.routing_shards(b, impl),
                                    tile if impl == "tiled" else None)
-        x = self.embed_inputs(tokens, batch["codes"], modality, train=train)
+        x = self.embed_inputs(batch, train=train)
         d = x.shape[-1]
         x = mot.sorted_layout(mot.to_sorted(x, routing), routing, b, t)
         new_kv = []
@@ -163,9 +204,10 @@ class MultimodalLM(nn.Module):
 
     def decode(self, chunk: Mapping[str, jax.Array], cache: dict[str, Any]):
         """Runs T new positions against the cache -> (hidden [B, T, D], updated cache)."""
-        missing = [k for k in CHUNK_KEYS if k not in chunk]
+        needed = CHUNK_KEYS if self.cfg.image_positions != "none" else CHUNK_KEYS[:-1]
+        missing = [k for k in needed if k not in chunk]
         if missing:
-            raise ValueError(f"decode chunk is missing {missing} (needs {CHUNK_KEYS}).")
+            raise ValueError(f"decode chunk is missing {missing} (needs {needed}).")
         index = cache["index"]
         t, size = chunk["tokens"].shape[1], cache["segment_ids"].shape[1]
         if _is_concrete(index) and int(index) + t > size:

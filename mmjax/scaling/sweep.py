@@ -121,14 +121,14 @@ def point_setup(sweep_cfg, sweep_dir: str, point: grid.Point, base, info: Mappin
     vocab, levels = int(info["vocab_size"]), tuple(int(v) for v in config.fsq.levels)
     seq_len, batch = int(config.model.max_seq_len), int(config.train.batch_size)
     fraction = measure_image_fraction(config, workdir)
-    model_cfg = config_validation.model_block(config.model, vocab, levels)
+    model_cfg = config_validation.model_config(config, vocab)
     fpt = flops_lib.flops_per_token(model_cfg, seq_len, fraction)["train"]
     if point.flops_budget is not None:
         steps = grid.steps_for_flops(point.flops_budget, fpt, batch * seq_len,
                                      int(sweep_cfg.min_steps))
         config = grid.point_config(base, point, shared, sweep_cfg, steps=steps)
     config_validation.validate(config)
-    counts = flops_lib.param_counts(config_validation.model_block(config.model, vocab, levels))
+    counts = flops_lib.param_counts(config_validation.model_config(config, vocab))
     steps = int(config.train.steps)
     return {"config": config, "vocab_size": vocab, "seq_len": seq_len, "batch_size": batch,
             "steps": steps, "tokens_per_step": batch * seq_len, "tokens": steps * batch * seq_len,
