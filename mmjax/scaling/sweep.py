@@ -118,7 +118,7 @@ def point_setup(sweep_cfg, sweep_dir: str, point: grid.Point, base, info: Mappin
     workdir = run_dir(sweep_dir, point.name)
     shared = shared_overrides(base, sweep_dir)
     config = grid.point_config(base, point, shared, sweep_cfg)
-    vocab, levels = int(info["vocab_size"]), tuple(int(v) for v in config.fsq.levels)
+    vocab = int(info["vocab_size"])
     seq_len, batch = int(config.model.max_seq_len), int(config.train.batch_size)
     fraction = measure_image_fraction(config, workdir)
     model_cfg = config_validation.model_config(config, vocab)
