@@ -5,8 +5,11 @@ Weights file (`eval.inception_weights`): an `.npz` whose arrays are pytorch-fid'
 unchanged, e.g. `Conv2d_1a_3x3.conv.weight` [32, 3, 3, 3] and `Mixed_7c.branch_pool.bn.running_var`
 [192]; `fc.*` is ignored. Convert once where torch is installed:
 
-    python -c "import torch, numpy as np; sd = torch.load('pt_inception-2015-12-05-6726825d.pth'); \
+    python -c "import torch, numpy as np; f = 'pt_inception-2015-12-05-6726825d.pth'; \
+sd = torch.serialization.load(f, weights_only=True); \
 np.savez('inception_fid.npz', **{k: v.numpy() for k, v in sd.items()})"
+
+(`weights_only=True`: tensors only, no arbitrary objects are unpickled; mmjax itself reads .npz.)
 
 Why eigenvalues for the matrix square root: Tr(sqrtm(S1 S2)) equals the sum of the square roots
 of the eigenvalues of sqrt(S1) S2 sqrt(S1), a symmetric PSD matrix, so `eigh` gives it without the
