@@ -6,6 +6,8 @@ mismatched tokens are refused rather than silently used.
 """
 from __future__ import annotations
 
+import json
+
 import grain
 import numpy as np
 
@@ -40,7 +42,9 @@ def load_tokens(workdir, split: str, expected_len: int) -> grain.MapDataset:
     if meta["num_records"] != expected_len:
         raise InputError(f"{meta_path}: {meta['num_records']} token records but the {split} "
                          f"split has {expected_len} images; the data changed since tokenization")
-    source = grain.sources.ArrayRecordDataSource(str(data_path))
+    # ArrayRecord reads local files only: a gs:// token file is copied to the local cache once
+    # (keyed by its sidecar, which changes whenever the tokens do).
+    source = grain.sources.ArrayRecordDataSource(io.local_copy(data_path, json.dumps(meta, sort_keys=True)))
     n = int(np.prod(meta["grid"]))
 
     def decode(raw: bytes) -> np.ndarray:

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from mmjax import flops as flops_lib
-from mmjax import io
+from mmjax import compilation_cache, io
 from mmjax.workdir import Workdir
 from mmjax.scaling import grid
 
@@ -45,15 +45,9 @@ def run_dir(sweep_dir: str, name: str) -> str:
 
 
 def enable_compilation_cache(directory: str) -> None:
-    """Persistent XLA cache: grid points of equal shapes (budgets, resumes) compile only once.
-
-    Leaves a cache the user configured (JAX_COMPILATION_CACHE_DIR) alone.
-    """
-    if jax.config.jax_compilation_cache_dir:
-        return
-    os.makedirs(directory, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    """Persistent XLA cache: grid points of equal shapes (budgets, resumes) compile only once
+    (mmjax.compilation_cache; a cache the user configured is left alone)."""
+    compilation_cache.enable(directory)
 
 
 # ----------------------------------------------------------------------------- shared build

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import jax
 
-from mmjax import io
+from mmjax import cloud, io
 from mmjax.errors import InputError
 from mmjax.stages import data, model, sample, tokenize, tokenizer
 from mmjax.workdir import Workdir
@@ -35,6 +35,7 @@ def plan(mode: str, has_model: bool) -> list[str]:
 def run_mode(config, workdir, mode: str) -> dict:
     """Runs the stages of `mode`; process 0 writes their summaries to results_<mode>.json."""
     wd = workdir if isinstance(workdir, Workdir) else Workdir.from_config(config, workdir)
+    cloud.check_workdir(wd)  # gs://: credentials and buckets exist (one line naming the path)
     io.make_dirs(wd.root)  # a root that cannot be a directory fails here, naming the path
     results = {name: STAGES[name].run(config, wd) for name in plan(mode, "model" in config)}
     if jax.process_index() == 0:

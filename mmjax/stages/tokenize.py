@@ -7,7 +7,6 @@ mmjax.data.image_tokens; existing token files are never overwritten (a mismatch 
 from __future__ import annotations
 
 import logging
-import os
 
 import jax
 import numpy as np
@@ -44,15 +43,14 @@ def tokenize_split(config, workdir, split: str, model, params, step: int,
             f"{meta}. Refusing to overwrite: delete {workdir.image_tokens} or use a new workdir.")
     io.make_dirs(workdir.image_tokens)
     encode = jax.jit(lambda imgs: ae.tokenize(model, params, ae.images_to_float(imgs)))
-    tmp = os.fspath(data_path) + ".tmp"
-    writer = ArrayRecordWriter(tmp, "group_size:1")
-    for start in range(0, len(ds), batch_size):
-        idx = range(start, min(start + batch_size, len(ds)))
-        images = np.stack([ds[i]["image"] for i in idx])
-        for row in np.asarray(encode(images), np.int32):
-            writer.write(row.tobytes())
-    writer.close()
-    os.replace(tmp, data_path)
+    with io.local_file_for_writing(data_path) as local:  # riegeli writes local files only
+        writer = ArrayRecordWriter(local, "group_size:1")
+        for start in range(0, len(ds), batch_size):
+            idx = range(start, min(start + batch_size, len(ds)))
+            images = np.stack([ds[i]["image"] for i in idx])
+            for row in np.asarray(encode(images), np.int32):
+                writer.write(row.tobytes())
+        writer.close()
     io.write_json_atomic(meta_path, meta)  # the sidecar last: it marks the split complete
     logging.info("tokenized %s: %d images -> %s tokens each", split, len(ds), grid)
     return meta
