@@ -146,11 +146,14 @@ def local_copy(path, *key) -> str:
     return local
 
 
-def _walk_files(root: epath.Path):
-    """Relative names of every file under `root` (epath.walk works on local and gs://)."""
-    for dirpath, _, files in root.walk():
-        for name in files:
-            yield os.path.relpath(os.fspath(dirpath / name), os.fspath(root))
+def _walk_files(root: epath.Path, prefix: str = ""):
+    """Relative names of every file under `root`, local or gs:// (not epath's walk(), which
+    drops the gs:// scheme from the directories it yields)."""
+    for child in sorted(root.iterdir()):
+        if child.is_dir():
+            yield from _walk_files(child, f"{prefix}{child.name}/")
+        else:
+            yield prefix + child.name
 
 
 def copy_tree(src, dst, last: str = "") -> epath.Path:

@@ -3,15 +3,19 @@
 Why both: TensorBoard for people, JSON lines for scripts (sweeps, benchmarks, notebooks) that must
 not depend on an event-file reader.
 
-Paths go through etils.epath (and tensorboardX's own gs:// writer), so a bucket workdir works. An
-object store cannot append, so there the jsonl is rewritten whole (atomically) at each write,
-starting from the rows a previous attempt left; on local disk each row is appended.
+Paths go through etils.epath, so a bucket workdir works. An object store cannot append, so there
+the jsonl is rewritten whole at each write (one upload, atomic), starting from the rows a previous
+attempt left, and the event file is written to a local temp dir and uploaded at each write (what
+tensorboardX's own gs:// writer does too, but that one re-uploads again from `__del__` at exit,
+which hangs for minutes when the bucket is gone). On local disk rows are appended.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
+import tempfile
 from typing import Mapping
 
 import jax
@@ -30,13 +34,16 @@ class MetricsWriter:
         self.jsonl_path = root / f"{prefix or 'train'}_metrics.jsonl"
         self._tb = None
         self._remote_text: str | None = None  # the whole jsonl, for stores that cannot append
+        self.events_dir = root / "tensorboard" / (prefix or "train")
+        self._local_events = ""  # remote runs: where tensorboardX writes before each upload
         if self.active:
             io.make_dirs(root)
             if cloud.is_remote(root):
                 self._remote_text = (self.jsonl_path.read_text() if self.jsonl_path.exists()
                                      else "")
+                self._local_events = tempfile.mkdtemp(prefix="mmjax-events-")
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.fspath(root / "tensorboard" / (prefix or "train")))
+            self._tb = SummaryWriter(self._local_events or os.fspath(self.events_dir))
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.active:
@@ -52,12 +59,21 @@ class MetricsWriter:
         else:
             self._remote_text += line
             io.write_text_atomic(self.jsonl_path, self._remote_text)
+            self._tb.flush()
+            self._upload_events()
+
+    def _upload_events(self) -> None:
+        for name in sorted(os.listdir(self._local_events)):
+            io.copy_file_atomic(os.path.join(self._local_events, name), self.events_dir / name)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
             self._tb = None
+            if self._local_events:
+                self._upload_events()
+                shutil.rmtree(self._local_events, ignore_errors=True)
 
 
 def _to_float(value) -> float:

@@ -306,6 +306,10 @@ def _main(argv) -> None:
         return
     if not flag.sweep_dir:
         raise app.UsageError("--sweep_dir is required")
+    from mmjax import cloud
+    if cloud.is_remote(flag.sweep_dir):  # os.path.abspath would make a local "gs:" folder
+        raise app.UsageError(f"--sweep_dir={flag.sweep_dir}: sweeps need a local directory "
+                             "(their runs' workdirs are local; mmjax.main takes gs:// workdirs)")
     sweep_dir = os.path.abspath(flag.sweep_dir)
     if mode == "prepare":
         prepare_shared(grid.base_config(flag.config), sweep_dir)
