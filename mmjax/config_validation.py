@@ -64,8 +64,6 @@ def validate_train_block(config, block: str) -> None:
     for b in ("b1", "b2"):
         _require(config, f"{block}.{b}", lambda v: 0 <= v < 1, "must be in [0, 1)")
     _one_of(config, f"{block}.nan_policy", ("stop", "skip"))
-    _require(config, f"{block}.compilation_cache_dir", lambda v: isinstance(v, str),
-             'must be a directory, "" (<workdir>/jax_cache) or "off"')
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
