@@ -18,14 +18,14 @@ setup(
         "optax>=0.2.5",  # optax.tree.norm
         "orbax-checkpoint>=0.11.14",  # PyTreeRestore(partial_restore=True): params-only restore
         "grain>=0.2.6",  # grain.MapDataset / grain.checkpoint at the top level
-        "etils[epath]>=1.7",  # every artifact path (local and gs://)
+        "etils[epath]>=1.9.1",  # every artifact path (local and gs://); tfds needs 1.9.1
         "tensorflow-datasets>=4.9.6",
         "array-record>=0.5",
         "ml-collections>=0.1.1",
         "absl-py>=2.0",
         "sentencepiece>=0.2",
         "numpy>=1.26",
-        "scipy>=1.11",
+        "scipy>=1.12",  # what jax 0.7.1 needs
         "scikit-learn>=1.3",
         "pillow>=10",
         "matplotlib>=3.8",

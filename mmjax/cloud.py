@@ -142,3 +142,33 @@ def check_workdir(workdir) -> None:
         if path is not None and is_remote(path) and bucket_of(path) not in seen:
             seen.add(bucket_of(path))
             check_path(path)
+
+
+def check_shared(workdir) -> None:
+    """Multi-process runs: every process must see the workdir process 0 writes (a shared mount or
+    a bucket). Process 0 writes a fresh id into <root>/.mmjax_workdir_id; a process that then does
+    not read that id fails with one line naming the path, instead of waiting at a later barrier
+    for artifacts it will never see. One broadcast and one barrier; single-process runs skip it."""
+    import jax
+    if jax.process_count() == 1:
+        return
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from mmjax import io
+    nonce = np.frombuffer(uuid.uuid4().bytes[:4], np.int32)
+    nonce = str(int(multihost_utils.broadcast_one_to_all(nonce)[0]))
+    marker = io.as_path(workdir.root) / ".mmjax_workdir_id"
+    if jax.process_index() == 0:
+        io.write_text_atomic(marker, nonce)
+    multihost_utils.sync_global_devices("mmjax_workdir_id_written")
+    try:
+        seen = marker.read_text() if marker.exists() else None
+    except OSError as e:
+        seen = f"unreadable ({e})"
+    if seen != nonce:
+        raise StorageError(
+            f"{workdir.root}: process {jax.process_index()} of {jax.process_count()} cannot see "
+            f"the workdir process 0 writes (its {marker.name} is "
+            f"{'missing' if seen is None else 'stale'} here); give every host the same shared "
+            "directory or a gs:// bucket")

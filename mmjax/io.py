@@ -8,7 +8,7 @@ place: a rename would be a server-side copy + delete, slower and refused over an
 
 Files that only a local library can write or read (ArrayRecord via riegeli, which has no GCS
 backend) go through `local_file_for_writing` (write locally, then upload atomically) and
-`local_copy` / `local_tree` (a cached local copy under `cache_root()`).
+`local_copy` / `copy_tree` (cached local copies under `cache_root()`).
 """
 from __future__ import annotations
 

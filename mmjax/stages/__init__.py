@@ -37,6 +37,7 @@ def run_mode(config, workdir, mode: str) -> dict:
     wd = workdir if isinstance(workdir, Workdir) else Workdir.from_config(config, workdir)
     cloud.check_workdir(wd)  # gs://: credentials and buckets exist (one line naming the path)
     io.make_dirs(wd.root)  # a root that cannot be a directory fails here, naming the path
+    cloud.check_shared(wd)  # multi-process: a host that cannot see the workdir says so
     results = {name: STAGES[name].run(config, wd) for name in plan(mode, "model" in config)}
     if jax.process_index() == 0:
         io.write_json_atomic(wd.results(mode), results)
