@@ -16,7 +16,7 @@ setup(
         "jax>=0.7.1",  # jax.set_mesh
         "flax>=0.11.0",  # the first Linen release for jax 0.7 / Python 3.11
         "optax>=0.2.5",  # optax.tree.norm
-        "orbax-checkpoint>=0.11.14",  # PyTreeRestore(partial_restore=True): params-only restore
+        "orbax-checkpoint>=0.11.17",  # partial_restore (0.11.14) on jax 0.7's layout API (0.11.17)
         "grain>=0.2.6",  # grain.MapDataset / grain.checkpoint at the top level
         "etils[epath]>=1.9.1",  # every artifact path (local and gs://); tfds needs 1.9.1
         "tensorflow-datasets>=4.9.6",
@@ -24,11 +24,11 @@ setup(
         "ml-collections>=0.1.1",
         "absl-py>=2.0",
         "sentencepiece>=0.2",
-        "numpy>=1.26",
-        "scipy>=1.12",  # what jax 0.7.1 needs
-        "scikit-learn>=1.3",
+        "numpy>=2.0",  # tfds imports pyarrow, whose releases need numpy 2
+        "scipy>=1.13",  # jax 0.7.1 needs 1.12; numpy 2 needs 1.13
+        "scikit-learn>=1.4.2",  # the first built for numpy 2
         "pillow>=10",
-        "matplotlib>=3.8",
+        "matplotlib>=3.8.4",  # the first built for numpy 2
         "tqdm>=4.66",
         "tensorboardX>=2.6",
     ],
