@@ -17,9 +17,9 @@ setup(
         "flax>=0.11.0",  # the first Linen release for jax 0.7 / Python 3.11
         "optax>=0.2.5",  # optax.tree.norm
         "orbax-checkpoint>=0.11.17",  # partial_restore (0.11.14) on jax 0.7's layout API (0.11.17)
-        "grain>=0.2.6",  # grain.MapDataset / grain.checkpoint at the top level
+        "grain>=0.2.8",  # grain.ReadOptions, MapDataset, checkpoint at the top level
         "etils[epath]>=1.9.1",  # every artifact path (local and gs://); tfds needs 1.9.1
-        "tensorflow-datasets>=4.9.6",
+        "tensorflow-datasets>=4.9.8",  # 4.9.6 still imports tensorflow for the data stage (.ci/floors)
         "array-record>=0.5",
         "ml-collections>=0.1.1",
         "absl-py>=2.0",
