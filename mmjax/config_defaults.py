@@ -233,6 +233,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = model_config()
     c.objective = objective_config()
     c.train = train_config()
+    # Persistent XLA compilation cache of `python -m mmjax.main` (reruns and resumes skip
+    # compiling): "" -> <workdir>/jax_cache, "off" disables it, any other value is the directory
+    # (local or gs://). JAX_COMPILATION_CACHE_DIR, when set, wins. Process-wide, so only here.
+    c.train.compilation_cache_dir = ""
     c.mesh = mesh_config()
     c.sample = sample_config()
     c.eval = eval_config()
