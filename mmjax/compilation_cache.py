@@ -16,12 +16,22 @@ OFF = "off"
 
 def enable(directory) -> str:
     """Caches every compiled program in `directory` (created if local); returns the directory in
-    use. A cache the user configured (JAX_COMPILATION_CACHE_DIR, or an earlier call) is kept."""
+    use, or "" when it cannot be created. A cache the user configured (JAX_COMPILATION_CACHE_DIR,
+    or an earlier call) is kept.
+
+    Why a failure is only a warning: the cache saves compile time and nothing else, so it must not
+    be the error a user sees for an unwritable workdir; the stage that writes its outputs there
+    names the real problem (e.g. the checkpoint directory) in one line.
+    """
     import jax
     if jax.config.jax_compilation_cache_dir:
         return jax.config.jax_compilation_cache_dir
     directory = os.fspath(directory)
-    io.make_dirs(directory)
+    try:
+        io.make_dirs(directory)
+    except io.StorageError as e:
+        logging.warning("running without a persistent compilation cache: %s", e)
+        return ""
     jax.config.update("jax_compilation_cache_dir", directory)
     # Cache every program: the smallest ones still cost a compile on each resume.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -21,3 +21,15 @@ def test_enable_keeps_a_cache_already_configured(tmp_path):
         assert not (tmp_path / "ours").exists()
     finally:
         jax.config.update("jax_compilation_cache_dir", previous)
+
+
+def test_a_cache_that_cannot_be_created_is_skipped_not_fatal(tmp_path):
+    previous = jax.config.jax_compilation_cache_dir
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert compilation_cache.enable(blocker / "jax_cache") == ""
+        assert not jax.config.jax_compilation_cache_dir
+    finally:
+        jax.config.update("jax_compilation_cache_dir", previous)
