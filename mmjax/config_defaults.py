@@ -16,7 +16,7 @@ import ml_collections
 def data_config() -> ml_collections.ConfigDict:
     """Dataset, text tokenizer and loader settings."""
     c = ml_collections.ConfigDict()
-    c.name = "shapes"  # "shapes" | "digits" | "natural" (embedded) or any standard TFDS image dataset name.
+    c.name = "shapes"  # "shapes" | "digits" | "natural" | "shapes_edits" (embedded; shapes_edits: data.num_* count edit chains) or any standard TFDS image dataset name.
     c.data_dir = ""  # TFDS data dir; "" -> <workdir>/data for embedded sets, TFDS default otherwise.
     c.image_size = 32  # Square image side in pixels (embedded sets are generated at this size).
     c.num_train = 4096  # Embedded sets: examples generated for the train split.
