@@ -7,8 +7,9 @@ For one edit A --instruction--> B with true attribute sets `before` (A) and `aft
   "the named change happened and nothing else changed" (a missing, extra or altered object fails).
 - `preserve_acc`: every *untouched* object (the rows of A that are also rows of B: all of A but the
   edited object) is found intact (shape, colour, size and cell) in the generated image, whatever
-  happened to the edited one (vacuously true when A holds no other object).
-  `preserve_object_acc` is the same per untouched object.
+  happened to the edited one. Counted over the prompts that HAVE an untouched object (an edit of
+  a one-object image has none, and a vacuous pass would inflate the rate); `preserve_object_acc`
+  is the same per untouched object.
 - `edit_acc_<op>`: edit_acc per kind of edit (move, recolor, resize, add, remove).
 Each rate carries its Wilson 95% interval (`_lo`, `_hi`) and count (`_n`), over prompts.
 """
@@ -49,7 +50,8 @@ def score_edits(images: np.ndarray, before: np.ndarray, after: np.ndarray,
     results = [check_edit(img, b, a) for img, b, a in zip(images, before, after)]
     out = {}
     out.update(rate_with_interval("edit_acc", [r["edit"] for r in results]))
-    out.update(rate_with_interval("preserve_acc", [all(r["preserved"]) for r in results]))
+    out.update(rate_with_interval("preserve_acc", [all(r["preserved"]) for r in results
+                                                   if r["preserved"]]))
     out.update(rate_with_interval("preserve_object_acc", [p for r in results for p in r["preserved"]]))
     ops = [shapes_edits.parse_instruction(t)[0] for t in instructions]
     for op in shapes_edits.OPS:
