@@ -166,7 +166,7 @@ def _validate_model(config) -> None:
 def _validate_objective(config) -> None:
     _one_of(config, "objective.flow_t_dist")
     _nonneg(config, ["objective.text_weight", "objective.image_weight"])
-    for p in ("objective.t2i_prob", "objective.caption_dropout"):
+    for p in ("objective.t2i_prob", "objective.caption_dropout", "objective.edit_chain_prob"):
         _require(config, p, lambda v: 0 <= v <= 1, "must be a probability in [0, 1]")
 
 

@@ -23,7 +23,7 @@ from etils import epath
 from mmjax import io
 
 # Datasets mmjax generates itself (mmjax/data/builders.py), into <root>/data by the data stage.
-EMBEDDED_DATASETS = ("shapes", "digits", "natural")
+EMBEDDED_DATASETS = ("shapes", "digits", "natural", "shapes_edits")
 
 
 @dataclasses.dataclass(frozen=True)

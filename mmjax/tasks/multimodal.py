@@ -87,6 +87,9 @@ def caption_counts(config, workdir, tokenizer, split: str) -> dict:
 
 def packed_dataset(config, workdir, tokenizer, split: str, *, train: bool) -> grain.MapDataset:
     """Packed rows (docs/INTERFACES.md) of `split`; training redraws each example's direction."""
+    if config.data.name == "shapes_edits":  # multi-image edit documents instead of pairs
+        from mmjax.tasks import edits
+        return edits.packed_dataset(config, workdir, tokenizer, split, train=train)
     examples = tokenized_examples(config, workdir, tokenizer, split)
     redraws = int(config.objective.direction_redraws) if train else 1
     n = len(examples)
