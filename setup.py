@@ -14,19 +14,19 @@ setup(
     packages=find_packages(include=["mmjax", "mmjax.*"]),
     python_requires=">=3.11",  # jax >= 0.7 needs it
     install_requires=[
-        "jax>=0.7.1",  # jax.set_mesh
-        "flax>=0.11.0",  # the first Linen release for jax 0.7 / Python 3.11
+        "jax>=0.8.1",  # jax.set_mesh (0.7.1); a CPU bf16 x bf16 -> f32 dot (0.8.1, test_model)
+        "flax>=0.12.0",  # the lowest verified with jax 0.8.1 (.ci/floors)
         "optax>=0.2.5",  # optax.tree.norm
-        "orbax-checkpoint>=0.11.17",  # partial_restore (0.11.14) on jax 0.7's layout API (0.11.17)
+        "orbax-checkpoint>=0.11.30",  # saves arrays sharded over a mesh under jax.set_mesh (0.11.28 fails)
         "grain>=0.2.8",  # grain.ReadOptions, MapDataset, checkpoint at the top level
-        "etils[epath]>=1.9.1",  # every artifact path (local and gs://); tfds needs 1.9.1
+        "etils[epath]>=1.13.0",  # every artifact path; before 1.13 is_file() is True for a missing file
         "tensorflow-datasets>=4.9.8",  # 4.9.6 still imports tensorflow for the data stage (.ci/floors)
         "array-record>=0.5",
         "ml-collections>=0.1.1",
         "absl-py>=2.0",
         "sentencepiece>=0.2",
         "numpy>=2.0",  # tfds imports pyarrow, whose releases need numpy 2
-        "scipy>=1.13",  # jax 0.7.1 needs 1.12; numpy 2 needs 1.13
+        "scipy>=1.13",  # jax needs 1.12; numpy 2 needs 1.13
         "scikit-learn>=1.4.2",  # the first built for numpy 2
         "threadpoolctl>=3.0",  # mmjax.scaling.fits: one BLAS thread for the many small fits
         "pillow>=10",
