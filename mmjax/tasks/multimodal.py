@@ -113,6 +113,9 @@ class MultimodalTask:
         self.train_config = config.train
         self.model = build_model(config, vocab_size)
         self.objective = config_validation.objective_config(config.objective)
+        # The heads run only at target positions, gathered to this static capacity per row
+        # (mmjax/targets.py); None runs them at every position (the masked reference path).
+        self.capacity = config_validation.target_capacity(config)
         self._data = data
         self.caption_counts: dict[str, dict] = {}  # per split: too long / truncated / dropped
         if data is not None:
@@ -151,4 +154,4 @@ class MultimodalTask:
 
     def loss_fn(self, params, batch, rng, train):
         return objectives.compute_losses(self.model, params, batch, rng, self.objective,
-                                         train=train)
+                                         train=train, capacity=self.capacity)
