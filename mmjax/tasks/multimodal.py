@@ -132,16 +132,20 @@ class MultimodalTask:
 
     @functools.cached_property
     def flops_per_token(self) -> float | None:
-        """Analytic training FLOPs per real token (mmjax.flops), with the share of positions that
-        predict an image token measured on the first packed training rows."""
+        """Analytic training FLOPs per real token (mmjax.flops), with the shares of positions that
+        have an image target and a text target measured on the first packed training rows."""
         if self._data is None:
             return None
         ds = self.dataset("train", train=True)
         rows = [ds[i] for i in range(min(FLOPS_SAMPLE_ROWS, len(ds)))]
         real = sum(float(np.sum(r["segment_ids"] > 0)) for r in rows)
         image_fraction = sum(float(np.sum(r["image_mask"])) for r in rows) / max(real, 1.0)
+        text_fraction = sum(float(np.sum(r["text_mask"])) for r in rows) / max(real, 1.0)
+        image_fraction = min(image_fraction, 1.0)
         return float(flops.flops_per_token(self.model.cfg, int(self.config.model.max_seq_len),
-                                           min(image_fraction, 1.0))["train"])
+                                           image_fraction,
+                                           text_fraction=min(text_fraction, 1.0 - image_fraction)
+                                           )["train"])
 
     def dataset(self, split: str, *, train: bool):
         if self._data is None:
