@@ -139,3 +139,32 @@ def test_random_access_windows_and_errors():
         _packed(seq_len=30)
     with pytest.raises(ValueError, match="window"):
         _packed(window=(2, 2))
+
+
+@pytest.mark.parametrize("seq_len", [40, 96, 150])
+def test_target_capacity_bounds_every_row_of_every_window(seq_len):
+    """The heads' static capacity (edit_packing.row_target_capacity) holds for training's mixed
+    chains and for each fixed evaluation window (shorter documents pack more per row)."""
+    cap_image, cap_text = edit_packing.row_target_capacity(seq_len, 4, 3)
+    most_image = 0
+    for kw in (dict(chain_prob=0.0), dict(chain_prob=1.0), dict(chain_prob=0.5, dropout=0.5),
+               *(dict(window=(0, e)) for e in range(1, CHAIN_EDITS + 1))):
+        try:
+            ds = _packed(seq_len, **kw)
+        except ValueError:  # a 3-edit document longer than seq_len: that window is not packable
+            continue
+        assert ds.target_capacity == (cap_image, cap_text)
+        for row in (ds[i] for i in range(len(ds))):
+            assert row["image_mask"].sum() <= cap_image and row["text_mask"].sum() <= cap_text
+            most_image = max(most_image, int(row["image_mask"].sum()))
+    assert most_image == cap_image  # reached by the densest window
+
+
+def test_target_capacity_from_an_edits_config():
+    from mmjax import config_defaults, config_validation, targets
+    config = config_defaults.base_config()
+    config.data.name, config.data.max_caption_len, config.model.max_seq_len = "shapes_edits", 4, 96
+    config.data.image_size, config.fsq.channels = 8, (8, 16)  # 4 x 4 = 16 image tokens
+    image, text = edit_packing.row_target_capacity(96, 4, 16)
+    assert config_validation.target_capacity(config) == targets.TargetCapacity(image, text)
+    assert (image, text) != packing.row_target_capacity(96, 4, 16)  # not the pairs' layout

@@ -107,6 +107,30 @@ def draw_window(seed: int, example_index: int, chain_prob: float,
     return start, edits, [bool(rng.random() < dropout) for _ in range(edits)]
 
 
+def row_target_capacity(seq_len: int, max_text: int, num_image_tokens: int) -> tuple[int, int]:
+    """(image targets, text targets) that one packed edit row can hold at most, over every window
+    this packer cuts (1..CHAIN_EDITS edits): the static capacity the objective gathers the heads'
+    positions to (mmjax/targets.py), as packing.row_target_capacity is for caption/image pairs.
+
+    Why a maximum over windows: training mixes chain lengths and evaluation fixes one
+    (`window`), and shorter documents pack more of them per row, so the bound must hold for the
+    document length that puts the most targets in a row. Per document of e edits: e generated
+    images of `num_image_tokens` image targets each, and at most every other position minus the
+    first and the e + 1 images' tokens as text targets (instructions carry none; counting them
+    keeps the bound simple and safe).
+    """
+    image = text = 0
+    for edits in range(1, CHAIN_EDITS + 1):
+        length = layout.edit_document_length([max(int(max_text), 1)] * edits, int(num_image_tokens))
+        docs = int(seq_len) // length
+        image = max(image, docs * edits * int(num_image_tokens))
+        text = max(text, docs * (length - 1 - (edits + 1) * int(num_image_tokens)))
+    if image == 0:
+        raise ValueError(f"an edit document of one edit ({num_image_tokens} image tokens per image, "
+                         f"instructions up to {max_text} tokens) is longer than seq_len={seq_len}")
+    return image, text
+
+
 class EditPackedDataset(grain.MapDataset):
     """Random-access packed rows of a MapDataset of tokenized chains.
 
@@ -140,6 +164,8 @@ class EditPackedDataset(grain.MapDataset):
                 f"instructions up to {self._max_text} tokens) has {self.max_doc_len} tokens, more "
                 f"than model.max_seq_len={seq_len}")
         self.docs_per_row = seq_len // self.max_doc_len
+        # What the objective's static head capacity assumes (row_target_capacity's docstring).
+        self.target_capacity = row_target_capacity(seq_len, self._max_text, self._num_image)
         self.code_dim = packing.lookup_codes(index_to_code, np.zeros(1, np.int32)).shape[1]
         self._seq_len, self._special, self._index_to_code = seq_len, special, index_to_code
         self._chain_prob, self._dropout, self._seed, self._window = chain_prob, dropout, seed, window

@@ -105,6 +105,26 @@ def pack_documents(docs: Sequence[dict], seq_len: int, d: int) -> dict[str, np.n
     return row
 
 
+def row_target_capacity(seq_len: int, max_caption_len: int, num_image_tokens: int) -> tuple[int, int]:
+    """(image targets, text targets) that one packed row can hold at most: the static capacity the
+    objective gathers the image and LM heads' positions to (mmjax/targets.py).
+
+    Why this bound: `PackedDataset` puts a fixed k = seq_len // (longest possible document) documents
+    in every row (so rows stay a pure function of their index), and a document of either direction
+    has at most `num_image_tokens` image targets (only t2i documents have any) and at most
+    max(max_caption_len, 1) + 3 text targets (caption or <uncond>, <boi>, <eoi>, <eos>: the document
+    minus its image tokens and its first token). A bound from the shortest possible document
+    (seq_len // (num_image_tokens + 4) documents) would hold for any packer but is looser when
+    captions are long; this one is exact for the packer we have, which uses this same function.
+    """
+    longest = document_length(max(int(max_caption_len), 1), int(num_image_tokens))
+    if longest > seq_len:
+        raise ValueError(f"one document ({max_caption_len} caption + {num_image_tokens} image + "
+                         f"{SPECIAL_TOKENS} special tokens = {longest}) is longer than seq_len={seq_len}")
+    docs = int(seq_len) // longest
+    return docs * int(num_image_tokens), docs * (longest - int(num_image_tokens) - 1)
+
+
 def lookup_codes(index_to_code: Callable[[np.ndarray], np.ndarray] | np.ndarray, indices: np.ndarray) -> np.ndarray:
     """float32 [n, d] code vectors of `indices` from a table [codebook, d] or a callable."""
     if callable(index_to_code):
@@ -147,6 +167,8 @@ class PackedDataset(grain.MapDataset):
                 f"one document ({self._max_caption} caption + {self._num_image} image + {SPECIAL_TOKENS} special "
                 f"tokens = {self.max_doc_len}) is longer than seq_len={seq_len}")
         self.docs_per_row = seq_len // self.max_doc_len
+        # What the objective's static head capacity assumes (row_target_capacity's docstring).
+        self.target_capacity = row_target_capacity(seq_len, self._max_caption, self._num_image)
         self.code_dim = lookup_codes(index_to_code, np.zeros(1, np.int32)).shape[1]
         self._seq_len, self._special, self._index_to_code = seq_len, special, index_to_code
         self._t2i_prob, self._caption_dropout, self._seed = t2i_prob, caption_dropout, seed
