@@ -49,12 +49,6 @@ def run_dir(sweep_dir: str, name: str) -> str:
     return os.path.join(sweep_dir, RUNS, name)
 
 
-def enable_compilation_cache(directory: str) -> None:
-    """Persistent XLA cache: grid points of equal shapes (budgets, resumes) compile only once
-    (mmjax.compilation_cache; a cache the user configured is left alone)."""
-    compilation_cache.enable(directory)
-
-
 # ----------------------------------------------------------------------------- shared build
 
 
@@ -245,7 +239,8 @@ def run_sweep(sweep_cfg, sweep_dir: str, *, indices: Sequence[int] | None = None
               report: bool = True) -> list[dict]:
     """Runs the points `indices` (default: all) in order, then (optionally) the report."""
     if sweep_cfg.compilation_cache:
-        enable_compilation_cache(os.path.join(sweep_dir, "jax_cache"))
+        # Grid points of equal shapes (budgets, resumes) compile only once.
+        compilation_cache.enable(os.path.join(sweep_dir, "jax_cache"))
     all_points = grid.points(sweep_cfg)
     chosen = [grid.select(all_points, i) for i in indices] if indices is not None else all_points
     base = grid.base_config(sweep_cfg)
