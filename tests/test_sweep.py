@@ -34,7 +34,7 @@ def micro(tmp_path_factory):
     The sweep's persistent XLA cache is switched off again afterwards so that it does not leak
     into other test modules of this process.
     """
-    from jax.experimental.compilation_cache import compilation_cache
+    from jax.experimental.compilation_cache import compilation_cache as jax_cache
     cfg = grid.load_config_spec(MICRO)
     sweep_dir = str(tmp_path_factory.mktemp("sweep"))
     previous = jax.config.jax_compilation_cache_dir
@@ -47,7 +47,7 @@ def micro(tmp_path_factory):
     finally:
         if previous is None:
             jax.config.update("jax_compilation_cache_dir", None)
-            compilation_cache.reset_cache()
+            jax_cache.reset_cache()
     return cfg, sweep_dir, interrupted, results
 
 
