@@ -56,7 +56,6 @@ def build_edit_document(images: Sequence[np.ndarray], codes: Sequence[np.ndarray
              for t, d in zip(instructions, drop)]
     images = [np.asarray(i, np.int32).reshape(-1) for i in images]
     parts = layout.edit_parts(images, texts, special)
-    tokens = np.concatenate([np.asarray(p, np.int32) for p, _ in parts])
     modality = np.concatenate([np.full(len(p), m, np.int32) for p, m in parts])
     # Per token: which image it belongs to (-1: text) and whether it is instruction text.
     image_of = np.concatenate([np.full(len(p), (r - 1) // 4 if m == IMAGE else -1, np.int32)
@@ -64,35 +63,11 @@ def build_edit_document(images: Sequence[np.ndarray], codes: Sequence[np.ndarray
     last = len(parts) - 1  # the <eos> run (its index is also 3 mod 4)
     instr = np.concatenate([np.full(len(p), 3 <= r < last and (r - 3) % 4 == 0, bool)
                             for r, (p, _) in enumerate(parts)])
-    n = len(tokens)
     d = np.asarray(codes[0]).reshape(len(images[0]), -1).shape[1]
-    doc_codes = np.zeros((n, d), np.float32)
-    doc_codes[modality == IMAGE] = np.concatenate(
-        [np.asarray(c, np.float32).reshape(len(i), d) for c, i in zip(codes, images)])
-    nxt = slice(1, None)
-    next_text = np.zeros(n, bool)
-    next_text[:-1] = (modality[nxt] == TEXT) & ~instr[nxt]
-    next_image = np.zeros(n, bool)
-    next_image[:-1] = modality[nxt] == IMAGE
-    next_generated = np.zeros(n, bool)
-    next_generated[:-1] = image_of[nxt] >= 1
-    shifted = np.append(tokens[1:], 0).astype(np.int32)
-    code_targets = np.zeros((n, d), np.float32)
-    code_targets[:-1] = np.where(next_image[:-1, None], doc_codes[1:], 0.0)
-    return {
-        "tokens": tokens,
-        "codes": doc_codes,
-        "modality": modality,
-        "positions": np.arange(n, dtype=np.int32),
-        "text_targets": np.where(next_text, shifted, 0).astype(np.int32),
-        "text_mask": next_text.astype(np.float32),
-        "code_targets": code_targets,
-        "index_targets": np.where(next_image, shifted, 0).astype(np.int32),
-        "image_mask": next_generated.astype(np.float32),
-        "image_block": (image_of == 0).astype(np.int32),
-        "image_pos": np.asarray(layout.image_positions(parts), np.int32),
-    }
-
+    codes = np.concatenate([np.asarray(c, np.float32).reshape(len(i), d)
+                            for c, i in zip(codes, images)])
+    return packing.document_arrays(parts, codes, text_loss=(modality == TEXT) & ~instr,
+                                   generated=image_of >= 1, context=image_of == 0)
 
 def draw_window(seed: int, example_index: int, chain_prob: float,
                 dropout: float) -> tuple[int, int, list[bool]]:

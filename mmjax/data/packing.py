@@ -53,18 +53,32 @@ def build_document(caption_ids: Sequence[int], image_indices: np.ndarray, codes:
         caption = np.asarray(layout.uncond_caption(special), np.int32)
     template = layout.t2i_parts if direction == "t2i" else layout.i2t_parts
     parts = template(caption, indices, special)
+    modality = np.concatenate([np.full(len(p), m, np.int32) for p, m in parts])
+    is_image = modality == IMAGE
+    generated = is_image & (direction == "t2i")
+    return document_arrays(parts, codes, text_loss=modality == TEXT, generated=generated,
+                           context=is_image & ~generated)
+
+
+def document_arrays(parts, codes: np.ndarray, *, text_loss: np.ndarray, generated: np.ndarray,
+                    context: np.ndarray) -> dict[str, np.ndarray]:
+    """One document's [n] arrays (DOC_KEYS) from its layout parts (mmjax/layout.py) and per-token
+    flags: `text_loss` (a text token the LM is trained to predict), `generated` (an image token
+    with image loss) and `context` (an image token given as context: bidirectional block, no loss).
+
+    Why one function for every packer: position i predicts token i + 1, and each packer (caption/
+    image pairs here, edit documents in edit_packing) differs only in those three flags, so the
+    shift, the code table and the key set are written once.
+    """
     tokens = np.concatenate([np.asarray(p, np.int32) for p, _ in parts])
     modality = np.concatenate([np.full(len(p), m, np.int32) for p, m in parts])
     n, d = len(tokens), codes.shape[1]
     doc_codes = np.zeros((n, d), np.float32)
     doc_codes[modality == IMAGE] = codes
-    next_text = np.zeros(n, bool)
-    next_image = np.zeros(n, bool)
-    next_text[:-1] = modality[1:] == TEXT
-    next_image[:-1] = modality[1:] == IMAGE
+    next_text, next_image, next_generated = (np.append(f[1:], False)
+                                             for f in (text_loss, modality == IMAGE, generated))
     shifted = np.append(tokens[1:], 0).astype(np.int32)
-    code_targets = np.zeros((n, d), np.float32)
-    code_targets[:-1] = np.where(next_image[:-1, None], doc_codes[1:], 0.0)
+    code_targets = np.where(next_image[:, None], np.append(doc_codes[1:], np.zeros((1, d)), 0), 0.0)
     return {
         "tokens": tokens,
         "codes": doc_codes,
@@ -72,13 +86,12 @@ def build_document(caption_ids: Sequence[int], image_indices: np.ndarray, codes:
         "positions": np.arange(n, dtype=np.int32),
         "text_targets": np.where(next_text, shifted, 0).astype(np.int32),
         "text_mask": next_text.astype(np.float32),
-        "code_targets": code_targets,
+        "code_targets": code_targets.astype(np.float32),
         "index_targets": np.where(next_image, shifted, 0).astype(np.int32),
-        "image_mask": (next_image & (direction == "t2i")).astype(np.float32),
-        "image_block": ((modality == IMAGE) & (direction == "i2t")).astype(np.int32),
+        "image_mask": next_generated.astype(np.float32),
+        "image_block": np.asarray(context, np.int32),
         "image_pos": np.asarray(layout.image_positions(parts), np.int32),
     }
-
 
 def pack_documents(docs: Sequence[dict], seq_len: int, d: int) -> dict[str, np.ndarray]:
     """Concatenate documents into one row of `seq_len` (segment ids 1.., 0 = padding)."""
