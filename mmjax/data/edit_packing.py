@@ -106,7 +106,7 @@ def row_target_capacity(seq_len: int, max_text: int, num_image_tokens: int) -> t
     return image, text
 
 
-class EditPackedDataset(grain.MapDataset):
+class EditPackedDataset(packing.RowPacker):
     """Random-access packed rows of a MapDataset of tokenized chains.
 
     Parent elements: {"caption_ids": int [CHAIN_IMAGES, T] (padded; row k >= 1 is the
@@ -145,12 +145,6 @@ class EditPackedDataset(grain.MapDataset):
         self._seq_len, self._special, self._index_to_code = seq_len, special, index_to_code
         self._chain_prob, self._dropout, self._seed, self._window = chain_prob, dropout, seed, window
 
-    def __len__(self) -> int:
-        return -(-len(self._parent) // self.docs_per_row)
-
-    def __str__(self) -> str:
-        return f"EditPackedDataset(seq_len={self._seq_len}, docs_per_row={self.docs_per_row})"
-
     def document(self, example_index: int) -> dict[str, np.ndarray]:
         """The edit document built from parent chain `example_index`."""
         chain = self._parent[example_index]
@@ -170,11 +164,3 @@ class EditPackedDataset(grain.MapDataset):
         codes = [packing.lookup_codes(self._index_to_code, i) for i in images]
         return build_edit_document(images, codes, texts, self._special, drop=drop)
 
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return self.slice(index)
-        index = int(index) % len(self)
-        first = index * self.docs_per_row
-        last = min(first + self.docs_per_row, len(self._parent))
-        docs = [self.document(i) for i in range(first, last)]
-        return packing.pack_documents(docs, self._seq_len, self.code_dim)

@@ -155,7 +155,32 @@ def draw_direction(seed: int, example_index: int, t2i_prob: float, caption_dropo
     return direction, drop
 
 
-class PackedDataset(grain.MapDataset):
+class RowPacker(grain.MapDataset):
+    """Random-access packed rows: row r packs the documents of parent examples
+    [r * docs_per_row, (r + 1) * docs_per_row), so a row is a pure function of its index.
+
+    Why a base: the pair and edit packers differ only in how one example becomes a document
+    (`document`) and how many fit a row (`docs_per_row`, set with `_seq_len`, `code_dim`); the
+    row indexing and packing are written here once.
+    """
+
+    def __len__(self) -> int:
+        return -(-len(self._parent) // self.docs_per_row)
+
+    def __str__(self) -> str:
+        return f"{type(self).__name__}(seq_len={self._seq_len}, docs_per_row={self.docs_per_row})"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        index = int(index) % len(self)
+        first = index * self.docs_per_row
+        last = min(first + self.docs_per_row, len(self._parent))
+        docs = [self.document(i) for i in range(first, last)]
+        return pack_documents(docs, self._seq_len, self.code_dim)
+
+
+class PackedDataset(RowPacker):
     """Random-access packed rows of a MapDataset of tokenized examples.
 
     Parent elements: {"caption_ids": int [max_caption_len] (padded), "caption_len": int,
@@ -186,12 +211,6 @@ class PackedDataset(grain.MapDataset):
         self._seq_len, self._special, self._index_to_code = seq_len, special, index_to_code
         self._t2i_prob, self._caption_dropout, self._seed = t2i_prob, caption_dropout, seed
 
-    def __len__(self) -> int:
-        return -(-len(self._parent) // self.docs_per_row)
-
-    def __str__(self) -> str:
-        return f"PackedDataset(seq_len={self._seq_len}, docs_per_row={self.docs_per_row})"
-
     def document(self, example_index: int) -> dict[str, np.ndarray]:
         """The document built from parent example `example_index`."""
         example = self._parent[example_index]
@@ -206,11 +225,3 @@ class PackedDataset(grain.MapDataset):
         codes = lookup_codes(self._index_to_code, indices)
         return build_document(caption[:length], indices, codes, direction, self._special, drop_caption=drop)
 
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return self.slice(index)
-        index = int(index) % len(self)
-        first = index * self.docs_per_row
-        last = min(first + self.docs_per_row, len(self._parent))
-        docs = [self.document(i) for i in range(first, last)]
-        return pack_documents(docs, self._seq_len, self.code_dim)
