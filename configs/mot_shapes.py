@@ -9,7 +9,11 @@ ARG = SIZE[,OPTION...]
            | digits (the digits dataset instead of shapes)
            | edits (shapes_edits: image A, instruction, image B [, instruction, C ...] documents;
              the sample stage scores edit_acc / preserve_acc; data.num_* count edit chains)
+           | vq (a VQ-VAE tokenizer, the FSQ paper's baseline, in place of FSQ: as many codes as
+             the FSQ grid, of its width, with an EMA codebook and dead-code reseeding)
 """
+import math
+
 from mmjax import config_defaults
 
 # Backbone sizes. seq = packed sequence length; 32x32 images -> 64 image tokens + caption.
@@ -40,7 +44,8 @@ TRAIN_SIZES = {
     "1b": dict(steps=100000, batch_size=512, tok_steps=4000, channels=(64, 128, 128),
                num_train=65536),
 }
-OPTIONS = ("discrete", "dense", "mot3", "digits", "edits")
+OPTIONS = ("discrete", "dense", "mot3", "digits", "edits", "vq")
+VQ_RESEED_STEPS = 100  # vq: a code unused this many steps is reseeded (bench.fsq_vs_vq's setting)
 EDIT_INSTRUCTION_LEN = 20  # edits: instruction tokens (the longest instruction is ~14 words)
 
 
@@ -86,6 +91,11 @@ def get_config(arg: str = "demo"):
         c.sample.max_text_len = 8
     if "edits" in options:
         _edits(c, size)
+    if "vq" in options:
+        c.fsq.quantizer = "vq"
+        c.fsq.vq_codebook_size = math.prod(c.fsq.levels)
+        c.fsq.vq_dim = len(c.fsq.levels)
+        c.fsq.vq_reseed = VQ_RESEED_STEPS
     return c
 
 

@@ -24,14 +24,14 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from mmjax import checkpointing, config_defaults, config_validation, layout, sampling
+from mmjax import (checkpointing, config_defaults, config_validation, image_codebook, layout,
+                   sampling)
 from mmjax.data import text
 from mmjax.errors import InputError
 from mmjax.models import model as model_lib
 from mmjax.stages import tokenizer as tokenizer_stage
 from mmjax.tasks.multimodal import build_model
 from mmjax.tokenizers import autoencoder as ae
-from mmjax.tokenizers.fsq import FSQ
 from mmjax.workdir import Workdir
 
 
@@ -70,7 +70,7 @@ def with_defaults(stored: dict) -> ml_collections.ConfigDict:
 
 def example_batch(config) -> dict:
     """A zero batch [1, max_seq_len] with the model's input keys (for shapes only)."""
-    length, d = int(config.model.max_seq_len), len(config.fsq.levels)
+    length, d = int(config.model.max_seq_len), config_validation.image_token_codes(config)[1]
     batch = {k: np.zeros((1, length), np.int32) for k in model_lib.CHUNK_KEYS if k != "codes"}
     return {**batch, "codes": np.zeros((1, length, d), np.float32)}
 
@@ -95,7 +95,7 @@ class Run:
         self.max_caption_len = int(config.data.max_caption_len)
         self.batch_size = int(config.sample.batch_size)
         self.settings = config_validation.sample_settings(config.sample)
-        self.fsq = FSQ(tuple(config.fsq.levels))
+        self.codebook = image_codebook.load(config, workdir)  # FSQ grid or the VQ table
         self._encode = jax.jit(lambda imgs: ae.tokenize(self.ae_model, self.ae_params,
                                                         ae.images_to_float(imgs)))
         self._decode = jax.jit(lambda idx: ae.float_to_images(
@@ -119,7 +119,8 @@ class Run:
     @functools.lru_cache(maxsize=8)
     def sampler(self, settings: sampling.SampleSettings) -> sampling.Sampler:
         """The jitted sampler for `settings` (cached: one compile per setting and shape)."""
-        return sampling.Sampler(self.model, settings, self.special, self.num_image_tokens)
+        return sampling.Sampler(self.model, settings, self.special, self.num_image_tokens,
+                                codebook=self.codebook)
 
     # ---- inputs ---------------------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -160,25 +161,25 @@ class Run:
         return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
     def image_tokens_for(self, ids, lengths, *, seed: int = 0, settings=None) -> np.ndarray:
-        """FSQ indices [N, n] generated for caption ids [N, T] / lengths [N]."""
+        """Image-token indices [N, n] generated for caption ids [N, T] / lengths [N]."""
         sampler = self.sampler(settings or self.settings)
         out = self.map_batches(lambda i, n, k: sampler.text_to_image(self.params, i, n, k),
                                [ids, lengths], seed)
         return out["indices"]
 
     def captions_for_tokens(self, indices, *, seed: int = 0, settings=None) -> list[str]:
-        """Captions of images given as FSQ indices [N, n]."""
+        """Captions of images given as image-token indices [N, n]."""
         sampler = self.sampler(settings or self.settings)
-        codes = self.fsq.indices_to_codes(np.asarray(indices, np.int32))
+        codes = self.codebook.indices_to_codes(np.asarray(indices, np.int32))
         out = self.map_batches(lambda c, k: sampler.image_to_text(self.params, c, k), [codes], seed)
         return [self.tokenizer.decode(t) for t in out["tokens"]]
 
     def pixels(self, indices) -> np.ndarray:
-        """uint8 images [N, S, S, 3] of FSQ indices [N, n] (the tokenizer's decoder)."""
+        """uint8 images [N, S, S, 3] of image-token indices [N, n] (the tokenizer's decoder)."""
         return self.map_batches(lambda i, _: self._decode(i), [np.asarray(indices, np.int32)], 0)
 
     def tokens_of(self, images) -> np.ndarray:
-        """FSQ indices [N, n] of uint8 images (the tokenizer's encoder)."""
+        """Image-token indices [N, n] of uint8 images (the tokenizer's encoder)."""
         return self.map_batches(lambda x, _: self._encode(x), [self.check_images(images)], 0)
 
     # ---- the public calls -------------------------------------------------------------------------

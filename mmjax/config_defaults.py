@@ -43,7 +43,8 @@ def fsq_config() -> ml_collections.ConfigDict:
     """FSQ autoencoder (image tokenizer) architecture and loss."""
     c = ml_collections.ConfigDict()
     c.quantizer = "fsq"  # "fsq" (the fixed grid of `levels`) | "vq" (learned VQ-VAE codebook, the
-    # FSQ paper's baseline; mmjax.tokenizers.vq). The model stage runs on FSQ tokens only.
+    # FSQ paper's baseline; mmjax.tokenizers.vq). Both feed the model stage: the tokenize stage
+    # stores a VQ codebook beside its tokens (image_tokens/codebook.npy).
     c.levels = (8, 5, 5, 5)  # FSQ levels per latent channel; codebook size = prod(levels).
     c.vq_codebook_size = 1024  # VQ: codebook entries K (tokens are indices in [0, K)).
     c.vq_dim = 4  # VQ: code (latent) width d; small d = ViT-VQGAN's low-dimensional codes.

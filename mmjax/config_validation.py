@@ -104,10 +104,9 @@ def _validate_vq(config) -> None:
     _require(config, "fsq.vq_reseed",
              lambda v: v == 0 or _get(config, "fsq.vq_ema_decay") > 0,
              "needs fsq.vq_ema_decay > 0 (reseeding rewrites the EMA codebook)")
-    if "model" in config:  # a multimodal config: its model stage reads FSQ tokens
-        _require(config, "fsq.quantizer", lambda v: v == "fsq",
-                 "the model stage (flow and discrete heads) runs on FSQ tokens only; use "
-                 "fsq.quantizer='vq' with a tokenizer config (configs/fsq_shapes.py)")
+    if "model" in config and _get(config, "fsq.quantizer") == "vq":
+        _require(config, "model.discrete_factorized", lambda v: not v,
+                 "needs FSQ tokens (fsq.quantizer='fsq'): a VQ index has no per-channel digits")
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -191,9 +190,11 @@ def _fields(cls, block: str, cfg, skip: Sequence[str] = ()) -> dict[str, Any]:
 
 
 def model_block(model_cfg: Mapping, vocab_size: int, fsq_levels: Sequence[int],
-                image_side: int = 0) -> ModelConfig:
-    """The checked, frozen ModelConfig of a `model` block, a text vocabulary and FSQ levels
-    (and the image grid's side in tokens, which model.image_positions="learned_2d" needs)."""
+                image_side: int = 0, vq_dim: int = 0) -> ModelConfig:
+    """The checked, frozen ModelConfig of a `model` block, a text vocabulary and the image
+    tokens' index levels (FSQ levels, or (K,) with `vq_dim` > 0 for a learned codebook of K
+    codes of width vq_dim), and the image grid's side in tokens, which
+    model.image_positions="learned_2d" needs."""
     if isinstance(vocab_size, bool) or int(vocab_size) != vocab_size or vocab_size <= 0:
         raise ConfigError(f"vocab_size={vocab_size!r}: must be a positive integer")
     levels_error = _fsq_levels_error(fsq_levels)
@@ -204,20 +205,33 @@ def model_block(model_cfg: Mapping, vocab_size: int, fsq_levels: Sequence[int],
         raise ConfigError("model.image_positions='learned_2d' needs the image grid's side "
                           f"(image_side={image_side!r}): build it with config_validation.model_config")
     kw = _fields(ModelConfig, "model", model_cfg,
-                 skip=("head", "vocab_size", "fsq_levels", "image_side"))
+                 skip=("head", "vocab_size", "fsq_levels", "image_side", "vq_dim"))
     kinds = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
     cast = {"int": int, "float": float, "bool": bool, "str": str}
     kw = {k: cast[kinds[k]](v) for k, v in kw.items()}
     return ModelConfig(**kw, head=image_heads.get(model_cfg["image_head"]),
                        vocab_size=int(vocab_size), fsq_levels=fsq.FSQ(fsq_levels).levels,
-                       image_side=int(image_side))
+                       image_side=int(image_side), vq_dim=int(vq_dim))
+
+
+def image_token_codes(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...], int]:
+    """(index levels, code width) of a config's image tokens: (fsq.levels, len(fsq.levels)) for
+    FSQ, ((fsq.vq_codebook_size,), fsq.vq_dim) for a VQ tokenizer (LearnedCodebook's view)."""
+    f = config.fsq
+    if f.get("quantizer", "fsq") == "vq":
+        return (int(f.vq_codebook_size),), int(f.vq_dim)
+    levels = tuple(int(v) for v in f.levels)
+    return levels, len(levels)
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
-    """The ModelConfig of a full config (its `model` block, `fsq.levels` and the image grid's
-    side: data.image_size over the tokenizer's 2**(len(fsq.channels) - 1) downsampling)."""
+    """The ModelConfig of a full config (its `model` block, the image tokens' codes as
+    `image_token_codes` says and the image grid's side: data.image_size over the tokenizer's
+    2**(len(fsq.channels) - 1) downsampling)."""
     side = int(config.data.image_size) // 2 ** (len(config.fsq.channels) - 1)
-    return model_block(config.model, vocab_size, config.fsq.levels, side)
+    levels, dim = image_token_codes(config)
+    vq_dim = dim if config.fsq.get("quantizer", "fsq") == "vq" else 0
+    return model_block(config.model, vocab_size, levels, side, vq_dim)
 
 
 def target_capacity(config: ml_collections.ConfigDict) -> TargetCapacity:

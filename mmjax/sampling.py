@@ -23,7 +23,8 @@ Design choices, and why:
   for model.image_positions; sample.noise_aug > 0 adds CAM's low-level Gaussian noise to the image
   tokens fed back to the model (the returned tokens stay clean and on the grid).
 - Image tokens: the ODE dx/dt = v(x, t | h) runs from x0 ~ N(0, I) at t=0 to t=1 (rectified flow,
-  v = x1 - x0 as trained in objectives.py), then the result is SNAPPED to the FSQ grid, so every
+  v = x1 - x0 as trained in objectives.py), then the result is SNAPPED to the codebook (the FSQ
+  grid, or a VQ tokenizer's learned table: mmjax.image_codebook), so every
   image token fed back (and decoded to pixels) is a code the tokenizer can produce.
 - The "interleaved" chain uses only document layouts the model was trained on, packed in one
   sequence like a training row (one cache, documents separated by segment ids):
@@ -142,6 +143,23 @@ def integrate_flow(velocity, x0: jax.Array, num_steps: int, solver: str = "euler
     return jax.lax.fori_loop(0, num_steps, step, x0)
 
 
+def model_codebook(model: MultimodalLM, codebook=None):
+    """The codebook the image tokens are snapped to and indexed in (mmjax.image_codebook): the
+    one given, checked against the model's code width and size, else the FSQ grid of the
+    model's levels. A VQ model (ModelConfig.vq_dim > 0) needs its learned codebook passed."""
+    cfg = model.cfg
+    if codebook is None:
+        if cfg.vq_dim:
+            raise ValueError("a model trained on VQ tokens samples with its learned codebook: "
+                             "pass codebook=mmjax.image_codebook.load(config, workdir)")
+        return FSQ(tuple(model.fsq_levels))
+    if (codebook.dim, codebook.codebook_size) != (cfg.code_dim, cfg.codebook_size):
+        raise ValueError(f"codebook of {codebook.codebook_size} codes of width {codebook.dim} "
+                         f"does not fit the model's {cfg.codebook_size} codes of width "
+                         f"{cfg.code_dim}")
+    return codebook
+
+
 # ---- the bound decoder and its state ---------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Decoder:
@@ -154,10 +172,10 @@ class Decoder:
     params: Any
     settings: SampleSettings
     special: SpecialIds
+    codebook: Any = None  # FSQ or LearnedCodebook (see `model_codebook`); None = the FSQ grid
 
-    @property
-    def fsq(self) -> FSQ:
-        return FSQ(tuple(self.model.fsq_levels))
+    def __post_init__(self):
+        object.__setattr__(self, "codebook", model_codebook(self.model, self.codebook))
 
     def apply(self, *args, method):
         return self.model.apply({"params": self.params}, *args, method=method)
@@ -193,10 +211,10 @@ def _guide(cond_uncond: jax.Array, batch: int, scale: float) -> jax.Array:
 def flow_token(dec: Decoder, hidden, keys):
     """Flow head: hidden [G*B, D] (G = 2 with CFG, cond rows first), keys [B] -> (index [B],
     snapped code [B, d])."""
-    fsq, settings = dec.fsq, dec.settings
+    codebook, settings = dec.codebook, dec.settings
     batch, guided = keys.shape[0], settings.guided
     # MAR's temperature: the ODE starts from N(0, tau^2 I); tau < 1 trades diversity for fidelity.
-    x0 = settings.flow_temperature * jax.vmap(lambda k: jax.random.normal(k, (fsq.dim,)))(keys)
+    x0 = settings.flow_temperature * jax.vmap(lambda k: jax.random.normal(k, (codebook.dim,)))(keys)
 
     def velocity(x, t):
         xs = jnp.concatenate([x, x]) if guided else x
@@ -204,13 +222,13 @@ def flow_token(dec: Decoder, hidden, keys):
         return _guide(v, batch, settings.cfg_scale) if guided else v
 
     x1 = integrate_flow(velocity, x0, settings.ode_steps, settings.ode_solver)
-    codes = fsq.snap(x1)
-    return fsq.codes_to_indices(codes), codes
+    codes = codebook.snap(x1)
+    return codebook.codes_to_indices(codes), codes
 
 
 def discrete_token(dec: Decoder, hidden, keys):
     """Discrete head: FSQ indices sampled from (guided) index logits -> (index [B], code [B, d])."""
-    fsq, settings = dec.fsq, dec.settings
+    codebook, settings = dec.codebook, dec.settings
     batch = keys.shape[0]
     logits = dec.apply(hidden, method=MultimodalLM.index_logits)
     if settings.guided:
@@ -221,8 +239,8 @@ def discrete_token(dec: Decoder, hidden, keys):
     else:  # factorised: one draw per FSQ channel
         digits = jnp.stack([sample_rows(_fold(keys, c), lg, **kw) for c, lg in enumerate(logits)],
                            axis=-1)
-        index = heads.digits_to_indices(digits, fsq.levels)
-    return index, fsq.indices_to_codes(index)
+        index = heads.digits_to_indices(digits, codebook.levels)
+    return index, codebook.indices_to_codes(index)
 
 
 # ---- chunks and documents --------------------------------------------------------------------
@@ -314,7 +332,7 @@ def _text_loop(dec: Decoder, state: dict, segment, keys, collect: bool):
                           top_k=settings.top_k, top_p=settings.top_p)
         tok = jnp.where(s["done"], PAD_ID, tok)
         new_h, cache = dec.decode(s["cache"], _step_chunk(
-            tok, jnp.zeros((rows, dec.fsq.dim), jnp.float32), TEXT, s["pos"], segment))
+            tok, jnp.zeros((rows, dec.codebook.dim), jnp.float32), TEXT, s["pos"], segment))
         out = dict(s, step=s["step"] + 1, cache=cache, hidden=new_h[:, 0], pos=s["pos"] + 1,
                    done=s["done"] | (tok == special.eos),
                    tokens=s["tokens"].at[:, s["step"]].set(tok))
@@ -345,7 +363,7 @@ def _t2i_doc(dec: Decoder, cache, caption_ids, lengths, segment, keys, num_token
                                                dec.special)
         tokens, valid = jnp.concatenate([tokens, u_tokens]), jnp.concatenate([valid, u_valid])
         pos = jnp.concatenate([pos, u_pos])
-    hidden, cache = dec.decode(cache, _text_chunk(tokens, valid, segment, dec.fsq.dim))
+    hidden, cache = dec.decode(cache, _text_chunk(tokens, valid, segment, dec.codebook.dim))
     state = {"cache": cache, "hidden": hidden[:, -1], "pos": pos}
     state, out = _image_loop(dec, state, segment, keys, num_tokens, collect)
     return state["cache"], out
@@ -358,7 +376,7 @@ def _i2t_doc(dec: Decoder, cache, codes, segment, keys, collect: bool):
     special = dec.special
     rows, n, _ = codes.shape
     col = lambda v: jnp.full((rows, 1), v, jnp.int32)  # noqa: E731
-    tokens = jnp.concatenate([col(special.bos), col(special.boi), dec.fsq.codes_to_indices(codes),
+    tokens = jnp.concatenate([col(special.bos), col(special.boi), dec.codebook.codes_to_indices(codes),
                               col(special.eoi)], axis=1)
     is_img = jnp.arange(n + 3) - 2
     is_img = jnp.broadcast_to((is_img >= 0) & (is_img < n), tokens.shape)
@@ -384,11 +402,12 @@ def _at_least_one_column(caption_ids):
 
 # ---- public entry points (pure; jit them with `Sampler`) --------------------------------------
 def text_to_image(params, model, caption_ids, caption_lengths, rng, *, settings: SampleSettings,
-                  special: SpecialIds, num_image_tokens: int, collect: bool = False) -> dict:
+                  special: SpecialIds, num_image_tokens: int, collect: bool = False,
+                  codebook=None) -> dict:
     """Images for captions: caption_ids int [B, T] right-padded, caption_lengths [B] ->
-    {"indices": int32 [B, n], "codes": float32 [B, n, d] on the FSQ grid
+    {"indices": int32 [B, n], "codes": float32 [B, n, d] in the codebook
      (+ "hidden": [B, n, D], the state that predicted each token, when `collect`)}."""
-    dec = Decoder(model, params, settings, special)
+    dec = Decoder(model, params, settings, special, codebook)
     caption_ids = _at_least_one_column(caption_ids)
     b, width = caption_ids.shape
     cache = init_cache(model.cfg, (1 + settings.guided) * b,
@@ -399,11 +418,11 @@ def text_to_image(params, model, caption_ids, caption_lengths, rng, *, settings:
 
 
 def image_to_text(params, model, image_codes, rng, *, settings: SampleSettings,
-                  special: SpecialIds, collect: bool = False) -> dict:
+                  special: SpecialIds, collect: bool = False, codebook=None) -> dict:
     """Captions for images given as FSQ code vectors [B, n, d] ->
     {"tokens": int32 [B, max_text_len] (PAD_ID after <eos>), "lengths": [B]
      (+ "hidden": [B, T, D] when `collect`)}."""
-    dec = Decoder(model, params, settings, special)
+    dec = Decoder(model, params, settings, special, codebook)
     b, n, _ = image_codes.shape
     cache = init_cache(model.cfg, b, n + layout.I2T_PROMPT_SPECIALS + settings.max_text_len)
     _, out = _i2t_doc(dec, cache, image_codes, 1, _fold(row_keys(rng, b), 1), collect)
@@ -412,7 +431,8 @@ def image_to_text(params, model, image_codes, rng, *, settings: SampleSettings,
 
 
 def interleaved(params, model, caption_ids, caption_lengths, rng, *, settings: SampleSettings,
-                special: SpecialIds, num_image_tokens: int, rounds: int = 2) -> dict:
+                special: SpecialIds, num_image_tokens: int, rounds: int = 2,
+                codebook=None) -> dict:
     """The caption -> image -> caption -> ... chain of the module docstring, `rounds` images.
 
     Round r is a text->image document (segment 2r+1) followed by an image->text document
@@ -423,7 +443,7 @@ def interleaved(params, model, caption_ids, caption_lengths, rng, *, settings: S
     """
     if rounds < 1:
         raise ValueError(f"interleaved: rounds={rounds} must be >= 1.")
-    dec = Decoder(model, params, settings, special)
+    dec = Decoder(model, params, settings, special, codebook)
     b, width = caption_ids.shape
     n, t = num_image_tokens, settings.max_text_len
     groups = 1 + settings.guided
@@ -450,14 +470,14 @@ def interleaved(params, model, caption_ids, caption_lengths, rng, *, settings: S
             for name, v in zip(("indices", "codes", "tokens", "lengths"), outs)}
 
 
-def _edit_prompt(context_codes, instr_ids, lengths, special: SpecialIds, fsq: FSQ):
+def _edit_prompt(context_codes, instr_ids, lengths, special: SpecialIds, codebook):
     """`<bos> <boi> A <eoi> instr <boi>` (layout.edit_parts' prefix) left-padded to width
     n + 4 + T: A is a context block (image_block = segment 1), padding has segment 0 and
     positions restart at each row's first real token, as the packer writes them."""
     b, n, d = context_codes.shape
     width = n + 4 + instr_ids.shape[1]
     col = lambda v: jnp.full((b, 1), v, jnp.int32)  # noqa: E731
-    tokens = jnp.concatenate([col(special.bos), col(special.boi), fsq.codes_to_indices(context_codes),
+    tokens = jnp.concatenate([col(special.bos), col(special.boi), codebook.codes_to_indices(context_codes),
                               col(special.eoi), instr_ids.astype(jnp.int32), col(0)], axis=1)
     tokens = tokens.at[jnp.arange(b), n + 3 + lengths].set(special.boi)
     slot = jnp.broadcast_to(jnp.arange(width), (b, width))
@@ -476,18 +496,19 @@ def _edit_prompt(context_codes, instr_ids, lengths, special: SpecialIds, fsq: FS
 
 
 def edit_image(params, model, context_codes, instr_ids, instr_lengths, rng, *,
-               settings: SampleSettings, special: SpecialIds, num_image_tokens: int) -> dict:
+               settings: SampleSettings, special: SpecialIds, num_image_tokens: int,
+               codebook=None) -> dict:
     """The image after an instruction: context image A as FSQ codes [B, n, d], instruction ids
     [B, T] right-padded with lengths [B] -> {"indices" [B, n], "codes" [B, n, d]}, sampled in
     the edit layout `<bos> <boi> A <eoi> instr <boi> B` (data.name="shapes_edits"). With CFG the
     unconditional half replaces the instruction by `<uncond>` (the packer's instruction dropout)."""
-    dec = Decoder(model, params, settings, special)
+    dec = Decoder(model, params, settings, special, codebook)
     instr_ids = _at_least_one_column(instr_ids)
     b = instr_ids.shape[0]
-    chunk, real = _edit_prompt(context_codes, instr_ids, instr_lengths, special, dec.fsq)
+    chunk, real = _edit_prompt(context_codes, instr_ids, instr_lengths, special, dec.codebook)
     if settings.guided:
         u_chunk, u_real = _edit_prompt(context_codes, *uncond_prompt(instr_ids, special), special,
-                                       dec.fsq)
+                                       dec.codebook)
         chunk = jax.tree.map(lambda c, u: jnp.concatenate([c, u]), chunk, u_chunk)
         real = jnp.concatenate([real, u_real])
     cache = init_cache(model.cfg, chunk["tokens"].shape[0],
@@ -512,10 +533,12 @@ class Sampler:
     shape), with host-side input checks."""
 
     def __init__(self, model: MultimodalLM, settings: SampleSettings, special: SpecialIds,
-                 num_image_tokens: int, *, collect: bool = False):
-        common = dict(settings=settings, special=special)
+                 num_image_tokens: int, *, collect: bool = False, codebook=None):
+        """`codebook`: the image tokens' codebook (`model_codebook`; None = the FSQ grid)."""
+        codebook = model_codebook(model, codebook)
+        common = dict(settings=settings, special=special, codebook=codebook)
         image = dict(common, num_image_tokens=int(num_image_tokens))
-        self.code_dim = len(model.fsq_levels)
+        self.code_dim = codebook.dim
         self._t2i = jax.jit(lambda params, ids, lengths, rng: text_to_image(
             params, model, ids, lengths, rng, **image, collect=collect))
         self._i2t = jax.jit(lambda params, codes, rng: image_to_text(
@@ -531,7 +554,7 @@ class Sampler:
 
     def image_to_text(self, params, image_codes, rng) -> dict:
         if np.ndim(image_codes) != 3 or np.shape(image_codes)[-1] != self.code_dim:
-            raise ValueError(f"image_codes must be [B, n, {self.code_dim}] FSQ code vectors, got "
+            raise ValueError(f"image_codes must be [B, n, {self.code_dim}] code vectors, got "
                              f"shape {np.shape(image_codes)}.")
         return self._i2t(params, image_codes, rng)
 

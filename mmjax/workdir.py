@@ -3,6 +3,7 @@
     <root>/data/                      datasets (TFDS ArrayRecord) and the SentencePiece model
     <root>/tokenizer/                 FSQ autoencoder run: checkpoints/, metrics, eval, PNG grid
     <root>/image_tokens/<split>.*     precomputed FSQ indices (+ a JSON sidecar)
+    <root>/image_tokens/codebook.npy  a VQ tokenizer's codebook [K, d] the indices refer to
     <root>/model/                     multimodal LM run: checkpoints/, metrics
     <root>/samples/                   sample-stage outputs (eval.json, captions, grids)
     <root>/results_<mode>.json        each CLI invocation's summary
@@ -110,6 +111,12 @@ class Workdir:
     def image_token_files(self, split: str) -> tuple[epath.Path, epath.Path]:
         """(<split>.array_record, <split>.json) of the precomputed tokens."""
         return (self.image_tokens / f"{split}.array_record", self.image_tokens / f"{split}.json")
+
+    @property
+    def image_token_codebook(self) -> epath.Path:
+        """The learned codebook [K, d] (float32 .npy) a VQ tokenizer's indices refer to; FSQ
+        tokens have none (their grid follows from fsq.levels)."""
+        return self.image_tokens / "codebook.npy"
 
     def image_token_shard(self, split: str, index: int, count: int) -> epath.Path:
         """Process `index`'s share of `split`'s tokens when `count` processes tokenize it

@@ -236,10 +236,6 @@ def test_bad_vq_fields_fail_naming_the_field(field, value, needle):
         validate(cfg)
 
 
-def test_reseed_needs_ema_and_model_stage_needs_fsq():
+def test_reseed_needs_ema():
     with pytest.raises(ConfigError, match=r"fsq\.vq_reseed=3.*vq_ema_decay"):
         validate(tiny_config(vq_reseed=3, vq_ema_decay=0.0))
-    c = config_defaults.base_config()
-    c.fsq.quantizer = "vq"
-    with pytest.raises(ConfigError, match=r"fsq\.quantizer='vq'.*FSQ tokens only"):
-        validate(c)

@@ -19,7 +19,9 @@ from mmjax.errors import InputError, MissingArtifactError
 
 SPLITS = ("train", "validation", "test")
 # The sidecar fields that say what the tokens are (`files` only says where they are stored).
-CONTENT_KEYS = ("dataset", "image_size", "levels", "grid", "num_records", "tokenizer_step")
+# A VQ tokenizer's tokens add "quantizer", "codebook_size" and "code_dim" (FSQ sidecars omit them).
+CONTENT_KEYS = ("dataset", "image_size", "levels", "grid", "num_records", "tokenizer_step",
+                "quantizer", "codebook_size", "code_dim")
 
 
 def token_meta(workdir, split: str = "train") -> dict:

@@ -20,7 +20,8 @@ from typing import Any
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Every field of config_defaults.model_config (same names and meaning), plus the text
-    vocabulary size, the FSQ levels of the image tokens and the image grid's side."""
+    vocabulary size, the index levels and code width of the image tokens and the image grid's
+    side."""
 
     num_modalities: int
     num_layers: int
@@ -46,10 +47,15 @@ class ModelConfig:
     dtype: str
     remat: str
     vocab_size: int
+    # Mixed-radix digits of an image-token index: the FSQ levels, or (K,) for a learned (VQ)
+    # codebook of K codes (mmjax.tokenizers.vq.LearnedCodebook.levels).
     fsq_levels: tuple[int, ...]
     # Image tokens per side (data.image_size // the tokenizer's downsampling); 0 = not given
     # (only model.image_positions="learned_2d" needs it, to split a token's index into row, col).
     image_side: int = 0
+    # Code-vector width of a learned (VQ) codebook (fsq.vq_dim); 0 = FSQ tokens, whose code has
+    # one channel per level.
+    vq_dim: int = 0
 
     @property
     def image_head(self) -> str:
@@ -58,8 +64,8 @@ class ModelConfig:
 
     @property
     def code_dim(self) -> int:
-        """Dimension d of an FSQ code vector (= len(fsq_levels))."""
-        return len(self.fsq_levels)
+        """Dimension d of an image token's code vector (len(fsq_levels) for FSQ, else vq_dim)."""
+        return self.vq_dim or len(self.fsq_levels)
 
     @property
     def codebook_size(self) -> int:

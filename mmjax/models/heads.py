@@ -118,8 +118,8 @@ class FlowHead(nn.Module):
     @nn.compact
     def __call__(self, hidden: jax.Array, x_t: jax.Array, t: jax.Array) -> jax.Array:
         if x_t.shape[-1] != self.code_dim:
-            raise ValueError(f"flow head: x_t has last axis {x_t.shape[-1]}, expected the FSQ dim "
-                             f"{self.code_dim} (= len(fsq.levels)).")
+            raise ValueError(f"flow head: x_t has last axis {x_t.shape[-1]}, expected the code "
+                             f"dim {self.code_dim} (len(fsq.levels), or fsq.vq_dim for VQ).")
         w = self.width
         cond = _dense(w, ("embed", "flow_cond"), self.dtype, "cond_proj")(hidden)
         t_emb = timestep_features(t, w).astype(self.dtype)

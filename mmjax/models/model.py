@@ -60,10 +60,10 @@ def _is_concrete(x) -> bool:
 
 
 class MultimodalLM(nn.Module):
-    """Decoder-only MoT over text tokens and FSQ image code vectors.
+    """Decoder-only MoT over text tokens and image code vectors (FSQ grid or VQ codebook rows).
 
     cfg: the checked ModelConfig (config_validation.model_config): the `model` block plus the
-    text vocabulary and the FSQ levels (code dim d = len(levels)). Its values are not checked
+    text vocabulary and the image tokens' index levels and code dim d. Its values are not checked
     again here; the image head module comes from the config's registry entry `cfg.head`.
     """
 
@@ -119,8 +119,8 @@ class MultimodalLM(nn.Module):
         """
         tokens, codes, modality = batch["tokens"], batch["codes"], batch["modality"]
         if codes.shape[-1] != self.code_dim:
-            raise ValueError(f"batch['codes'] has last axis {codes.shape[-1]}, expected the FSQ "
-                             f"dim {self.code_dim} (len(fsq.levels)={self.fsq_levels}).")
+            raise ValueError(f"batch['codes'] has last axis {codes.shape[-1]}, expected the "
+                             f"image tokens' code dim {self.code_dim}.")
         is_text = modality == 0
         text = self.embed(jnp.where(is_text, tokens, 0))
         codes = codes.astype(jnp.float32)

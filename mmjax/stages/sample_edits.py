@@ -76,7 +76,7 @@ def run(config, workdir) -> dict:
     t0 = time.time()
     sampler = run_.sampler(run_.settings)
     out = run_.map_batches(lambda c, i, n, k: sampler.edit(run_.params, c, i, n, k),
-                           [run_.fsq.indices_to_codes(a_tokens), ids, lengths], seed)
+                           [run_.codebook.indices_to_codes(a_tokens), ids, lengths], seed)
     images = run_.pixels(out["indices"])
     metrics["edit_seconds"] = time.time() - t0  # wall time incl. compilation
     before = np.stack([r["attributes"] for r in firsts])

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from mmjax import checkpointing, io, multihost
+from mmjax import checkpointing, image_codebook, io, multihost
 from mmjax.data import pipeline
 from mmjax.data.image_tokens import CONTENT_KEYS, SPLITS
 from mmjax.errors import InputError
@@ -28,7 +28,7 @@ def _expected_meta(config, num_records: int, grid: tuple[int, int], step: int) -
     meta = {"dataset": config.data.name, "image_size": int(config.data.image_size),
             "levels": [int(v) for v in config.fsq.levels], "grid": list(grid),
             "num_records": int(num_records), "tokenizer_step": int(step)}
-    if config.fsq.get("quantizer", "fsq") == "vq":  # FSQ metas stay as they were
+    if image_codebook.is_learned(config):  # FSQ metas stay as they were
         meta.update(quantizer="vq", codebook_size=int(config.fsq.vq_codebook_size),
                     code_dim=int(config.fsq.vq_dim))
     return meta
@@ -48,7 +48,7 @@ def _existing(workdir, split: str, meta: dict) -> bool:
     if not found:
         return False
     stored = io.read_json(meta_path)
-    if {k: stored.get(k) for k in CONTENT_KEYS} == meta:
+    if {k: stored.get(k) for k in CONTENT_KEYS if k in stored or k in meta} == meta:
         return True
     raise InputError(
         f"{meta_path} holds tokens from another tokenizer or dataset ({stored}); expected "
@@ -106,6 +106,17 @@ def tokenize_split(config, workdir, split: str, model, params, step: int,
     return meta
 
 
+def store_codebook(config, workdir, model, params) -> None:
+    """A VQ tokenizer's learned codebook, stored once beside the tokens (mmjax.image_codebook)
+    before any split's sidecar marks tokens complete; FSQ's grid needs no file."""
+    if not image_codebook.is_learned(config):
+        return
+    table = np.asarray(ae.codebook_table(model, params))
+    multihost.run_once(
+        "tokenize: the VQ codebook", lambda: image_codebook.save(workdir, table),
+        lambda: multihost.require_visible([workdir.image_token_codebook], "the VQ codebook"))
+
+
 def run(config, workdir) -> dict:
     """Encodes every split with the trained tokenizer, each process its share of the records."""
     def load():
@@ -113,5 +124,6 @@ def run(config, workdir) -> dict:
         return model, params, checkpointing.latest_step(workdir.tokenizer_checkpoints)
 
     model, params, step = multihost.together("tokenize: loading the tokenizer", load)
+    store_codebook(config, workdir, model, params)
     return {split: tokenize_split(config, workdir, split, model, params, step)
             for split in SPLITS}

@@ -11,9 +11,9 @@ from __future__ import annotations
 import grain
 import numpy as np
 
+from mmjax import image_codebook
 from mmjax.data import edit_packing, image_tokens, packing, pipeline
 from mmjax.data.shapes_edits import CHAIN_IMAGES
-from mmjax.tokenizers.fsq import FSQ
 
 
 def chain_examples(config, workdir, tokenizer, split: str) -> grain.MapDataset:
@@ -50,7 +50,7 @@ def packed_dataset(config, workdir, tokenizer, split: str, *, train: bool,
     obj = config.objective
     return edit_packing.EditPackedDataset(
         parent, seq_len=int(config.model.max_seq_len), special=packing.special_ids(tokenizer),
-        index_to_code=FSQ(tuple(config.fsq.levels)).codebook(),
+        index_to_code=image_codebook.load(config, workdir).codebook(),
         chain_prob=float(obj.edit_chain_prob),
         dropout=float(obj.caption_dropout) if train else 0.0,
         seed=int(config.data.seed) + (0 if train else 1), window=window)

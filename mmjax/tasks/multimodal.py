@@ -16,11 +16,10 @@ import grain
 import ml_collections
 import numpy as np
 
-from mmjax import config_validation, flops, objectives
+from mmjax import config_validation, flops, image_codebook, objectives
 from mmjax import targets as targets_lib
 from mmjax.data import captions, image_tokens, packing, pipeline
 from mmjax.models import model as model_lib
-from mmjax.tokenizers.fsq import FSQ
 
 
 FLOPS_SAMPLE_ROWS = 16  # packed rows that measure the image-target share for the FLOPs count
@@ -98,7 +97,7 @@ def packed_dataset(config, workdir, tokenizer, split: str, *, train: bool) -> gr
     obj = config.objective
     return packing.PackedDataset(
         parent, seq_len=int(config.model.max_seq_len), special=packing.special_ids(tokenizer),
-        index_to_code=FSQ(tuple(config.fsq.levels)).codebook(),
+        index_to_code=image_codebook.load(config, workdir).codebook(),
         t2i_prob=float(obj.t2i_prob), caption_dropout=float(obj.caption_dropout) if train else 0.0,
         seed=int(config.data.seed) + (0 if train else 1))
 

@@ -247,6 +247,13 @@ def tokenize(model: FSQAutoencoder, params, images) -> jax.Array:
     return indices.reshape(indices.shape[0], -1).astype(jnp.int32)
 
 
+def codebook_table(model, params) -> jax.Array:
+    """Every code vector in index order, [codebook_size, d] (the VQ codebook the model stage
+    reads; for FSQ, the grid)."""
+    indices = jnp.arange(model.codebook_size, dtype=jnp.int32)
+    return model.apply(variables_of(params), indices, method=type(model).codes_from_indices)
+
+
 def detokenize(model: FSQAutoencoder, params, indices, grid_hw: tuple[int, int]) -> jax.Array:
     """int indices [B, h*w] (row-major) -> float images [B, h*f, w*f, 3] in [-1, 1]."""
     h, w = grid_hw

@@ -34,6 +34,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 QUANTIZERS = ("fsq", "vq")
 _EMA_MIN_COUNT = 1e-6  # Below this EMA count a code keeps its vector (avoids 0/0).
@@ -317,3 +318,69 @@ def vq_loss_fn(model: VQAutoencoder, variables: dict, batch: dict[str, Any], rng
         metrics["unused_this_step"] = jnp.mean((new_state["unused"] > 0).astype(jnp.float32))
     return loss, (metrics, new_state)
 
+
+
+# ---- the codebook the model stage reads --------------------------------------------------------
+class LearnedCodebook:
+    """A trained VQ codebook as the model stage uses it: FSQ's index <-> code-vector interface
+    (`dim`, `codebook_size`, `levels`, `codebook`, `snap`, `codes_to_indices`, `indices_to_codes`)
+    over a stored table [K, d] instead of a grid.
+
+    Why the same interface: the packer, the model's input projection, both image heads and the
+    sampler only need "which vector is index i" and "which index is nearest to this vector", so
+    a VQ tokenizer feeds the model stage through exactly the code paths FSQ does. Its `levels`
+    are `(K,)`: one mixed-radix digit of K values, so the discrete head's flat softmax over
+    prod(levels) = K classes and its index arithmetic need no special case. As FSQ's methods,
+    these run on numpy for host input and on jax (traceable) for device arrays.
+    """
+
+    def __init__(self, table):
+        table = np.asarray(table, np.float32)
+        if table.ndim != 2 or table.shape[0] < 2 or table.shape[1] < 1:
+            raise ValueError(f"LearnedCodebook: the table must be [K >= 2, d >= 1], got "
+                             f"{table.shape}.")
+        self.table = table
+        self.table.flags.writeable = False
+
+    @property
+    def dim(self) -> int:
+        return int(self.table.shape[1])
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.table.shape[0])
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        return (self.codebook_size,)
+
+    def codebook(self) -> np.ndarray:
+        """The table [K, d] (float32, index order)."""
+        return self.table
+
+    def codes_to_indices(self, codes):
+        """int32 index [...] of the nearest table row (squared L2) to each vector [..., d]."""
+        self._check_last_axis(codes, "codes")
+        flat = jnp.asarray(codes, jnp.float32).reshape(-1, self.dim)
+        indices = nearest_indices(flat, jnp.asarray(self.table)).reshape(np.shape(codes)[:-1])
+        return indices if isinstance(codes, jax.Array) else np.asarray(indices)
+
+    def indices_to_codes(self, indices):
+        """float32 table rows [..., d] of integer indices [...]."""
+        if isinstance(indices, jax.Array):
+            return jnp.take(jnp.asarray(self.table), indices, axis=0)
+        indices = np.asarray(indices)
+        if not np.issubdtype(indices.dtype, np.integer):
+            raise ValueError(f"LearnedCodebook.indices_to_codes: indices must be integers, got "
+                             f"dtype {indices.dtype}.")
+        return self.table[indices]
+
+    def snap(self, x):
+        """The nearest table row to each vector x [..., d] (the flow sampler's last step)."""
+        return self.indices_to_codes(self.codes_to_indices(x))
+
+    def _check_last_axis(self, x, name: str) -> None:
+        shape = np.shape(x)
+        if not shape or shape[-1] != self.dim:
+            raise ValueError(f"LearnedCodebook: {name} has shape {tuple(shape)}; its last axis "
+                             f"must be the code width {self.dim}.")
