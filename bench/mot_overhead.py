@@ -14,7 +14,10 @@ input projection); 0 leaves the third modality's group empty.
 Impls: "ragged" = jax.lax.ragged_dot (on CPU, XLA lowers it to a masked dense matmul: ~M x the
 FLOPs of a dense matmul, so expect ~M x the backbone cost there); "masked" = every token through
 every modality's weights (reference, M x FLOPs by construction); "tiled" (when present) = groups
-padded to whole tiles and one batched matmul. Dense (num_modalities=1) takes none of these paths.
+padded to whole tiles and one batched matmul; "buckets" = each batch shard sorted into a text
+and an image bucket sized by the packer's layout (model image_capacity), one dense matmul per
+modality ("auto" on CPU for packed rows; mot3 has no buckets and runs what "auto" picks then,
+recorded in `impl`). Dense (num_modalities=1) takes none of these paths.
 With the flow head (default) the head's FLOPs (run on every position, several t-samples) can
 outweigh the backbone's at small sizes and hide the MoT cost; --options=discrete shrinks the
 head so the backbone dominates. Writes bench/results/mot_overhead.json.
@@ -24,7 +27,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from bench.common import load_config, write_results
-from bench.train_harness import TimedTrainStep, available_impls, mesh_from_flag, resolved_impl, \
+from bench.train_harness import TimedTrainStep, available_impls, mesh_from_flag, \
     summarize, synthetic_rows, token_stats
 from mmjax import config_validation, flops
 
@@ -76,7 +79,7 @@ def main(_):
             counts = flops.param_counts(model_cfg)
             per_token = flops.flops_per_token(model_cfg, model_cfg.max_seq_len,
                                               stats["image_fraction"])
-            runs.append({"variant": variant, "impl": impl if impl == "-" else resolved_impl(impl),
+            runs.append({"variant": variant, "impl": impl if impl == "-" else runners[-1].mot_impl,
                          "num_modalities": MODALITIES[variant],
                          "params_total": counts["total"],
                          "params_active": counts["active_per_token"],

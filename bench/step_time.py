@@ -35,7 +35,7 @@ import numpy as np
 from absl import app, flags
 
 from bench.common import load_config, write_results
-from bench.train_harness import TimedTrainStep, mesh_from_flag, resolved_impl, summarize, \
+from bench.train_harness import TimedTrainStep, mesh_from_flag, summarize, \
     synthetic_rows, token_stats
 from mmjax import config_validation, flops
 
@@ -127,7 +127,7 @@ def run_size(size: str, mesh) -> list[dict]:
             "capacity": None if r.capacity is None else dataclasses.asdict(r.capacity),
             "batch_size": bs, "seq_len": seq,
             "dtype": config.model.dtype, "remat": config.model.remat,
-            "mot_impl": resolved_impl(config.model.mot_impl),
+            "mot_impl": r.mot_impl,
             "num_modalities": config.model.num_modalities, "image_head": model_cfg.image_head,
             "params_total": counts["total"], "params_active": counts["active_per_token"],
             "train_flops_per_token": per_token["train"], "six_n": per_token["six_n"],

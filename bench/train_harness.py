@@ -114,6 +114,8 @@ class TimedTrainStep:
         if heads_at_all_positions:
             task.capacity = None
         self.capacity = task.capacity
+        # the grouped-compute path these rows run (e.g. 'auto' -> 'buckets' or 'tiled')
+        self.mot_impl = task.model.mot_impl_for(*np.shape(batches[0]["tokens"]))
         self.mesh = mesh
         self.setup = train.build_setup(task, batches[0], mesh, parallel.logical_rules())
         self._i = 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 CHOICES: dict[str, tuple[str, ...]] = {
     "fsq.loss": ("l2", "l1+l2"),
     "fsq.quantizer": ("fsq", "vq"),
-    "model.mot_impl": ("auto", "ragged", "tiled", "masked"),
+    "model.mot_impl": ("auto", "ragged", "tiled", "buckets", "masked"),
     "model.attention_impl": ("auto", "reference", "chunked", "cudnn", "pallas", "splash"),
     # Keys of the image-head registry (mmjax/image_heads.py checks it holds exactly these).
     "model.image_head": ("flow", "discrete"),

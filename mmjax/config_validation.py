@@ -190,11 +190,12 @@ def _fields(cls, block: str, cfg, skip: Sequence[str] = ()) -> dict[str, Any]:
 
 
 def model_block(model_cfg: Mapping, vocab_size: int, fsq_levels: Sequence[int],
-                image_side: int = 0, vq_dim: int = 0) -> ModelConfig:
+                image_side: int = 0, vq_dim: int = 0, image_capacity: int = 0) -> ModelConfig:
     """The checked, frozen ModelConfig of a `model` block, a text vocabulary and the image
     tokens' index levels (FSQ levels, or (K,) with `vq_dim` > 0 for a learned codebook of K
-    codes of width vq_dim), and the image grid's side in tokens, which
-    model.image_positions="learned_2d" needs."""
+    codes of width vq_dim), the image grid's side in tokens, which
+    model.image_positions="learned_2d" needs, and the packer's image tokens per row at most
+    (`image_capacity`, 0 = unknown: the MoT buckets' size)."""
     if isinstance(vocab_size, bool) or int(vocab_size) != vocab_size or vocab_size <= 0:
         raise ConfigError(f"vocab_size={vocab_size!r}: must be a positive integer")
     levels_error = _fsq_levels_error(fsq_levels)
@@ -205,13 +206,15 @@ def model_block(model_cfg: Mapping, vocab_size: int, fsq_levels: Sequence[int],
         raise ConfigError("model.image_positions='learned_2d' needs the image grid's side "
                           f"(image_side={image_side!r}): build it with config_validation.model_config")
     kw = _fields(ModelConfig, "model", model_cfg,
-                 skip=("head", "vocab_size", "fsq_levels", "image_side", "vq_dim"))
+                 skip=("head", "vocab_size", "fsq_levels", "image_side", "vq_dim",
+                       "image_capacity"))
     kinds = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
     cast = {"int": int, "float": float, "bool": bool, "str": str}
     kw = {k: cast[kinds[k]](v) for k, v in kw.items()}
     return ModelConfig(**kw, head=image_heads.get(model_cfg["image_head"]),
                        vocab_size=int(vocab_size), fsq_levels=fsq.FSQ(fsq_levels).levels,
-                       image_side=int(image_side), vq_dim=int(vq_dim))
+                       image_side=int(image_side), vq_dim=int(vq_dim),
+                       image_capacity=int(image_capacity))
 
 
 def image_token_codes(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...], int]:
@@ -226,30 +229,40 @@ def image_token_codes(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
     """The ModelConfig of a full config (its `model` block, the image tokens' codes as
-    `image_token_codes` says and the image grid's side: data.image_size over the tokenizer's
-    2**(len(fsq.channels) - 1) downsampling)."""
+    `image_token_codes` says, the image grid's side: data.image_size over the tokenizer's
+    2**(len(fsq.channels) - 1) downsampling, and the packer's image tokens per row)."""
     side = int(config.data.image_size) // 2 ** (len(config.fsq.channels) - 1)
     levels, dim = image_token_codes(config)
     vq_dim = dim if config.fsq.get("quantizer", "fsq") == "vq" else 0
-    return model_block(config.model, vocab_size, levels, side, vq_dim)
+    try:  # 0 (no MoT buckets) when no document fits a row: target_capacity reports that layout
+        image_capacity = _from_packer(config, "row_image_capacity")
+    except ConfigError:
+        image_capacity = 0
+    return model_block(config.model, vocab_size, levels, side, vq_dim, image_capacity)
 
 
 def target_capacity(config: ml_collections.ConfigDict) -> TargetCapacity:
     """The static head capacity of a multimodal config's packed rows: the most image and text
-    targets one row holds (the packer's row_target_capacity of model.max_seq_len,
-    data.max_caption_len and the image tokens per image, (data.image_size / 2**(len(fsq.channels)
-    - 1))**2: packing's for caption/image pairs, edit_packing's for data.name="shapes_edits");
-    the objective gathers the heads' positions to it (mmjax/targets.py)."""
+    targets one row holds (the packer's row_target_capacity); the objective gathers the heads'
+    positions to it (mmjax/targets.py)."""
+    image, text = _from_packer(config, "row_target_capacity")
+    return TargetCapacity(image=image, text=text)
+
+
+def _from_packer(config: ml_collections.ConfigDict, bound: str):
+    """A static per-row bound of the config's packer (packing's for caption/image pairs,
+    edit_packing's for data.name="shapes_edits"): `bound`(model.max_seq_len,
+    data.max_caption_len, image tokens per image = (data.image_size / 2**(len(fsq.channels)
+    - 1))**2), its ValueError as one ConfigError naming the fields."""
     from mmjax.data import edit_packing
     side = int(config.data.image_size) // 2 ** (len(config.fsq.channels) - 1)
     seq_len, caption = int(config.model.max_seq_len), int(config.data.max_caption_len)
     packer = edit_packing if config.data.name == "shapes_edits" else packing
     try:
-        image, text = packer.row_target_capacity(seq_len, caption, side * side)
+        return getattr(packer, bound)(seq_len, caption, side * side)
     except ValueError as e:
         raise ConfigError(f"config.model.max_seq_len={seq_len}: {e} (data.max_caption_len="
                           f"{caption}, {side * side} image tokens)") from None
-    return TargetCapacity(image=image, text=text)
 
 
 def objective_config(objective_cfg: Mapping) -> ObjectiveConfig:

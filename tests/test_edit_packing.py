@@ -7,6 +7,7 @@ import pytest
 from mmjax.data import edit_packing, packing
 from mmjax.data.shapes_edits import CHAIN_EDITS, CHAIN_IMAGES
 from mmjax.models import masks
+from test_targets import assert_fits_mot_buckets
 
 SP = packing.SpecialIds(bos=2, eos=3, boi=4, eoi=5, uncond=6)
 D = 3
@@ -154,8 +155,10 @@ def test_target_capacity_bounds_every_row_of_every_window(seq_len):
         except ValueError:  # a 3-edit document longer than seq_len: that window is not packable
             continue
         assert ds.target_capacity == (cap_image, cap_text)
+        assert ds.image_capacity == edit_packing.row_image_capacity(seq_len, 4, 3)
         for row in (ds[i] for i in range(len(ds))):
             assert row["image_mask"].sum() <= cap_image and row["text_mask"].sum() <= cap_text
+            assert_fits_mot_buckets(row, ds.image_capacity)
             most_image = max(most_image, int(row["image_mask"].sum()))
     assert most_image == cap_image  # reached by the densest window
 

@@ -4,6 +4,7 @@ one modality is a plain dense transformer); text is untouched by the image modal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import linen as nn
 
 from mmjax import config_defaults, config_validation
@@ -16,12 +17,12 @@ VOCAB = 50
 ROWS = [[("t2i", 3, 6), ("i2t", 2, 4)], [("i2t", 1, 5), ("t2i", 0, 4)]]
 
 
-def tiny_cfg(**kw):
+def tiny_cfg(image_capacity=0, **kw):
     c = config_defaults.model_config()
     c.update(num_layers=2, d_model=32, num_heads=2, mlp_dim=64, flow_width=32, flow_depth=1,
              max_seq_len=24)
     c.update(kw)
-    return config_validation.model_block(c, VOCAB, LEVELS)
+    return config_validation.model_block(c, VOCAB, LEVELS, image_capacity=image_capacity)
 
 
 def key(seed):
@@ -199,3 +200,89 @@ def test_auto_impl_picks_ragged_below_one_tile_on_cpu():
     assert mot.resolve_impl("auto") == "tiled"
     assert mot.resolve_impl("masked", rows=1) == "masked"
     assert mot.routing_shards(8, "ragged") == 1
+
+
+# ---- static per-row buckets (mot_impl='buckets') ---------------------------------------------
+def test_bucket_routing_layout_and_overflow():
+    """Each shard sorted to [text | padding | image]; its last B_s x C rows take the image
+    weights."""
+    modality = jnp.array([[1, 0, 1, 0, 0, 0], [0, 1, 1, 1, 0, 0]])
+    real = jnp.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 1]], bool)
+    r = mot.make_bucket_routing(modality, real, image_capacity=3)
+    x = jnp.arange(1.0, 13.0).reshape(2, 6)
+    s = mot.to_sorted(x, r)
+    np.testing.assert_array_equal(s, [2, 4, 7, 12, 5, 6, 11, 1, 3, 8, 9, 10])
+    np.testing.assert_array_equal(r.modality, [0] * 6 + [1] * 6)
+    np.testing.assert_array_equal(mot.from_sorted(s, r, (2, 6)), x)
+    np.testing.assert_array_equal(r.overflow, [False, False])
+    two = mot.make_bucket_routing(modality, real, image_capacity=3, shards=2)  # one row each
+    np.testing.assert_array_equal(mot.to_sorted(x, two), [2, 4, 5, 6, 1, 3, 7, 12, 11, 8, 9, 10])
+    np.testing.assert_array_equal(mot.sorted_layout(mot.to_sorted(x[..., None], two), two, 2, 6)
+                                  .shape, (2, 6, 1))
+    over = mot.make_bucket_routing(modality, real, image_capacity=2)  # 5 images > 2 x 2
+    np.testing.assert_array_equal(over.overflow, [True, True])
+    over_two = mot.make_bucket_routing(modality, real, image_capacity=2, shards=2)
+    np.testing.assert_array_equal(over_two.overflow, [False, True])  # row 1 has 3 images
+    all_real = mot.make_bucket_routing(modality, jnp.ones_like(real), image_capacity=1, shards=2)
+    np.testing.assert_array_equal(all_real.overflow, [True, True])  # too much text in each
+
+
+def test_buckets_equal_naive_at_real_tokens_values_and_gradients():
+    rng = np.random.default_rng(3)
+    cap, rows = 4, []  # rows of 9: <= 4 image, <= 5 text tokens, the rest padding, shuffled
+    for n_image, n_text in ((4, 5), (0, 3), (2, 5), (4, 0)):
+        kinds = np.array([2] * n_image + [0] * n_text + [1] * (9 - n_image - n_text))
+        rows.append(rng.permutation(kinds))
+    kinds = np.stack(rows)  # 0 text, 1 padding, 2 image
+    modality, real = jnp.asarray(kinds == 2, jnp.int32), jnp.asarray(kinds != 1)
+    x = jnp.asarray(rng.normal(size=(4, 9, 6)), jnp.float32)
+    layer = mot.ModalityDense(2, (6,), (5,), ("embed",), ("mlp",), impl="buckets")
+    routing = mot.make_bucket_routing(modality, real, cap)
+    assert not bool(routing.overflow.any())
+    params = layer.init(jax.random.key(1), mot.to_sorted(x, routing), routing)
+    w = jnp.asarray(real, jnp.float32)[..., None]
+
+    def loss(p, x):  # only real tokens count, as in training (padding carries no target)
+        y = mot.from_sorted(layer.apply(p, mot.to_sorted(x, routing), routing), routing, (4, 9, 5))
+        return jnp.sum(jnp.sin(y) * w), y
+
+    (_, got), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+    kernel = nn.unbox(params)["params"]["kernel"]
+    naive = jnp.einsum("btk,btkf->btf", x, kernel[modality])
+    np.testing.assert_allclose(np.asarray(got) * w, np.asarray(naive) * w, rtol=1e-5, atol=1e-5)
+    want = jax.grad(lambda k, x: jnp.sum(jnp.sin(jnp.einsum("btk,btkf->btf", x, k[modality])) * w),
+                    argnums=(0, 1))(kernel, x)
+    np.testing.assert_allclose(nn.unbox(grads[0])["params"]["kernel"], want[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grads[1], want[1], rtol=1e-5, atol=1e-5)
+
+
+def test_model_with_buckets_equals_tiled_at_real_positions_and_refuses_overflow():
+    batch = packed_batch(ROWS, 24, VOCAB, LEVELS)
+    real = batch["segment_ids"] > 0
+    cap = int(np.max(np.sum(real & (batch["modality"] == 1), -1)))
+    tiled_cfg = tiny_cfg(num_modalities=2, mot_impl="tiled", mot_tile=4)
+    model, params = build(tiled_cfg, batch)
+    bucketed = MultimodalLM(tiny_cfg(cap, num_modalities=2, mot_impl="auto", mot_tile=4))
+    w = jnp.asarray(real, jnp.float32)[..., None]
+
+    def loss(m):
+        return lambda p: jnp.sum(jnp.tanh(m.apply({"params": p}, batch)) * w)
+
+    got, want = (jax.jit(m.apply)({"params": params}, batch) for m in (bucketed, model))
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=1e-4, atol=1e-4)
+    g_got, g_want = (jax.jit(jax.grad(loss(m)))(params) for m in (bucketed, model))
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    total_images = int(np.sum(real & (batch["modality"] == 1)))
+    small_cap = total_images // len(ROWS) - 1  # the shard's images do not fit its buckets
+    small = MultimodalLM(tiny_cfg(small_cap, num_modalities=2, mot_impl="buckets"))
+    with pytest.raises(ValueError, match=f"image_capacity={small_cap}"):
+        small.apply({"params": params}, batch)
+    assert np.isnan(np.asarray(jax.jit(small.apply)({"params": params}, batch))).all()
+
+
+def test_buckets_are_chosen_only_where_they_fit():
+    assert mot.resolve_impl("auto", rows=4096, tile=128, buckets_fit=True) == "buckets"
+    assert mot.resolve_impl("buckets", rows=4096, tile=128) == "tiled"  # e.g. a prefill chunk
+    assert mot.resolve_impl("buckets", rows=1, tile=128) == "ragged"  # a decode step
+    assert mot.resolve_impl("tiled", rows=4096, buckets_fit=True) == "tiled"

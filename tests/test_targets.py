@@ -43,11 +43,22 @@ def test_capacity_bounds_every_packed_row_and_is_reached(seq_len, max_caption, n
                                    special=SP, index_to_code=table, t2i_prob=t2i_prob,
                                    caption_dropout=dropout, seed=3)
         assert ds.target_capacity == (cap_image, cap_text)
+        assert ds.image_capacity == packing.row_image_capacity(seq_len, max_caption, n_image)
         for row in (ds[i] for i in range(len(ds))):
             counts = np.array([row["image_mask"].sum(), row["text_mask"].sum()])
             assert (counts <= (cap_image, cap_text)).all(), (counts, cap_image, cap_text)
             most = np.maximum(most, counts)
+            assert_fits_mot_buckets(row, ds.image_capacity)
     assert tuple(most) == (cap_image, cap_text)  # the bound is tight (full captions, all t2i)
+
+
+def assert_fits_mot_buckets(row, image_capacity):
+    """The MoT buckets' premise (mot.make_bucket_routing): a row's real image tokens fit the
+    image bucket and its real text the rest of the row."""
+    real = row["segment_ids"] > 0
+    images = int(np.sum(real & (row["modality"] == 1)))
+    text = int(np.sum(real & (row["modality"] == 0)))
+    assert images <= image_capacity and text <= len(real) - image_capacity, (images, text)
 
 
 def test_target_capacity_from_config():

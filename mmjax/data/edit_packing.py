@@ -95,15 +95,35 @@ def row_target_capacity(seq_len: int, max_text: int, num_image_tokens: int) -> t
     keeps the bound simple and safe).
     """
     image = text = 0
-    for edits in range(1, CHAIN_EDITS + 1):
-        length = layout.edit_document_length([max(int(max_text), 1)] * edits, int(num_image_tokens))
-        docs = int(seq_len) // length
+    for edits, length, docs in _windows(seq_len, max_text, num_image_tokens):
         image = max(image, docs * edits * int(num_image_tokens))
         text = max(text, docs * (length - 1 - (edits + 1) * int(num_image_tokens)))
-    if image == 0:
+    return image, text
+
+
+def row_image_capacity(seq_len: int, max_text: int, num_image_tokens: int) -> int:
+    """Most image tokens, context or generated, one packed edit row holds (a document of e edits
+    has e + 1 images), over every window: the image bucket of model.mot_impl "buckets", as
+    packing.row_image_capacity is for caption/image pairs. 0 (no buckets) when the most text of
+    one window and the most images of another could not share a row's seq_len positions."""
+    windows = _windows(seq_len, max_text, num_image_tokens)
+    n = int(num_image_tokens)
+    image = max(docs * (edits + 1) * n for edits, _, docs in windows)
+    text = max(docs * (length - (edits + 1) * n) for edits, length, docs in windows)
+    return image if image + text <= int(seq_len) else 0
+
+
+def _windows(seq_len: int, max_text: int, num_image_tokens: int):
+    """(edits, longest document length, documents per row) of every window this packer cuts;
+    ValueError when not even one edit fits a row."""
+    rows = []
+    for edits in range(1, CHAIN_EDITS + 1):
+        length = layout.edit_document_length([max(int(max_text), 1)] * edits, int(num_image_tokens))
+        rows.append((edits, length, int(seq_len) // length))
+    if rows[0][2] == 0:
         raise ValueError(f"an edit document of one edit ({num_image_tokens} image tokens per image, "
                          f"instructions up to {max_text} tokens) is longer than seq_len={seq_len}")
-    return image, text
+    return rows
 
 
 class EditPackedDataset(packing.RowPacker):
@@ -141,6 +161,8 @@ class EditPackedDataset(packing.RowPacker):
         self.docs_per_row = seq_len // self.max_doc_len
         # What the objective's static head capacity assumes (row_target_capacity's docstring).
         self.target_capacity = row_target_capacity(seq_len, self._max_text, self._num_image)
+        # What the MoT buckets assume (model image_capacity, mot.make_bucket_routing).
+        self.image_capacity = row_image_capacity(seq_len, self._max_text, self._num_image)
         self.code_dim = packing.lookup_codes(index_to_code, np.zeros(1, np.int32)).shape[1]
         self._seq_len, self._special, self._index_to_code = seq_len, special, index_to_code
         self._chain_prob, self._dropout, self._seed, self._window = chain_prob, dropout, seed, window

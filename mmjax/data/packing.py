@@ -138,6 +138,14 @@ def row_target_capacity(seq_len: int, max_caption_len: int, num_image_tokens: in
     return docs * int(num_image_tokens), docs * (longest - int(num_image_tokens) - 1)
 
 
+def row_image_capacity(seq_len: int, max_caption_len: int, num_image_tokens: int) -> int:
+    """Most image tokens, context or generated, one packed row holds: the static image bucket of
+    model.mot_impl "buckets" (config_validation.model_config). Every document here has exactly
+    one image, so this is row_target_capacity's image bound (which counts a t2i document's
+    image); an i2t document's context image takes the same room."""
+    return row_target_capacity(seq_len, max_caption_len, num_image_tokens)[0]
+
+
 def lookup_codes(index_to_code: Callable[[np.ndarray], np.ndarray] | np.ndarray, indices: np.ndarray) -> np.ndarray:
     """float32 [n, d] code vectors of `indices` from a table [codebook, d] or a callable."""
     if callable(index_to_code):
@@ -207,6 +215,8 @@ class PackedDataset(RowPacker):
         self.docs_per_row = seq_len // self.max_doc_len
         # What the objective's static head capacity assumes (row_target_capacity's docstring).
         self.target_capacity = row_target_capacity(seq_len, self._max_caption, self._num_image)
+        # What the MoT buckets assume (model image_capacity, mot.make_bucket_routing).
+        self.image_capacity = row_image_capacity(seq_len, self._max_caption, self._num_image)
         self.code_dim = lookup_codes(index_to_code, np.zeros(1, np.int32)).shape[1]
         self._seq_len, self._special, self._index_to_code = seq_len, special, index_to_code
         self._t2i_prob, self._caption_dropout, self._seed = t2i_prob, caption_dropout, seed

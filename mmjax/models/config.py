@@ -56,6 +56,10 @@ class ModelConfig:
     # Code-vector width of a learned (VQ) codebook (fsq.vq_dim); 0 = FSQ tokens, whose code has
     # one channel per level.
     vq_dim: int = 0
+    # Most image tokens one packed row of max_seq_len holds (the packer's layout:
+    # config_validation.model_config); 0 = unknown. With two modalities it sizes the static
+    # buckets of mot_impl "buckets" (and "auto" on CPU) for full-length rows (mot.make_bucket_routing).
+    image_capacity: int = 0
 
     @property
     def image_head(self) -> str:

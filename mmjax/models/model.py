@@ -178,9 +178,19 @@ class MultimodalLM(nn.Module):
                              f"(model.num_modalities={self.num_modalities}).")
         b, t = tokens.shape
         tile = self.cfg.mot_tile
-        impl = mot.resolve_impl(self.cfg.mot_impl, b * t, tile)
-        routing = mot.make_routing(modality, self.num_modalities, mot.routing_shards(b, impl),
-                                   tile if impl == "tiled" else None)
+        impl = self.mot_impl_for(b, t, cached=kv_layers is not None)
+        if impl == "buckets":
+            routing = mot.make_bucket_routing(modality, batch["segment_ids"] > 0,
+                                              self.cfg.image_capacity,
+                                              mot.routing_shards(b, impl))
+            if _is_concrete(routing.overflow) and bool(np.asarray(routing.overflow).any()):
+                raise ValueError(f"rows hold more image tokens than image_capacity="
+                                 f"{self.cfg.image_capacity} per row allows (or more text than "
+                                 f"the rest of their {t} positions); rows must come from the "
+                                 "config's packer")
+        else:
+            routing = mot.make_routing(modality, self.num_modalities, mot.routing_shards(b, impl),
+                                       tile if impl == "tiled" else None)
         x = self.embed_inputs(batch, train=train)
         d = x.shape[-1]
         x = mot.sorted_layout(mot.to_sorted(x, routing), routing, b, t)
@@ -191,8 +201,20 @@ class MultimodalLM(nn.Module):
             new_kv.append(kv)
         h = self.final_norm(x.reshape(-1, d), routing)
         h = mot.from_sorted(h, routing, (b, t, d))
-        h = jnp.where(self._valid_modality(jnp.asarray(modality))[..., None], h, jnp.nan)
+        ok = self._valid_modality(jnp.asarray(modality))
+        if routing.overflow is not None:
+            ok = ok & ~routing.overflow[:, None]
+        h = jnp.where(ok[..., None], h, jnp.nan)
         return layers.constrain(h, ("batch", "length", "embed")), new_kv
+
+    def mot_impl_for(self, batch: int, length: int, cached: bool = False) -> str:
+        """The grouped-compute path (mot.resolve_impl) a call of [batch, length] runs: the static
+        buckets only for packed rows they are sized for (two modalities, a known image capacity,
+        full-length rows, no KV cache: decode chunks are not packed rows)."""
+        c = self.cfg
+        fit = (c.num_modalities == 2 and c.image_capacity > 0 and not cached
+               and length == c.max_seq_len)
+        return mot.resolve_impl(c.mot_impl, batch * length, c.mot_tile, fit)
 
     # ---- forward -----------------------------------------------------------------------------
     def __call__(self, batch: Mapping[str, jax.Array], *, train: bool = False) -> jax.Array:

@@ -5,12 +5,16 @@ Grouped compute: tokens are sorted by modality id so that each modality's tokens
 and one `jax.lax.ragged_dot` multiplies every group by its own weight slice. A token therefore
 costs exactly what it costs in a dense model; nothing runs through another modality's weights.
 On CPU, XLA lowers `ragged_dot` to a masked dense matmul (M times the FLOPs), so `mot_impl="auto"`
-picks `tiled_grouped_matmul` there: the sorted layout is padded so that each group starts on a
-tile boundary, and one batched matmul over tiles gives every tile its group's weight (dense cost
-plus at most M - 1 tiles; measured 1.3-1.45x a dense step on 2 CPU cores, bench/mot_overhead.py,
-where batched small matmuls are slower than one big one). `mot_impl="masked"` does run every
-token through every modality and keeps its own; it exists only as a reference for tests and
-benchmarks.
+picks one of two layouts there. For packed training rows of two modalities it uses static
+buckets (`make_bucket_routing`): the packer bounds the image tokens per row, padding fills
+whichever bucket has room, so each shard splits at a fixed row into a text block and an image
+block and each modality is one dense matmul (measured ~1.02x a dense step, bench/mot_overhead.py).
+Elsewhere (decode chunks, three modalities, unknown capacity) it uses `tiled_grouped_matmul`:
+the sorted layout is padded so that each group starts on a tile boundary, and one batched matmul
+over tiles gives every tile its group's weight (dense cost plus at most M - 1 tiles; measured
+1.3-1.45x a dense step on 2 CPU cores, where batched small matmuls are slower than one big one).
+`mot_impl="masked"` does run every token through every modality and keeps its own; it exists
+only as a reference for tests and benchmarks.
 
 Where the sort happens, and why: the modality layout is fixed for a whole forward pass, so the
 model sorts ONCE (`make_routing`) and keeps the residual stream in sorted order through every
@@ -58,6 +62,10 @@ class Routing(NamedTuple):
     group_sizes: jax.Array  # [S, M] int32 tokens per modality and shard (what ragged_dot needs)
     modality: jax.Array  # [S * R] int32 modality id of each *sorted* row (pad rows: their tile's)
     tile_group: jax.Array | None = None  # [S, R // tile] int32 modality of each tile ('tiled')
+    # 'buckets' (make_bucket_routing): [C_s] int32 0..C_s-1, the image bucket's rows at the end
+    # of each shard (its static LENGTH is the bucket size; an array so it survives tracing)...
+    image_bucket: jax.Array | None = None
+    overflow: jax.Array | None = None  # ... and [B] bool: rows of a shard that overflowed it
 
 
 def routing_shards(batch_size: int, impl: str) -> int:
@@ -98,6 +106,65 @@ def make_routing(modality: jax.Array, num_modalities: int, shards: int = 1,
     pad = functools.partial(_pad_to_tiles, num_modalities=num_modalities, tile=tile)
     perm, inv, row_group = jax.vmap(pad)(perm, inv, ids, group_sizes)
     return Routing(perm, inv, group_sizes, row_group.reshape(-1), row_group[:, ::tile])
+
+
+def make_bucket_routing(modality: jax.Array, real: jax.Array, image_capacity: int,
+                        shards: int = 1) -> Routing:
+    """Two modalities in static buckets: each batch shard's B_s x T tokens are sorted to
+    [text | padding | image] and split at B_s (T - C) (C = `image_capacity` per row), so the
+    first B_s (T - C) sorted rows take the text weights and the last B_s C the image weights,
+    with two contiguous slices.
+
+    Why: the packer bounds the image tokens of a row (`image_capacity`, from its layout), and
+    padding (`real` False: segment 0) belongs to no modality, so it can fill whichever bucket has
+    room: real text lands in [0, n_text) and real images in [n - n_image, n), inside their
+    buckets whenever the shard holds n_text <= B_s (T - C) and n_image <= B_s C, which every row
+    obeying its bound guarantees. Every modality is then ONE dense matmul over a contiguous block
+    of rows (no tile padding, no per-tile weight copies, nothing run twice; per-row buckets would
+    be strided slices, which XLA:CPU copies), so MoT costs a dense model plus the sort's gathers.
+    Padding may meet either weight; nothing attends to it and it carries no target. A shard over
+    its buckets is flagged in `overflow` (per row; the model turns those rows into NaN: never
+    silently wrong).
+    """
+    b, t = modality.shape
+    rows = b // shards
+    ids = jnp.clip(modality.astype(jnp.int32), 0, 1).reshape(shards, rows * t)
+    real = real.reshape(shards, rows * t)
+    key = jnp.where(real, 2 * ids, 1)  # text 0, padding 1, image 2
+    perm = jnp.argsort(key, axis=-1, stable=True).astype(jnp.int32)
+    inv = jnp.argsort(perm, axis=-1).astype(jnp.int32)
+    image_rows = rows * image_capacity
+    n_image = jnp.sum(real & (ids == 1), axis=-1)
+    n_text = jnp.sum(real & (ids == 0), axis=-1)
+    over = (n_image > image_rows) | (n_text > rows * t - image_rows)  # [S]
+    sorted_modality = jnp.broadcast_to(
+        (jnp.arange(rows * t) >= rows * t - image_rows).astype(jnp.int32), (shards, rows * t))
+    group_sizes = jnp.broadcast_to(jnp.array([rows * t - image_rows, image_rows], jnp.int32),
+                                   (shards, 2))
+    return Routing(perm, inv, group_sizes, sorted_modality.reshape(-1),
+                   image_bucket=jnp.arange(image_rows, dtype=jnp.int32),
+                   overflow=jnp.repeat(over, rows))
+
+
+def bucketed_matmul(x: jax.Array, kernel: jax.Array, image_rows: int, shards: int) -> jax.Array:
+    """x [S * n, K] in bucket layout (`make_bucket_routing`) times kernel [2, K, F]: the first
+    n - image_rows rows of each shard with kernel[0], the last image_rows with kernel[1].
+
+    The two products are written into one buffer with dynamic_update_slice rather than
+    concatenated: XLA:CPU then writes each matmul in place, where a concatenate (and its
+    transpose, two pads and an add) copied every output: 1.39x a dense step against 1.02x
+    (demo, discrete head; the same FLOPs).
+    """
+    per_shard = x.reshape(shards, -1, x.shape[-1])
+    split = per_shard.shape[1] - image_rows
+    out = jnp.zeros(per_shard.shape[:2] + kernel.shape[-1:], jnp.result_type(x, kernel))
+    for start, rows, weight in ((0, per_shard[:, :split], kernel[0]),
+                                (split, per_shard[:, split:], kernel[1])):
+        # 2-D matmuls: a [S, n, K] x [K, F] product runs ~1.6x slower on XLA:CPU than the same
+        # rows flattened (with one shard the flattening is free)
+        y = (rows.reshape(-1, rows.shape[-1]) @ weight).reshape(rows.shape[:2] + (-1,))
+        out = jax.lax.dynamic_update_slice(out, y, (0, start, 0))
+    return out.reshape(x.shape[0], -1)
 
 
 def _pad_to_tiles(perm, inv, ids, group_sizes, *, num_modalities: int, tile: int):
@@ -164,10 +231,11 @@ def to_sorted(x: jax.Array, routing: Routing) -> jax.Array:
 
 def sorted_layout(x: jax.Array, routing: Routing, batch: int, length: int) -> jax.Array:
     """Sorted rows [N, D] -> the 3-D layout blocks carry between them (shardable on its first
-    axis): [B, T, D], or [S, R, D] when padded to tiles (each shard's rows stay together)."""
-    if routing.tile_group is None:
+    axis): [B, T, D], or [S, R, D] when padded to tiles or in buckets (each shard's rows stay
+    together)."""
+    if routing.tile_group is None and routing.image_bucket is None:
         return x.reshape(batch, length, x.shape[-1])
-    return x.reshape(routing.tile_group.shape[0], -1, x.shape[-1])
+    return x.reshape(routing.perm.shape[0], -1, x.shape[-1])
 
 
 def from_sorted(x: jax.Array, routing: Routing, shape: Sequence[int]) -> jax.Array:
@@ -220,19 +288,27 @@ take_weights.defvjp(_take_weights_fwd, _take_weights_bwd)
 IMPLS = CHOICES["model.mot_impl"]
 
 
-def resolve_impl(impl: str, rows: int | None = None, tile: int = 128) -> str:
-    """'auto' -> 'ragged' where XLA has a grouped-matmul kernel (GPU/TPU), 'tiled' on CPU.
+def resolve_impl(impl: str, rows: int | None = None, tile: int = 128,
+                 buckets_fit: bool = False) -> str:
+    """'auto' -> 'ragged' where XLA has a grouped-matmul kernel (GPU/TPU); on CPU 'buckets' for
+    calls the static buckets fit (`buckets_fit`: packed rows of a layout with a known image
+    capacity, two modalities), else 'tiled'.
 
     Except on CPU for calls with fewer than `tile` rows (a KV-cache decode step): 'tiled' pads
     every group to a whole tile (up to M x tile rows), 'ragged''s masked matmul costs M x rows,
     so below one tile 'ragged' is the cheaper of the two (bench/decode.py: ~5x per token).
+    'buckets' asked for where they do not fit (a decode chunk) is 'auto''s choice without them.
     `rows` is static (the call's B x T; at least that when padded), so the model's routing and
     every layer's choice agree.
     """
+    if impl == "buckets":
+        return "buckets" if buckets_fit else resolve_impl("auto", rows, tile)
     if impl != "auto":
         return impl
     if jax.default_backend() != "cpu":
         return "ragged"
+    if buckets_fit:
+        return "buckets"
     return "ragged" if rows is not None and rows < tile else "tiled"
 
 
@@ -266,6 +342,9 @@ class ModalityDense(nn.Module):
         x = x.astype(self.dtype)
         if m == 1:
             return x @ kernel[0]
+        if routing.image_bucket is not None:  # the model chose 'buckets' for this call
+            return bucketed_matmul(x, kernel, routing.image_bucket.shape[0],
+                                   routing.perm.shape[0])
         impl = resolve_impl(self.impl, x.shape[0], self.tile)
         shards = routing.group_sizes.shape[0]
         if impl == "ragged":

@@ -160,6 +160,11 @@ class MultimodalTask:
             raise config_validation.ConfigError(f"packed {split} rows hold up to {image} image / {text} text targets, "
                               f"more than the heads' capacity {self.capacity} from the config "
                               f"({targets_lib.CAPACITY_FIELDS})")
+        if self.model.cfg.image_capacity and ds.image_capacity > self.model.cfg.image_capacity:
+            raise config_validation.ConfigError(
+                f"packed {split} rows hold up to {ds.image_capacity} image tokens, more than the "
+                f"MoT buckets' {self.model.cfg.image_capacity} from the config "
+                f"({targets_lib.CAPACITY_FIELDS})")
         return ds
 
     def init_params(self, rng, batch):
