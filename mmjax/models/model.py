@@ -41,12 +41,14 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int | None = None) ->
     """An empty KV cache for `batch_size` rows and `max_len` slots (default model.max_seq_len).
 
     {"index": int32 [] next free slot, "segment_ids"/"image_block": int32 [B, S] of the cached
-    positions (0 = empty), "layers": ({"k", "v": [B, S, H, Dh] in the compute dtype}, ...)}.
+    positions (0 = empty), "layers": ({"k", "v": [B, H, S, Dh] in the compute dtype}, ...)}.
+    Head-major, so a decode step's attention reads the cache without transposing it
+    (models/kv_cache.py).
     """
     size = int(max_len or cfg.max_seq_len)
     heads_, d = cfg.num_heads, cfg.d_model
     dtype = layers.resolve_dtype(cfg.dtype)
-    kv = lambda: jnp.zeros((batch_size, size, heads_, d // heads_), dtype)  # noqa: E731
+    kv = lambda: jnp.zeros((batch_size, heads_, size, d // heads_), dtype)  # noqa: E731
     return {
         "index": jnp.zeros((), jnp.int32),
         "segment_ids": jnp.zeros((batch_size, size), jnp.int32),

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mmjax.choices import CHOICES
-from mmjax.models import attention, layers
+from mmjax.models import attention, kv_cache, layers
 
 
 class Routing(NamedTuple):
@@ -350,13 +350,17 @@ class MoTBlock(nn.Module):
         q = layers.rope(q, positions, self.rope_theta)
         k = layers.rope(k, positions, self.rope_theta)
         new_kv = None
-        if kv is not None:
-            k, v = layers.update_kv_cache(kv[0], kv[1], k, v, cache_index)
-            new_kv = (k, v)
         k, v = k.astype(self.dtype), v.astype(self.dtype)
-        if isinstance(mask, attention.MaskSpec):  # built per tile by the chosen implementation
+        if kv is not None and isinstance(mask, attention.MaskSpec):  # decode (head-major cache)
+            o, new_kv = kv_cache.attend_then_write(q, k, v, kv[0], kv[1], mask,
+                                                   self.attention_impl, self.attention_block)
+        elif isinstance(mask, attention.MaskSpec):  # built per tile by the chosen implementation
             o = attention.attend(q, k, v, mask, self.attention_impl, self.attention_block)
-        else:  # a dense bool mask [B, T, S]
+        else:  # a dense bool mask [B, T, S] (slot-major cache [B, S, H, Dh], if any)
+            if kv is not None:
+                k, v = layers.update_kv_cache(kv[0], kv[1], k, v, cache_index)
+                new_kv = (k, v)
+                k, v = k.astype(self.dtype), v.astype(self.dtype)
             o = layers.attend(q, k, v, mask)
         o = to_sorted(o.reshape(batch, length, heads * head_dim), routing)
         x = x + self._dense((heads, head_dim), (d,), ("heads", "kv"), ("embed",), "out")(o, routing)
