@@ -1,36 +1,60 @@
-"""Train step time, tokens/s and MFU vs model size (configs/mot_shapes.py sizes).
+"""Train step time, tokens/s, MFU and FLOPs executed vs counted vs model size (configs/mot_shapes.py).
 
   python -m bench.step_time --sizes=smoke,demo,small                 # CPU
   python -m bench.step_time --sizes=base,300m,1b --batch_size=32     # accelerator (bf16, remat)
 
 Synthetic packed batches (bench/train_harness.py) go through the trainer's own jitted step
-(`train.build_setup`: AdamW, clipping, sharding from the rules table). FLOPs per token are
-analytic (`mmjax.flops.flops_per_token`, causal-average attention; image_fraction measured on the
-batch); MFU = achieved model FLOP/s / (peak x devices), peak from --peak_tflops or the device kind
-(none on CPU unless given). tokens/s counts every position of the packed rows (padding included);
-real_tokens_per_s counts only non-padding ones. Writes bench/results/step_time.json.
+(`train.build_setup`: AdamW, clipping, sharding from the rules table), compiled ahead of time.
+
+Primary figures count REAL tokens (padding excluded): real_tokens_per_s, model_tflops_per_s and
+mfu = real tokens/s x counted FLOPs per token / (peak x devices), peak from --peak_tflops or the
+device kind (none on CPU unless given). tokens_per_s_all_slots (padding included) stands beside.
+
+FLOPs per step, three figures:
+- flops_counted: `mmjax.flops.flops_per_token` (training = 3 x forward, causal-average attention,
+  heads at their targets: image_fraction = image targets / real tokens, text_fraction = text
+  targets / real tokens, measured on the batch) x real tokens in the batch. What the model needs.
+- flops_executed: XLA's `compiled.cost_analysis()["flops"]` of the jitted train step (forward,
+  backward, optimizer; what was compiled: padding, full attention, static head capacity).
+- flops_at_slots: the same analytic counts applied to the shapes the step runs (every slot of
+  the batch, non-causal attention as the einsum computes it, the heads at their capacity slots):
+  it separates "XLA counts what we think we run" (executed / at_slots) from "what we run exceeds
+  what is needed" (at_slots / counted: padding, causal half, capacity slack).
+--heads=targets,all runs each size both with the heads at their target capacity (today's
+objective) and at all positions, masked (the old objective, `capacity=None`), timed in
+alternation in one run, so the before/after ratio does not depend on load drifting.
+Writes bench/results/step_time.json (with the git commit).
 """
 from __future__ import annotations
 
+import dataclasses
+import sys
+
 import jax
+import numpy as np
 from absl import app, flags
 
 from bench.common import load_config, write_results
-from bench.train_harness import mesh_from_flag, resolved_impl, synthetic_rows, time_train_steps, token_stats
+from bench.train_harness import TimedTrainStep, mesh_from_flag, resolved_impl, summarize, \
+    synthetic_rows, token_stats
 from mmjax import config_validation, flops
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("sizes", ["smoke", "demo", "small"], "configs/mot_shapes.py sizes.")
 flags.DEFINE_string("options", "", "Extra config options, e.g. 'dense' or 'discrete,mot3'.")
 flags.DEFINE_integer("batch_size", 0, "Global batch (0: the config's train.batch_size).")
-flags.DEFINE_integer("steps", 5, "Timed steps per size (after compile + warmup).")
-flags.DEFINE_integer("warmup", 2, "Untimed steps, the first of which compiles.")
+flags.DEFINE_integer("steps", 5, "Timed steps per size and heads variant (after warmup).")
+flags.DEFINE_integer("warmup", 2, "Untimed steps (the first follows the compile).")
 flags.DEFINE_string("mesh", "-1,1,1", "data,fsdp,tensor sizes (-1: the rest).")
 flags.DEFINE_string("dtype", "", "Override model.dtype (e.g. bfloat16); '' keeps the config's.")
 flags.DEFINE_string("remat", "", "Override model.remat; '' keeps the config's.")
 flags.DEFINE_string("mot_impl", "", "Override model.mot_impl; '' keeps the config's.")
+flags.DEFINE_list("heads", ["targets"], "Head variants per size, timed in alternation: targets "
+                  "(heads at the packer's target capacity) and/or all (every position, masked).")
 flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s per device for MFU (0: from device kind).")
 flags.DEFINE_string("out", None, "Output JSON (default bench/results/step_time.json).")
+
+HEADS = ("targets", "all")
 
 
 def size_config(size: str):
@@ -51,58 +75,112 @@ def peak_flops() -> float | None:
     return flops.peak_flops_for_device(jax.devices()[0].device_kind)
 
 
-def run_size(size: str, mesh) -> dict:
+def target_stats(batch) -> dict[str, float]:
+    """Real tokens of a batch and the shares of them with an image / a text target."""
+    real = float(np.sum(batch["segment_ids"] > 0))
+    return {"real_tokens": real,
+            "image_target_fraction": float(np.sum(batch["image_mask"] > 0)) / max(real, 1.0),
+            "text_target_fraction": float(np.sum(batch["text_mask"] > 0)) / max(real, 1.0)}
+
+
+def flops_at_slots(model_cfg, batch_size: int, seq: int, capacity) -> float:
+    """Analytic training FLOPs of the shapes the step runs: backbone, non-causal attention and the
+    image input projection at every slot; the heads at their capacity slots (all slots when the
+    heads run at every position)."""
+    full = flops.flops_per_token(model_cfg, seq, 1.0, causal=False)  # image head per position
+    none = flops.flops_per_token(model_cfg, seq, 0.0, causal=False)  # LM head per position
+    image_slots = seq if capacity is None else capacity.image
+    text_slots = seq if capacity is None else capacity.text
+    head = f"{model_cfg.image_head}_head"
+    forward = batch_size * (seq * (full["backbone"] + full["attention"] + full["input_proj"])
+                            + image_slots * full[head] + text_slots * none["lm_head"])
+    return 3.0 * forward
+
+
+def run_size(size: str, mesh) -> list[dict]:
     config = size_config(size)
     vocab = int(config.data.sp_vocab_size)
     bs, seq = int(config.train.batch_size), int(config.model.max_seq_len)
     batches = [synthetic_rows(config, bs, vocab, seed=s) for s in range(2)]
     stats = token_stats(batches[0])
-    timing = time_train_steps(config, vocab, batches, mesh, steps=FLAGS.steps,
-                              warmup=FLAGS.warmup)
+    tstats = target_stats(batches[0])
+    variants = [h for h in HEADS if h in FLAGS.heads]
+    runners = {h: TimedTrainStep(config, vocab, batches, mesh, FLAGS.warmup,
+                                 heads_at_all_positions=h == "all") for h in variants}
+    times = {h: [] for h in variants}
+    for _ in range(FLAGS.steps):  # round-robin: the variants see the same load
+        for h in variants:
+            times[h].append(runners[h].time_one())
     model_cfg = config_validation.model_config(config, vocab)
     counts = flops.param_counts(model_cfg)
-    per_token = flops.flops_per_token(model_cfg, seq, stats["image_fraction"])
-    tokens_per_s = bs * seq / timing["step_s"]
+    per_token = flops.flops_per_token(model_cfg, seq, tstats["image_target_fraction"],
+                                      text_fraction=tstats["text_target_fraction"])
+    counted = per_token["train"] * tstats["real_tokens"]
     peak = peak_flops()
-    return {
-        "size": size, "options": FLAGS.options, "batch_size": bs, "seq_len": seq,
-        "dtype": config.model.dtype, "remat": config.model.remat,
-        "mot_impl": resolved_impl(config.model.mot_impl), "num_modalities": config.model.num_modalities,
-        "params_total": counts["total"], "params_active": counts["active_per_token"],
-        "train_flops_per_token": per_token["train"], "six_n": per_token["six_n"],
-        **{k: v for k, v in stats.items() if k != "modality_counts"},
-        "compile_s": timing["compile_s"], "step_s": timing["step_s"],
-        "step_s_min": timing["step_s_min"], "tokens_per_s": tokens_per_s,
-        "real_tokens_per_s": tokens_per_s * stats["real_fraction"],
-        "model_tflops_per_s": tokens_per_s * per_token["train"] / 1e12,
-        "mfu": None if peak is None else flops.mfu(tokens_per_s, per_token["train"], peak,
-                                                   mesh.size),
-        "final_loss": timing["final_loss"],
-    }
+    rows = []
+    for h in variants:
+        r, timing = runners[h], summarize(times[h])
+        real_per_s = tstats["real_tokens"] / timing["step_s"]
+        at_slots = flops_at_slots(model_cfg, bs, seq, r.capacity)
+        rows.append({
+            "size": size, "options": FLAGS.options, "heads": h,
+            "capacity": None if r.capacity is None else dataclasses.asdict(r.capacity),
+            "batch_size": bs, "seq_len": seq,
+            "dtype": config.model.dtype, "remat": config.model.remat,
+            "mot_impl": resolved_impl(config.model.mot_impl),
+            "num_modalities": config.model.num_modalities, "image_head": model_cfg.image_head,
+            "params_total": counts["total"], "params_active": counts["active_per_token"],
+            "train_flops_per_token": per_token["train"], "six_n": per_token["six_n"],
+            **{k: v for k, v in stats.items() if k != "modality_counts"}, **tstats,
+            "flops_counted": counted, "flops_executed": r.executed_flops,
+            "flops_at_slots": at_slots,
+            "executed_over_counted": None if r.executed_flops is None
+            else r.executed_flops / counted,
+            "executed_over_at_slots": None if r.executed_flops is None
+            else r.executed_flops / at_slots,
+            "at_slots_over_counted": at_slots / counted,
+            "compile_s": r.compile_s, **timing,
+            "real_tokens_per_s": real_per_s, "tokens_per_s_all_slots": bs * seq / timing["step_s"],
+            "model_tflops_per_s": real_per_s * per_token["train"] / 1e12,
+            "mfu": None if peak is None else flops.mfu(real_per_s, per_token["train"], peak,
+                                                       mesh.size),
+            "final_loss": r.loss,
+        })
+    if len(variants) == 2:
+        rows[0]["step_s_all_over_targets"] = rows[1]["step_s"] / rows[0]["step_s"]
+    return rows
 
 
 def main(_):
+    unknown = set(FLAGS.heads) - set(HEADS)
+    if unknown:
+        raise app.UsageError(f"--heads: unknown {sorted(unknown)}; choose from {HEADS}")
     mesh = mesh_from_flag(FLAGS.mesh)
     rows = []
     for size in FLAGS.sizes:
-        rows.append(run_size(size, mesh))
-        r = rows[-1]
-        mfu = "" if r["mfu"] is None else f", MFU {100 * r['mfu']:.1f}%"
-        print(f"{size}: {r['step_s'] * 1e3:.1f} ms/step, {r['tokens_per_s']:.0f} tok/s{mfu}",
-              flush=True)
+        for r in run_size(size, mesh):
+            rows.append(r)
+            mfu = "" if r["mfu"] is None else f", MFU {100 * r['mfu']:.1f}%"
+            print(f"{size} heads={r['heads']}: {r['step_s'] * 1e3:.1f} ms/step, "
+                  f"{r['real_tokens_per_s']:.0f} real tok/s{mfu}, FLOPs executed/counted "
+                  f"{r['executed_over_counted']:.3f}", flush=True)
         write_results("step_time", {"mesh": dict(mesh.shape), "peak_flops": peak_flops(),
-                                    "steps": FLAGS.steps, "runs": rows}, FLAGS.out, quiet=True)
-    header = (f"{'size':<6} {'params':>10} {'active':>10} {'GFLOP/tok':>9} {'batch':>5} "
-              f"{'ms/step':>9} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6}")
+                                    "steps": FLAGS.steps, "command": " ".join(sys.argv),
+                                    "runs": rows}, FLAGS.out, quiet=True)
+    header = (f"{'size':<6} {'heads':<7} {'params':>10} {'GFLOP/tok':>9} {'batch':>5} "
+              f"{'ms/step':>9} {'real tok/s':>10} {'exec/cnt':>8} {'exec/slots':>10} "
+              f"{'slots/cnt':>9} {'MFU':>6}")
     print(header)
     for r in rows:
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        print(f"{r['size']:<6} {r['params_total']:>10,} {r['params_active']:>10,} "
+        print(f"{r['size']:<6} {r['heads']:<7} {r['params_total']:>10,} "
               f"{r['train_flops_per_token'] / 1e9:>9.3f} {r['batch_size']:>5} "
-              f"{r['step_s'] * 1e3:>9.1f} {r['tokens_per_s']:>9.0f} "
-              f"{r['model_tflops_per_s']:>8.4f} {mfu:>6}")
+              f"{r['step_s'] * 1e3:>9.1f} {r['real_tokens_per_s']:>10.0f} "
+              f"{r['executed_over_counted']:>8.3f} {r['executed_over_at_slots']:>10.3f} "
+              f"{r['at_slots_over_counted']:>9.3f} {mfu:>6}")
     write_results("step_time", {"mesh": dict(mesh.shape), "peak_flops": peak_flops(),
-                                "steps": FLAGS.steps, "runs": rows}, FLAGS.out)
+                                "steps": FLAGS.steps, "command": " ".join(sys.argv),
+                                "runs": rows}, FLAGS.out)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ ARG = SIZE[,OPTION...]
   OPTIONS: discrete (FSQ-index head instead of the flow head) | dense (one modality)
            | mot3 (three modalities: the third is unused by this data, for FLOPs/overhead studies)
            | digits (the digits dataset instead of shapes)
+           | edits (shapes_edits: image A, instruction, image B [, instruction, C ...] documents;
+             the sample stage scores edit_acc / preserve_acc; data.num_* count edit chains)
 """
 from mmjax import config_defaults
 
@@ -38,7 +40,8 @@ TRAIN_SIZES = {
     "1b": dict(steps=100000, batch_size=512, tok_steps=4000, channels=(64, 128, 128),
                num_train=65536),
 }
-OPTIONS = ("discrete", "dense", "mot3", "digits")
+OPTIONS = ("discrete", "dense", "mot3", "digits", "edits")
+EDIT_INSTRUCTION_LEN = 20  # edits: instruction tokens (the longest instruction is ~14 words)
 
 
 def get_config(arg: str = "demo"):
@@ -81,4 +84,28 @@ def get_config(arg: str = "demo"):
     c.sample.ode_steps = 4 if size == "smoke" else 16
     if size == "smoke":
         c.sample.max_text_len = 8
+    if "edits" in options:
+        _edits(c, size)
     return c
+
+
+def _edits(c, size: str) -> None:
+    """shapes_edits documents: up to CHAIN_EDITS + 1 images per document, one per row."""
+    from mmjax import layout
+    from mmjax.data import shapes_edits
+    if "digits" in str(c.data.name):
+        raise ValueError("configs/mot_shapes.py: options 'edits' and 'digits' exclude each other")
+    c.data.name = "shapes_edits"
+    chains = {"smoke": 16, "demo": 2048}.get(size, c.data.num_train // shapes_edits.CHAIN_IMAGES)
+    c.data.num_train = chains
+    c.data.num_validation = 16 if size == "smoke" else 128
+    c.data.num_test = 16 if size == "smoke" else 256
+    c.data.max_caption_len = EDIT_INSTRUCTION_LEN
+    side = c.data.image_size // 2 ** (len(c.fsq.channels) - 1)
+    longest = layout.edit_document_length([EDIT_INSTRUCTION_LEN] * shapes_edits.CHAIN_EDITS,
+                                          side * side)
+    c.model.max_seq_len = -(-longest // 8) * 8
+    # Rows hold ~3.4x the tokens of a caption<->image row: keep tokens per step near the demo's.
+    if size in ("smoke", "demo"):
+        c.train.batch_size = 4 if size == "smoke" else 10
+    c.sample.num_eval = c.data.num_test

@@ -16,7 +16,7 @@ import ml_collections
 def data_config() -> ml_collections.ConfigDict:
     """Dataset, text tokenizer and loader settings."""
     c = ml_collections.ConfigDict()
-    c.name = "shapes"  # "shapes" | "digits" | "natural" (embedded) or any standard TFDS image dataset name.
+    c.name = "shapes"  # "shapes" | "digits" | "natural" | "shapes_edits" (embedded; shapes_edits: data.num_* count edit chains) or any standard TFDS image dataset name.
     c.data_dir = ""  # TFDS data dir; "" -> <workdir>/data for embedded sets, TFDS default otherwise.
     c.image_size = 32  # Square image side in pixels (embedded sets are generated at this size).
     c.num_train = 4096  # Embedded sets: examples generated for the train split.
@@ -106,6 +106,9 @@ def objective_config() -> ml_collections.ConfigDict:
     c.t2i_prob = 0.7  # Probability an example is text->image (else image->caption).
     c.caption_dropout = 0.1  # Text->image examples whose caption is replaced by <uncond> (for CFG).
     c.direction_redraws = 8  # Copies of each example per pass, each with a fresh direction draw.
+    # data.name="shapes_edits": share of edit documents that chain 2..3 edits (else one edit;
+    # mmjax.data.edit_packing). caption_dropout then drops instructions (CFG) instead of captions.
+    c.edit_chain_prob = 0.5
     return c
 
 
@@ -233,6 +236,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = model_config()
     c.objective = objective_config()
     c.train = train_config()
+    # Persistent XLA compilation cache of `python -m mmjax.main` (reruns and resumes skip
+    # compiling): "" -> <workdir>/jax_cache, "off" disables it, any other value is the directory
+    # (local or gs://). JAX_COMPILATION_CACHE_DIR, when set, wins. Process-wide, so only here.
+    c.train.compilation_cache_dir = ""
     c.mesh = mesh_config()
     c.sample = sample_config()
     c.eval = eval_config()

@@ -4,7 +4,7 @@ builds the frozen typed blocks the code below reads.
 Why up front: a negative step count or an odd head dimension otherwise surfaces minutes later as
 a shape error deep inside jit, or worse, as a silently wrong run. Why here only: each rule has
 this one home. The model, the objective, the sampler and the FLOPs counts take the typed blocks
-built below (`model_config`, `objective_config`, `sample_settings`) and do not check them again;
+built below (`model_config`, `objective_config`, `target_capacity`, `sample_settings`) and do not check them again;
 they check only what they alone can see at run time (batch shapes, modality ids, cache overflow).
 Choice lists come from mmjax.choices; the FSQ-levels rule is the public `FSQ` class's own
 (`fsq.levels_problem`, so FSQ stays usable standalone), called here rather than written twice.
@@ -19,10 +19,12 @@ import ml_collections
 
 from mmjax import image_heads
 from mmjax.choices import CHOICES
+from mmjax.data import packing
 from mmjax.errors import InputError
 from mmjax.models.config import ModelConfig
 from mmjax.objectives import ObjectiveConfig
 from mmjax.sampling import SampleSettings
+from mmjax.targets import TargetCapacity
 from mmjax.tokenizers import fsq
 
 
@@ -166,7 +168,7 @@ def _validate_model(config) -> None:
 def _validate_objective(config) -> None:
     _one_of(config, "objective.flow_t_dist")
     _nonneg(config, ["objective.text_weight", "objective.image_weight"])
-    for p in ("objective.t2i_prob", "objective.caption_dropout"):
+    for p in ("objective.t2i_prob", "objective.caption_dropout", "objective.edit_chain_prob"):
         _require(config, p, lambda v: 0 <= v <= 1, "must be a probability in [0, 1]")
 
 
@@ -216,6 +218,24 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
     side: data.image_size over the tokenizer's 2**(len(fsq.channels) - 1) downsampling)."""
     side = int(config.data.image_size) // 2 ** (len(config.fsq.channels) - 1)
     return model_block(config.model, vocab_size, config.fsq.levels, side)
+
+
+def target_capacity(config: ml_collections.ConfigDict) -> TargetCapacity:
+    """The static head capacity of a multimodal config's packed rows: the most image and text
+    targets one row holds (the packer's row_target_capacity of model.max_seq_len,
+    data.max_caption_len and the image tokens per image, (data.image_size / 2**(len(fsq.channels)
+    - 1))**2: packing's for caption/image pairs, edit_packing's for data.name="shapes_edits");
+    the objective gathers the heads' positions to it (mmjax/targets.py)."""
+    from mmjax.data import edit_packing
+    side = int(config.data.image_size) // 2 ** (len(config.fsq.channels) - 1)
+    seq_len, caption = int(config.model.max_seq_len), int(config.data.max_caption_len)
+    packer = edit_packing if config.data.name == "shapes_edits" else packing
+    try:
+        image, text = packer.row_target_capacity(seq_len, caption, side * side)
+    except ValueError as e:
+        raise ConfigError(f"config.model.max_seq_len={seq_len}: {e} (data.max_caption_len="
+                          f"{caption}, {side * side} image tokens)") from None
+    return TargetCapacity(image=image, text=text)
 
 
 def objective_config(objective_cfg: Mapping) -> ObjectiveConfig:

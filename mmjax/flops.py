@@ -32,9 +32,10 @@ Conventions (state them when quoting numbers):
   those. Bidirectional attention inside context images and document boundaries of packed
   sequences are ignored (both only change ctx slightly).
 - Heads run only where their target is: `image_fraction` is the fraction of positions whose next
-  token is an image token (the flow / discrete head and, as a proxy for image inputs, the image
-  input projection); the rest feed the LM head. This is the work the model needs; an
-  implementation that runs a head on every position does more than it is credited for.
+  token is an image target (the flow / discrete head and, as a proxy for image inputs, the image
+  input projection); `text_fraction` the fraction with a text target (the LM head; default: all
+  the rest, 1 - image_fraction). This is the work the model needs; the objective runs the heads
+  on a static per-row capacity of target slots (mmjax/targets.py), which is at least this.
 - Training = 3 x forward (the backward pass costs twice the forward: gradients with respect to
   activations and to weights), which gives the familiar 6N per token.
 """
@@ -114,7 +115,7 @@ def param_counts(cfg) -> dict[str, int]:
 
 
 def flops_per_token(cfg, seq_len: int, image_fraction: float, *,
-                    causal: bool = True) -> dict[str, float]:
+                    causal: bool = True, text_fraction: float | None = None) -> dict[str, float]:
     """Forward / training FLOPs per token of MultimodalLM(cfg) for a ModelConfig `cfg`, averaged
     over a sequence of `seq_len` positions.
 
@@ -128,13 +129,17 @@ def flops_per_token(cfg, seq_len: int, image_fraction: float, *,
         raise ValueError(f"seq_len={seq_len!r}: must be a positive integer")
     if not 0.0 <= image_fraction <= 1.0:
         raise ValueError(f"image_fraction={image_fraction!r}: must be in [0, 1]")
+    if text_fraction is None:
+        text_fraction = 1.0 - image_fraction
+    if not 0.0 <= text_fraction <= 1.0 - image_fraction + 1e-9:
+        raise ValueError(f"text_fraction={text_fraction!r}: must be in [0, 1 - image_fraction]")
     c = cfg
     d, n_layers = c.d_model, c.num_layers
     ctx = seq_len / 2 if causal else float(seq_len)
     backbone = n_layers * _block(d, c.mlp_dim)[1]
     attention = n_layers * 2 * 2 * ctx * d
     input_proj = image_fraction * 2 * c.code_dim * d
-    lm_head = (1.0 - image_fraction) * 2 * d * c.vocab_size
+    lm_head = text_fraction * 2 * d * c.vocab_size
     image = {f"{name}_head": 0.0 for name in CHOICES["model.image_head"]}
     image[f"{c.image_head}_head"] = image_fraction * c.head.flops_per_position(c)
     forward = backbone + attention + input_proj + lm_head + sum(image.values())

@@ -33,8 +33,9 @@ class ImageHead:
 
     module(cfg, dtype) -> the flax module, created in MultimodalLM.setup as attribute `attr`;
     init_outputs(model, hidden, batch) -> an output that touches every head parameter (init);
-    loss_terms(model, variables, hidden, batch, rng, objective) -> (image loss, metrics), with
-        metrics["image_loss"] (objectives.compute_losses adds text CE and the weights);
+    loss_terms(model, variables, hidden, batch, rng, objective, slots) -> (image loss, metrics),
+        with metrics["image_loss"] (objectives.compute_losses adds text CE and the weights); the
+        head runs only at `slots` (targets.Slots: the image-target positions, or all of them);
     sample_token(decoder, hidden, keys) -> (FSQ index [B], code vector [B, d]) of the next image
         token (sampling.Decoder; hidden [G*B, D], cond rows first when guided);
     param_count(cfg) -> parameters; flops_per_position(cfg) -> forward FLOPs per image-target

@@ -75,3 +75,31 @@ def image_positions(parts: list) -> list[int]:
         n = len(tokens)
         out.extend(range(n) if modality == IMAGE else [-1] * n)
     return out
+
+
+# ---- edit documents (data.name="shapes_edits"; mmjax.data.edit_packing, sampling.edit_image) ----
+# image A, instruction, image B [, instruction, image C ...]:
+#     <bos> <boi> A <eoi> instr_1 <boi> B <eoi> instr_2 <boi> C <eoi> ... <eos>
+# A is a context image (image_block > 0); every image after an instruction is generated (causal,
+# image loss); instruction tokens carry no text loss (see edit_packing for why).
+def edit_parts(images: Sequence[Sequence[int]], instructions: Sequence[Sequence[int]],
+               s: SpecialIds, *, close: bool = True) -> list:
+    """(tokens, modality) runs of an edit document with len(images) == len(instructions) + 1;
+    `close=False` stops after the last image's `<boi>` run when that image is empty (the
+    sampler's prompt: pass the images given so far and the instruction to follow)."""
+    if len(images) != len(instructions) + 1:
+        raise ValueError(f"an edit document has one more image than instructions, got "
+                         f"{len(images)} images and {len(instructions)} instructions")
+    parts = [([s.bos, s.boi], TEXT), (images[0], IMAGE), ([s.eoi], TEXT)]
+    for text, image in zip(instructions, images[1:]):
+        parts += [(text, TEXT), ([s.boi], TEXT), (image, IMAGE), ([s.eoi], TEXT)]
+    if close:
+        parts.append(([s.eos], TEXT))
+    else:
+        parts = parts[:-2]  # the prompt ends at the last <boi>: drop its (empty) image and <eoi>
+    return parts
+
+
+def edit_document_length(instruction_lengths: Sequence[int], num_image_tokens: int) -> int:
+    """Tokens in an edit document with these instruction lengths (one more image than them)."""
+    return 2 + (len(instruction_lengths) + 1) * (num_image_tokens + 2) + sum(instruction_lengths)

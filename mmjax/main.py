@@ -39,7 +39,8 @@ flags.DEFINE_integer("process_id", -1, "This process's index (multi-host).")
 
 def run(config, workdir: str, mode: str) -> dict:
     """Runs `mode` and returns the stages' results (used by tests and notebooks too)."""
-    from mmjax import config_validation, stages
+    from mmjax import cloud, config_validation, stages
+    cloud.configure()  # STORAGE_EMULATOR_HOST -> every storage client's settings
     config_validation.validate(config)
     return stages.run_mode(config, workdir, mode)
 
@@ -96,12 +97,18 @@ def _check_args(argv) -> None:
 
 def main(argv) -> None:
     _check_args(argv)
+    from mmjax import cloud
+    cloud.configure()  # before any storage client is imported (gcsfs reads its env at import)
     from mmjax import config_validation
     config_validation.validate(FLAGS.config)  # before importing jax: a bad value fails at once
     _configure_logging()
-    from mmjax import parallel
+    cloud.check_path(FLAGS.workdir, write=True)  # no credentials / no bucket: one line, at once
+    from mmjax import compilation_cache, parallel
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id)
+    cache = compilation_cache.directory_for(FLAGS.config, FLAGS.workdir)
+    if cache:
+        compilation_cache.enable(cache)
     run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
 
 

@@ -10,6 +10,14 @@ Flow loss (JanusFlow / SD3 rectified flow, with MAR's several samples per positi
 K = model.flow_t_samples draws, t ~ U(0, 1) or logit-normal, x0 ~ N(0, I), x1 = code_targets,
 x_t = t x1 + (1 - t) x0, target v = x1 - x0; loss = mean over channels of (v_pred - v)^2.
 The backbone runs once; only the small head runs K times.
+
+Heads only where their targets are: given a `targets.TargetCapacity` (the task passes the
+packer's, config_validation.target_capacity), `compute_losses` gathers each row's text-target and
+image-target positions to that static capacity (mmjax/targets.py) and the LM and image heads run
+on those slots only; the masked means are the same sums, so losses and gradients equal the
+all-positions path (capacity=None, kept as the reference). The flow draws (t, x0) are still made
+at every position with the same keys and shapes, then gathered, so the rng use and therefore the
+loss value are unchanged by the gather (the draws cost K x B x T x d random numbers, no matmul).
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from mmjax import targets as targets_lib
 from mmjax.models import heads
 
 
@@ -65,54 +74,78 @@ def sample_t(rng: jax.Array, shape, objective: ObjectiveConfig) -> jax.Array:
     return T_DISTS[objective.flow_t_dist](rng, shape, objective)
 
 
-def text_terms(model, variables, hidden, batch):
-    """Text CE over text_mask -> (loss, metrics)."""
-    logits = model.apply(variables, hidden, method=model.lm_logits)
-    mask = batch["text_mask"]
-    loss = masked_mean(cross_entropy(logits, batch["text_targets"]), mask)
-    correct = (jnp.argmax(logits, -1) == batch["text_targets"]).astype(jnp.float32)
+def _all_positions(mask) -> targets_lib.Slots:
+    return targets_lib.select(mask, None, "")
+
+
+def text_terms(model, variables, hidden, batch, slots: targets_lib.Slots | None = None):
+    """Text CE over text_mask -> (loss, metrics); the LM head runs at `slots` (default: every
+    position) of hidden [B, T, D]."""
+    slots = slots or _all_positions(batch["text_mask"])
+    logits = model.apply(variables, slots.take(hidden), method=model.lm_logits)
+    mask, text_targets = slots.weight, slots.take(batch["text_targets"])
+    loss = masked_mean(cross_entropy(logits, text_targets), mask)
+    correct = (jnp.argmax(logits, -1) == text_targets).astype(jnp.float32)
     return loss, {"text_loss": loss, "text_ppl": jnp.exp(loss),
                   "text_accuracy": masked_mean(correct, mask), "text_tokens": jnp.sum(mask)}
 
 
-def flow_terms(model, variables, hidden, batch, rng, objective: ObjectiveConfig):
-    """Rectified-flow MSE over image_mask with model.flow_t_samples (t, x0) draws per position."""
+def flow_terms(model, variables, hidden, batch, rng, objective: ObjectiveConfig,
+               slots: targets_lib.Slots | None = None):
+    """Rectified-flow MSE over image_mask with model.flow_t_samples (t, x0) draws per position;
+    the head runs at `slots` (default: every position). The draws are made at every position
+    [K, B, T] and then gathered, so they do not depend on the capacity (see the module doc)."""
+    slots = slots or _all_positions(batch["image_mask"])
     num_samples = model.cfg.flow_t_samples
     x1 = batch["code_targets"].astype(jnp.float32)
     rng_t, rng_x0 = jax.random.split(rng)
-    t = sample_t(rng_t, (num_samples,) + x1.shape[:-1], objective)
-    x0 = jax.random.normal(rng_x0, (num_samples,) + x1.shape)
+    t = slots.take(sample_t(rng_t, (num_samples,) + x1.shape[:-1], objective), axis=2)
+    x0 = slots.take(jax.random.normal(rng_x0, (num_samples,) + x1.shape), axis=2)
+    x1 = slots.take(x1)
     x_t = t[..., None] * x1 + (1.0 - t[..., None]) * x0
-    v = model.apply(variables, hidden, x_t, t, method=model.flow_velocity)
+    v = model.apply(variables, slots.take(hidden), x_t, t, method=model.flow_velocity)
     mse = jnp.mean(jnp.square(v - (x1 - x0)), axis=(0, -1))  # over samples and channels
-    loss = masked_mean(mse, batch["image_mask"])
+    loss = masked_mean(mse, slots.weight)
     return loss, {"image_loss": loss, "flow_mse": loss}
 
 
-def discrete_terms(model, variables, hidden, batch, rng, objective: ObjectiveConfig):
-    """FSQ-index CE over image_mask; also bits per code and accuracy (`rng` is unused)."""
+def discrete_terms(model, variables, hidden, batch, rng, objective: ObjectiveConfig,
+                   slots: targets_lib.Slots | None = None):
+    """FSQ-index CE over image_mask; also bits per code and accuracy (`rng` is unused); the head
+    runs at `slots` (default: every position)."""
+    slots = slots or _all_positions(batch["image_mask"])
     levels = model.cfg.fsq_levels
-    logits = model.apply(variables, hidden, method=model.index_logits)
-    mask = batch["image_mask"]
-    targets = jnp.clip(batch["index_targets"], 0, math.prod(levels) - 1)
+    logits = model.apply(variables, slots.take(hidden), method=model.index_logits)
+    mask = slots.weight
+    targets = jnp.clip(slots.take(batch["index_targets"]), 0, math.prod(levels) - 1)
     loss = masked_mean(heads.index_nll(logits, targets, levels), mask)
     correct = (heads.index_argmax(logits, levels) == targets).astype(jnp.float32)
     return loss, {"image_loss": loss, "image_bits_per_code": loss / math.log(2.0),
                   "image_accuracy": masked_mean(correct, mask)}
 
 
-def compute_losses(model, params, batch, rng, objective: ObjectiveConfig, *, train: bool):
+def compute_losses(model, params, batch, rng, objective: ObjectiveConfig, *, train: bool,
+                   capacity: targets_lib.TargetCapacity | None = None):
     """(loss, metrics) of a packed batch. `model` is a MultimodalLM (its `cfg.head` gives the
     image loss), `params` its (unboxed or boxed) params, `rng` feeds CAM noise augmentation and
-    the flow samples. Pure and jittable."""
+    the flow samples. `capacity`: run the heads only at each row's target positions, gathered to
+    that many slots (None: at every position, masked; same loss). A row over capacity raises
+    where the masks are concrete and makes the loss NaN under jit (metrics["targets_over_capacity"]
+    counts the excess; mmjax/targets.py says why). Pure and jittable."""
     rng_noise, rng_flow = jax.random.split(rng)
     variables = {"params": params}
     hidden = model.apply(variables, batch, train=train, rngs={"noise": rng_noise})
-    text_loss, metrics = text_terms(model, variables, hidden, batch)
+    cap = capacity or targets_lib.TargetCapacity(image=None, text=None)
+    text_slots = targets_lib.select(batch["text_mask"], cap.text, "text")
+    image_slots = targets_lib.select(batch["image_mask"], cap.image, "image")
+    text_loss, metrics = text_terms(model, variables, hidden, batch, text_slots)
     image_loss, image_metrics = model.cfg.head.loss_terms(model, variables, hidden, batch, rng_flow,
-                                                          objective)
+                                                          objective, image_slots)
     metrics.update(image_metrics)
     metrics["image_tokens"] = jnp.sum(batch["image_mask"].astype(jnp.float32))
+    over = text_slots.overflow + image_slots.overflow
     loss = objective.text_weight * text_loss + objective.image_weight * image_loss
+    loss = jnp.where(over > 0, jnp.nan, loss)
     metrics["loss"] = loss
+    metrics["targets_over_capacity"] = over.astype(jnp.float32)
     return loss, metrics

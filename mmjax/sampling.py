@@ -450,6 +450,54 @@ def interleaved(params, model, caption_ids, caption_lengths, rng, *, settings: S
             for name, v in zip(("indices", "codes", "tokens", "lengths"), outs)}
 
 
+def _edit_prompt(context_codes, instr_ids, lengths, special: SpecialIds, fsq: FSQ):
+    """`<bos> <boi> A <eoi> instr <boi>` (layout.edit_parts' prefix) left-padded to width
+    n + 4 + T: A is a context block (image_block = segment 1), padding has segment 0 and
+    positions restart at each row's first real token, as the packer writes them."""
+    b, n, d = context_codes.shape
+    width = n + 4 + instr_ids.shape[1]
+    col = lambda v: jnp.full((b, 1), v, jnp.int32)  # noqa: E731
+    tokens = jnp.concatenate([col(special.bos), col(special.boi), fsq.codes_to_indices(context_codes),
+                              col(special.eoi), instr_ids.astype(jnp.int32), col(0)], axis=1)
+    tokens = tokens.at[jnp.arange(b), n + 3 + lengths].set(special.boi)
+    slot = jnp.broadcast_to(jnp.arange(width), (b, width))
+    is_img = (slot >= 2) & (slot < n + 2)
+    codes = jnp.pad(context_codes.astype(jnp.float32), ((0, 0), (2, width - n - 2), (0, 0)))
+    real = lengths + n + 4
+    src = jnp.arange(width)[None, :] - (width - real)[:, None]  # right-padded -> left-padded
+    valid = src >= 0
+    take = lambda a: jnp.take_along_axis(  # noqa: E731
+        a, jnp.clip(src, 0, width - 1).reshape(src.shape + (1,) * (a.ndim - 2)), axis=1)
+    is_img = take(is_img) & valid
+    return _chunk(jnp.where(valid, take(tokens), 0), jnp.where(is_img[..., None], take(codes), 0.0),
+                  jnp.where(is_img, IMAGE, TEXT), jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0),
+                  valid.astype(jnp.int32), is_img.astype(jnp.int32),
+                  jnp.where(is_img, take(slot) - 2, -1).astype(jnp.int32)), real
+
+
+def edit_image(params, model, context_codes, instr_ids, instr_lengths, rng, *,
+               settings: SampleSettings, special: SpecialIds, num_image_tokens: int) -> dict:
+    """The image after an instruction: context image A as FSQ codes [B, n, d], instruction ids
+    [B, T] right-padded with lengths [B] -> {"indices" [B, n], "codes" [B, n, d]}, sampled in
+    the edit layout `<bos> <boi> A <eoi> instr <boi> B` (data.name="shapes_edits"). With CFG the
+    unconditional half replaces the instruction by `<uncond>` (the packer's instruction dropout)."""
+    dec = Decoder(model, params, settings, special)
+    instr_ids = _at_least_one_column(instr_ids)
+    b = instr_ids.shape[0]
+    chunk, real = _edit_prompt(context_codes, instr_ids, instr_lengths, special, dec.fsq)
+    if settings.guided:
+        u_chunk, u_real = _edit_prompt(context_codes, *uncond_prompt(instr_ids, special), special,
+                                       dec.fsq)
+        chunk = jax.tree.map(lambda c, u: jnp.concatenate([c, u]), chunk, u_chunk)
+        real = jnp.concatenate([real, u_real])
+    cache = init_cache(model.cfg, chunk["tokens"].shape[0],
+                       chunk["tokens"].shape[1] + num_image_tokens)
+    hidden, cache = dec.decode(cache, chunk)
+    state = {"cache": cache, "hidden": hidden[:, -1], "pos": real}
+    _, out = _image_loop(dec, state, 1, _fold(row_keys(rng, b), 3), num_image_tokens, False)
+    return out
+
+
 def check_prompts(caption_ids, caption_lengths) -> None:
     """ValueError unless ids are [B, T] and 0 <= lengths[b] <= T (host-side, before jit)."""
     ids, lengths = np.asarray(caption_ids), np.asarray(caption_lengths)
@@ -472,6 +520,8 @@ class Sampler:
             params, model, ids, lengths, rng, **image, collect=collect))
         self._i2t = jax.jit(lambda params, codes, rng: image_to_text(
             params, model, codes, rng, **common, collect=collect))
+        self._edit = jax.jit(lambda params, codes, ids, lengths, rng: edit_image(
+            params, model, codes, ids, lengths, rng, **image))
         self._chain = jax.jit(lambda params, ids, lengths, rng, rounds: interleaved(
             params, model, ids, lengths, rng, **image, rounds=rounds), static_argnames=("rounds",))
 
@@ -484,6 +534,11 @@ class Sampler:
             raise ValueError(f"image_codes must be [B, n, {self.code_dim}] FSQ code vectors, got "
                              f"shape {np.shape(image_codes)}.")
         return self._i2t(params, image_codes, rng)
+
+    def edit(self, params, context_codes, instr_ids, instr_lengths, rng) -> dict:
+        """`edit_image` (the image after an instruction, given the image before it)."""
+        check_prompts(instr_ids, instr_lengths)
+        return self._edit(params, context_codes, instr_ids, instr_lengths, rng)
 
     def interleaved(self, params, caption_ids, caption_lengths, rng, rounds: int = 2) -> dict:
         check_prompts(caption_ids, caption_lengths)

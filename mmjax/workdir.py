@@ -6,6 +6,7 @@
     <root>/model/                     multimodal LM run: checkpoints/, metrics
     <root>/samples/                   sample-stage outputs (eval.json, captions, grids)
     <root>/results_<mode>.json        each CLI invocation's summary
+    <root>/jax_cache/                 persistent XLA compilation cache of mmjax.main
 
 Why an object: paths were spelled out in many files, so a layout change (or a gs:// root)
 touched all of them. Config overrides (`data.data_dir`, `data.sp_model_path`,
@@ -22,7 +23,7 @@ from etils import epath
 from mmjax import io
 
 # Datasets mmjax generates itself (mmjax/data/builders.py), into <root>/data by the data stage.
-EMBEDDED_DATASETS = ("shapes", "digits", "natural")
+EMBEDDED_DATASETS = ("shapes", "digits", "natural", "shapes_edits")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +124,11 @@ class Workdir:
 
     def results(self, mode: str) -> epath.Path:
         return self.root / f"results_{mode}.json"
+
+    @property
+    def compilation_cache(self) -> epath.Path:
+        """JAX's persistent compilation cache (`train.compilation_cache_dir` overrides it)."""
+        return self.root / "jax_cache"
 
     def __fspath__(self) -> str:
         return os.fspath(self.root)

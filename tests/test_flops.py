@@ -40,6 +40,11 @@ def test_hand_counted_tiny_model():
     assert f["backbone"] == L * 2 * (4 * d * d + 3 * d * mlp)
     assert f["attention"] == L * 4 * 32 * d  # ctx = 64 / 2
     assert f["lm_head"] == 0.75 * 2 * d * V
+    # The LM head counted only where there is a text target (not at context-image positions).
+    g = flops.flops_per_token(typed(c, V, LEVELS), 64, 0.25, text_fraction=0.5)
+    assert g["lm_head"] == 0.5 * 2 * d * V and g["backbone"] == f["backbone"]
+    with pytest.raises(ValueError, match="text_fraction"):
+        flops.flops_per_token(typed(c, V, LEVELS), 64, 0.25, text_fraction=0.8)
     assert f["discrete_head"] == 0.25 * 2 * d * 1000 and f["flow_head"] == 0
     assert f["input_proj"] == 0.25 * 2 * 4 * d
     assert f["train"] == 3 * f["forward"] == pytest.approx(3 * sum(

@@ -72,21 +72,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_a_worker_that_cannot_see_the_workdir_fails_naming_the_path(tmp_path):
-    # Process 1 is given another (empty) directory, as a worker whose "shared" workdir is a
-    # local disk would see it.
+def _run_two(tmp_path, per_process_args) -> list[tuple[int, list[str]]]:
+    """Runs `--mode=data` in 2 processes; (exit code, its `mmjax: error:` lines) of each."""
     address, procs = f"127.0.0.1:{_free_port()}", []
-    for i, root in enumerate((tmp_path / "shared", tmp_path / "worker_local")):
+    for i, args in enumerate(per_process_args):
         env = dict(_env(), MMJAX_COORDINATOR=address, MMJAX_NUM_PROCESSES="2",
                    MMJAX_PROCESS_ID=str(i), JAX_PLATFORMS="cpu")
         log = open(tmp_path / f"process_{i}.log", "w")
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "mmjax.main", f"--config={CONFIG}", f"--workdir={root}",
-             "--mode=data"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+            [sys.executable, "-m", "mmjax.main", f"--config={CONFIG}", "--mode=data", *args],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
     codes = [p.wait(timeout=300) for p in procs]
     out = [(tmp_path / f"process_{i}.log").read_text() for i in (0, 1)]
-    assert codes == [2, 2], out
-    errors = [[l for l in o.splitlines() if l.startswith("mmjax: error:")] for o in out]
-    assert len(errors[1]) == 1 and "process 1 cannot see dataset 'shapes' at " \
-        f"{tmp_path / 'worker_local' / 'data'}" in errors[1][0], errors[1]
-    assert len(errors[0]) == 1 and "process(es) 1 failed" in errors[0][0], errors[0]
+    return [(c, [l for l in o.splitlines() if l.startswith("mmjax: error:")])
+            for c, o in zip(codes, out)]
+
+
+def test_a_worker_that_cannot_see_the_workdir_fails_naming_the_path(tmp_path):
+    # Process 1 is given another (empty) directory, as a worker whose "shared" workdir is a
+    # local disk would see it: the check before any stage (cloud.check_shared) names it.
+    (c0, e0), (c1, e1) = _run_two(tmp_path, [[f"--workdir={tmp_path / 'shared'}"],
+                                             [f"--workdir={tmp_path / 'worker_local'}"]])
+    assert (c0, c1) == (2, 2), (e0, e1)
+    assert len(e1) == 1 and e1[0].startswith(
+        f"mmjax: error: {tmp_path / 'worker_local'}: process 1 of 2 cannot see the workdir"), e1
+    assert len(e0) == 1 and "the shared workdir check: process(es) 1 failed" in e0[0], e0
+
+
+def test_a_worker_that_cannot_see_the_data_dir_fails_naming_the_path(tmp_path):
+    # A shared workdir, but process 1's data.data_dir override is a local disk: the data stage's
+    # agreement names the dataset path on that worker, and process 0 stops too.
+    shared = f"--workdir={tmp_path / 'shared'}"
+    (c0, e0), (c1, e1) = _run_two(tmp_path, [
+        [shared, f"--config.data.data_dir={tmp_path / 'shared_data'}"],
+        [shared, f"--config.data.data_dir={tmp_path / 'worker_local' / 'data'}"]])
+    assert (c0, c1) == (2, 2), (e0, e1)
+    assert len(e1) == 1 and "process 1 cannot see dataset 'shapes' at " \
+        f"{tmp_path / 'worker_local' / 'data'}" in e1[0], e1
+    assert len(e0) == 1 and "process(es) 1 failed" in e0[0], e0

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mmjax import io as mmjax_io
-from mmjax import parallel
+from mmjax import compilation_cache, parallel
 from mmjax.scaling import fits, grid, report, study, sweep
 
 pytestmark = pytest.mark.slow  # end to end: `-m 'not slow'` skips it
@@ -34,20 +34,20 @@ def micro(tmp_path_factory):
     The sweep's persistent XLA cache is switched off again afterwards so that it does not leak
     into other test modules of this process.
     """
-    from jax.experimental.compilation_cache import compilation_cache
+    from jax.experimental.compilation_cache import compilation_cache as jax_cache
     cfg = grid.load_config_spec(MICRO)
     sweep_dir = str(tmp_path_factory.mktemp("sweep"))
     previous = jax.config.jax_compilation_cache_dir
     points = grid.points(cfg)
     try:
-        sweep.enable_compilation_cache(os.path.join(sweep_dir, "jax_cache"))
+        compilation_cache.enable(os.path.join(sweep_dir, "jax_cache"))
         interrupted = sweep.run_point(cfg, sweep_dir, points[-1], mesh=one_device_mesh(),
                                       stop_at_step=4)
         results = sweep.run_sweep(cfg, sweep_dir, mesh=one_device_mesh())
     finally:
         if previous is None:
             jax.config.update("jax_compilation_cache_dir", None)
-            compilation_cache.reset_cache()
+            jax_cache.reset_cache()
     return cfg, sweep_dir, interrupted, results
 
 

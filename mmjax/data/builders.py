@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mmjax.data import digits, natural, shapes
+from mmjax.data import digits, natural, shapes, shapes_edits
 from mmjax.errors import InputError
 from mmjax.workdir import EMBEDDED_DATASETS
 
@@ -134,7 +134,26 @@ class MmjaxNatural(_EmbeddedBuilder):
         return natural.generate_record(cfg.seed, split, index, cfg.image_size, cfg.max_objects)
 
 
-_BUILDERS = {"shapes": MmjaxShapes, "digits": MmjaxDigits, "natural": MmjaxNatural}
+class MmjaxShapesEdits(_EmbeddedBuilder):
+    """Chains of one-change edits of shapes images (mmjax.data.shapes_edits); data.num_* count
+    chains, each CHAIN_IMAGES records."""
+
+    DESCRIPTION = ("Chains of shapes images, each one instructed edit (move, recolour, resize, add, "
+                   "remove) from the last (mmjax.data.shapes_edits).")
+
+    def _split_sizes(self):
+        cfg = self.builder_config
+        return {"train": shapes_edits.num_records(cfg.num_train),
+                "validation": shapes_edits.num_records(cfg.num_validation),
+                "test": shapes_edits.num_records(cfg.num_test)}
+
+    def _record(self, split, index):
+        cfg = self.builder_config
+        return shapes_edits.generate_record(cfg.seed, split, index, cfg.image_size, cfg.max_objects)
+
+
+_BUILDERS = {"shapes": MmjaxShapes, "digits": MmjaxDigits, "natural": MmjaxNatural,
+             "shapes_edits": MmjaxShapesEdits}
 if tuple(_BUILDERS) != EMBEDDED:
     raise ImportError(f"builders._BUILDERS {tuple(_BUILDERS)} must match workdir.EMBEDDED_DATASETS {EMBEDDED}")
 
@@ -153,7 +172,7 @@ def config_from_data_cfg(data_cfg) -> EmbeddedConfig:
     }
     if values["num_train"] < 1 or values["num_validation"] < 0 or values["num_test"] < 0:
         raise InputError(f"data.num_train must be >= 1 and num_validation/num_test >= 0, got {values}")
-    if data_cfg.name == "shapes":
+    if data_cfg.name in ("shapes", "shapes_edits"):
         if values["image_size"] < shapes.MIN_IMAGE_SIZE:
             raise InputError(f"data.image_size={values['image_size']} < {shapes.MIN_IMAGE_SIZE} for shapes")
         if not 1 <= values["max_objects"] <= shapes.GRID**2:

@@ -9,6 +9,8 @@ runs) means `<split>.array_record`.
 """
 from __future__ import annotations
 
+import json
+
 import grain
 import numpy as np
 
@@ -54,7 +56,10 @@ def load_tokens(workdir, split: str, expected_len: int) -> grain.MapDataset:
     if meta["num_records"] != expected_len:
         raise InputError(f"{meta_path}: {meta['num_records']} token records but the {split} "
                          f"split has {expected_len} images; the data changed since tokenization")
-    source = grain.sources.ArrayRecordDataSource([str(f) for f in files])
+    # ArrayRecord reads local files only: a gs:// token file is copied to the local cache once
+    # (keyed by its sidecar, which changes whenever the tokens do).
+    key = json.dumps(meta, sort_keys=True)
+    source = grain.sources.ArrayRecordDataSource([io.local_copy(f, key) for f in files])
     if len(source) != meta["num_records"]:
         raise InputError(f"{workdir.image_tokens}: the {split} token files hold {len(source)} "
                          f"records, the sidecar {meta_path} says {meta['num_records']}")

@@ -53,18 +53,32 @@ def build_document(caption_ids: Sequence[int], image_indices: np.ndarray, codes:
         caption = np.asarray(layout.uncond_caption(special), np.int32)
     template = layout.t2i_parts if direction == "t2i" else layout.i2t_parts
     parts = template(caption, indices, special)
+    modality = np.concatenate([np.full(len(p), m, np.int32) for p, m in parts])
+    is_image = modality == IMAGE
+    generated = is_image & (direction == "t2i")
+    return document_arrays(parts, codes, text_loss=modality == TEXT, generated=generated,
+                           context=is_image & ~generated)
+
+
+def document_arrays(parts, codes: np.ndarray, *, text_loss: np.ndarray, generated: np.ndarray,
+                    context: np.ndarray) -> dict[str, np.ndarray]:
+    """One document's [n] arrays (DOC_KEYS) from its layout parts (mmjax/layout.py) and per-token
+    flags: `text_loss` (a text token the LM is trained to predict), `generated` (an image token
+    with image loss) and `context` (an image token given as context: bidirectional block, no loss).
+
+    Why one function for every packer: position i predicts token i + 1, and each packer (caption/
+    image pairs here, edit documents in edit_packing) differs only in those three flags, so the
+    shift, the code table and the key set are written once.
+    """
     tokens = np.concatenate([np.asarray(p, np.int32) for p, _ in parts])
     modality = np.concatenate([np.full(len(p), m, np.int32) for p, m in parts])
     n, d = len(tokens), codes.shape[1]
     doc_codes = np.zeros((n, d), np.float32)
     doc_codes[modality == IMAGE] = codes
-    next_text = np.zeros(n, bool)
-    next_image = np.zeros(n, bool)
-    next_text[:-1] = modality[1:] == TEXT
-    next_image[:-1] = modality[1:] == IMAGE
+    next_text, next_image, next_generated = (np.append(f[1:], False)
+                                             for f in (text_loss, modality == IMAGE, generated))
     shifted = np.append(tokens[1:], 0).astype(np.int32)
-    code_targets = np.zeros((n, d), np.float32)
-    code_targets[:-1] = np.where(next_image[:-1, None], doc_codes[1:], 0.0)
+    code_targets = np.where(next_image[:, None], np.append(doc_codes[1:], np.zeros((1, d)), 0), 0.0)
     return {
         "tokens": tokens,
         "codes": doc_codes,
@@ -72,13 +86,12 @@ def build_document(caption_ids: Sequence[int], image_indices: np.ndarray, codes:
         "positions": np.arange(n, dtype=np.int32),
         "text_targets": np.where(next_text, shifted, 0).astype(np.int32),
         "text_mask": next_text.astype(np.float32),
-        "code_targets": code_targets,
+        "code_targets": code_targets.astype(np.float32),
         "index_targets": np.where(next_image, shifted, 0).astype(np.int32),
-        "image_mask": (next_image & (direction == "t2i")).astype(np.float32),
-        "image_block": ((modality == IMAGE) & (direction == "i2t")).astype(np.int32),
+        "image_mask": next_generated.astype(np.float32),
+        "image_block": np.asarray(context, np.int32),
         "image_pos": np.asarray(layout.image_positions(parts), np.int32),
     }
-
 
 def pack_documents(docs: Sequence[dict], seq_len: int, d: int) -> dict[str, np.ndarray]:
     """Concatenate documents into one row of `seq_len` (segment ids 1.., 0 = padding)."""
@@ -105,6 +118,26 @@ def pack_documents(docs: Sequence[dict], seq_len: int, d: int) -> dict[str, np.n
     return row
 
 
+def row_target_capacity(seq_len: int, max_caption_len: int, num_image_tokens: int) -> tuple[int, int]:
+    """(image targets, text targets) that one packed row can hold at most: the static capacity the
+    objective gathers the image and LM heads' positions to (mmjax/targets.py).
+
+    Why this bound: `PackedDataset` puts a fixed k = seq_len // (longest possible document) documents
+    in every row (so rows stay a pure function of their index), and a document of either direction
+    has at most `num_image_tokens` image targets (only t2i documents have any) and at most
+    max(max_caption_len, 1) + 3 text targets (caption or <uncond>, <boi>, <eoi>, <eos>: the document
+    minus its image tokens and its first token). A bound from the shortest possible document
+    (seq_len // (num_image_tokens + 4) documents) would hold for any packer but is looser when
+    captions are long; this one is exact for the packer we have, which uses this same function.
+    """
+    longest = document_length(max(int(max_caption_len), 1), int(num_image_tokens))
+    if longest > seq_len:
+        raise ValueError(f"one document ({max_caption_len} caption + {num_image_tokens} image + "
+                         f"{SPECIAL_TOKENS} special tokens = {longest}) is longer than seq_len={seq_len}")
+    docs = int(seq_len) // longest
+    return docs * int(num_image_tokens), docs * (longest - int(num_image_tokens) - 1)
+
+
 def lookup_codes(index_to_code: Callable[[np.ndarray], np.ndarray] | np.ndarray, indices: np.ndarray) -> np.ndarray:
     """float32 [n, d] code vectors of `indices` from a table [codebook, d] or a callable."""
     if callable(index_to_code):
@@ -122,7 +155,32 @@ def draw_direction(seed: int, example_index: int, t2i_prob: float, caption_dropo
     return direction, drop
 
 
-class PackedDataset(grain.MapDataset):
+class RowPacker(grain.MapDataset):
+    """Random-access packed rows: row r packs the documents of parent examples
+    [r * docs_per_row, (r + 1) * docs_per_row), so a row is a pure function of its index.
+
+    Why a base: the pair and edit packers differ only in how one example becomes a document
+    (`document`) and how many fit a row (`docs_per_row`, set with `_seq_len`, `code_dim`); the
+    row indexing and packing are written here once.
+    """
+
+    def __len__(self) -> int:
+        return -(-len(self._parent) // self.docs_per_row)
+
+    def __str__(self) -> str:
+        return f"{type(self).__name__}(seq_len={self._seq_len}, docs_per_row={self.docs_per_row})"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        index = int(index) % len(self)
+        first = index * self.docs_per_row
+        last = min(first + self.docs_per_row, len(self._parent))
+        docs = [self.document(i) for i in range(first, last)]
+        return pack_documents(docs, self._seq_len, self.code_dim)
+
+
+class PackedDataset(RowPacker):
     """Random-access packed rows of a MapDataset of tokenized examples.
 
     Parent elements: {"caption_ids": int [max_caption_len] (padded), "caption_len": int,
@@ -147,15 +205,11 @@ class PackedDataset(grain.MapDataset):
                 f"one document ({self._max_caption} caption + {self._num_image} image + {SPECIAL_TOKENS} special "
                 f"tokens = {self.max_doc_len}) is longer than seq_len={seq_len}")
         self.docs_per_row = seq_len // self.max_doc_len
+        # What the objective's static head capacity assumes (row_target_capacity's docstring).
+        self.target_capacity = row_target_capacity(seq_len, self._max_caption, self._num_image)
         self.code_dim = lookup_codes(index_to_code, np.zeros(1, np.int32)).shape[1]
         self._seq_len, self._special, self._index_to_code = seq_len, special, index_to_code
         self._t2i_prob, self._caption_dropout, self._seed = t2i_prob, caption_dropout, seed
-
-    def __len__(self) -> int:
-        return -(-len(self._parent) // self.docs_per_row)
-
-    def __str__(self) -> str:
-        return f"PackedDataset(seq_len={self._seq_len}, docs_per_row={self.docs_per_row})"
 
     def document(self, example_index: int) -> dict[str, np.ndarray]:
         """The document built from parent example `example_index`."""
@@ -171,11 +225,3 @@ class PackedDataset(grain.MapDataset):
         codes = lookup_codes(self._index_to_code, indices)
         return build_document(caption[:length], indices, codes, direction, self._special, drop_caption=drop)
 
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return self.slice(index)
-        index = int(index) % len(self)
-        first = index * self.docs_per_row
-        last = min(first + self.docs_per_row, len(self._parent))
-        docs = [self.document(i) for i in range(first, last)]
-        return pack_documents(docs, self._seq_len, self.code_dim)

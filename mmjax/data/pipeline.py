@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from mmjax.data import builders
+from mmjax.data import builders, remote
 from mmjax.errors import InputError, MissingArtifactError
 
 
@@ -71,7 +71,10 @@ def _standard_builder(data_cfg, data_dir: str | None):
 def build_dataset(data_cfg, data_dir) -> dict[str, int]:
     """The data stage's half: generates an embedded set into `data_dir` once (a no-op when it is
     already there) or checks that a standard TFDS set is prepared; returns the split sizes."""
-    if data_cfg.name in builders.EMBEDDED:
+    if data_cfg.name in builders.EMBEDDED and remote.is_remote(data_dir):
+        builder = remote.publish(functools.partial(builders.embedded_builder, data_cfg), data_dir,
+                                 lambda local: local.download_and_prepare())
+    elif data_cfg.name in builders.EMBEDDED:
         builder = builders.prepare_embedded(data_cfg, os.fspath(data_dir))
     else:
         builder = _standard_builder(data_cfg, None if data_dir is None else os.fspath(data_dir))
@@ -95,14 +98,20 @@ def _source_and_spec(data_cfg, split: str, data_dir):
     """(random-access source of raw records, how to read them) for `split`."""
     data_dir = None if data_dir is None else os.fspath(data_dir)
     if data_cfg.name in builders.EMBEDDED:
-        builder = builders.embedded_builder(data_cfg, data_dir)
+        make = functools.partial(builders.embedded_builder, data_cfg)
+        # ArrayRecord reads local files only: a gs:// data dir is read from a local mirror.
+        builder = remote.local_builder(make, data_dir) if remote.is_remote(data_dir) \
+            else make(data_dir)
         if not builder.is_prepared():
             raise MissingArtifactError(
                 f"dataset {data_cfg.name!r} is not built in {data_dir}; run --mode=data "
                 "(or --mode=pipeline) first")
         spec = RecordSpec(data_cfg.name, int(data_cfg.image_size), int(data_cfg.max_objects))
     else:
-        builder = _standard_builder(data_cfg, data_dir)
+        builder = _standard_builder(data_cfg, data_dir)  # known and prepared (gs:// too)
+        if remote.is_remote(data_dir):
+            builder = remote.local_builder(
+                lambda d: tfds.builder(data_cfg.name, data_dir=d), data_dir)
         spec = _standard_spec(data_cfg, builder.info.features)
     _check_split(split, builder, data_cfg.name)
     try:

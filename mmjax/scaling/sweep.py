@@ -28,7 +28,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mmjax import checkpointing, config_validation, io, stages, train
+from mmjax import checkpointing, compilation_cache, config_validation, io, stages, train
 from mmjax import flops as flops_lib
 from mmjax.data import text
 from mmjax.metrics_writer import read_jsonl
@@ -47,18 +47,6 @@ ATTEMPTS = "attempts.jsonl"
 
 def run_dir(sweep_dir: str, name: str) -> str:
     return os.path.join(sweep_dir, RUNS, name)
-
-
-def enable_compilation_cache(directory: str) -> None:
-    """Persistent XLA cache: grid points of equal shapes (budgets, resumes) compile only once.
-
-    Leaves a cache the user configured (JAX_COMPILATION_CACHE_DIR) alone.
-    """
-    if jax.config.jax_compilation_cache_dir:
-        return
-    os.makedirs(directory, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 # ----------------------------------------------------------------------------- shared build
@@ -251,7 +239,8 @@ def run_sweep(sweep_cfg, sweep_dir: str, *, indices: Sequence[int] | None = None
               report: bool = True) -> list[dict]:
     """Runs the points `indices` (default: all) in order, then (optionally) the report."""
     if sweep_cfg.compilation_cache:
-        enable_compilation_cache(os.path.join(sweep_dir, "jax_cache"))
+        # Grid points of equal shapes (budgets, resumes) compile only once.
+        compilation_cache.enable(os.path.join(sweep_dir, "jax_cache"))
     all_points = grid.points(sweep_cfg)
     chosen = [grid.select(all_points, i) for i in indices] if indices is not None else all_points
     base = grid.base_config(sweep_cfg)
@@ -308,6 +297,10 @@ def _main(argv) -> None:
         return
     if not flag.sweep_dir:
         raise app.UsageError("--sweep_dir is required")
+    from mmjax import cloud
+    if cloud.is_remote(flag.sweep_dir):  # os.path.abspath would make a local "gs:" folder
+        raise app.UsageError(f"--sweep_dir={flag.sweep_dir}: sweeps need a local directory "
+                             "(their runs' workdirs are local; mmjax.main takes gs:// workdirs)")
     sweep_dir = os.path.abspath(flag.sweep_dir)
     if mode == "prepare":
         prepare_shared(grid.base_config(flag.config), sweep_dir)

@@ -13,7 +13,7 @@ import importlib
 
 import jax
 
-from mmjax import io
+from mmjax import cloud, io
 from mmjax.errors import InputError
 from mmjax.workdir import Workdir
 
@@ -35,7 +35,9 @@ def plan(mode: str, has_model: bool) -> list[str]:
 def run_mode(config, workdir, mode: str) -> dict:
     """Runs the stages of `mode`; process 0 writes their summaries to results_<mode>.json."""
     wd = workdir if isinstance(workdir, Workdir) else Workdir.from_config(config, workdir)
+    cloud.check_workdir(wd)  # gs://: credentials and buckets exist (one line naming the path)
     io.make_dirs(wd.root)  # a root that cannot be a directory fails here, naming the path
+    cloud.check_shared(wd)  # multi-process: a host that cannot see the workdir says so
     results = {name: stage(name).run(config, wd) for name in plan(mode, "model" in config)}
     if jax.process_index() == 0:
         io.write_json_atomic(wd.results(mode), results)

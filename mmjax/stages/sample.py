@@ -82,6 +82,9 @@ def validation_losses(config, workdir, tokenizer, model, params, special) -> dic
 
 def run(config, workdir) -> dict:
     """Samples, scores and writes <workdir>/samples/*; returns the metrics (see module doc)."""
+    if config.data.name == "shapes_edits":  # A + instruction -> B, scored by edit rules
+        from mmjax.stages import sample_edits
+        return sample_edits.run(config, workdir)
     started = time.time()
     sc = config.sample
     checkpointing.require_directory(workdir.model_checkpoints)  # the first thing missing

@@ -11,7 +11,6 @@ order, so reading them in order gives exactly the single-process record sequence
 from __future__ import annotations
 
 import logging
-import os
 
 import jax
 import numpy as np
@@ -57,13 +56,12 @@ def _existing(workdir, split: str, meta: dict) -> bool:
 
 
 def _write_records(path, rows) -> None:
-    """Writes int32 rows as ArrayRecord records, beside `path` first (never half a file there)."""
-    tmp = os.fspath(path) + ".tmp"
-    writer = ArrayRecordWriter(tmp, "group_size:1")
-    for row in rows:
-        writer.write(np.asarray(row, np.int32).tobytes())
-    writer.close()
-    os.replace(tmp, os.fspath(path))
+    """Writes int32 rows as ArrayRecord records; `path` (local or gs://) appears only whole."""
+    with io.local_file_for_writing(path) as local:  # riegeli writes local files only
+        writer = ArrayRecordWriter(local, "group_size:1")
+        for row in rows:
+            writer.write(np.asarray(row, np.int32).tobytes())
+        writer.close()
 
 
 def tokenize_split(config, workdir, split: str, model, params, step: int,

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from mmjax import config_validation, flops, objectives
+from mmjax import targets as targets_lib
 from mmjax.data import captions, image_tokens, packing, pipeline
 from mmjax.models import model as model_lib
 from mmjax.tokenizers.fsq import FSQ
@@ -87,6 +88,9 @@ def caption_counts(config, workdir, tokenizer, split: str) -> dict:
 
 def packed_dataset(config, workdir, tokenizer, split: str, *, train: bool) -> grain.MapDataset:
     """Packed rows (docs/INTERFACES.md) of `split`; training redraws each example's direction."""
+    if config.data.name == "shapes_edits":  # multi-image edit documents instead of pairs
+        from mmjax.tasks import edits
+        return edits.packed_dataset(config, workdir, tokenizer, split, train=train)
     examples = tokenized_examples(config, workdir, tokenizer, split)
     redraws = int(config.objective.direction_redraws) if train else 1
     n = len(examples)
@@ -113,6 +117,9 @@ class MultimodalTask:
         self.train_config = config.train
         self.model = build_model(config, vocab_size)
         self.objective = config_validation.objective_config(config.objective)
+        # The heads run only at target positions, gathered to this static capacity per row
+        # (mmjax/targets.py); None runs them at every position (the masked reference path).
+        self.capacity = config_validation.target_capacity(config)
         self._data = data
         self.caption_counts: dict[str, dict] = {}  # per split: too long / truncated / dropped
         if data is not None:
@@ -129,26 +136,36 @@ class MultimodalTask:
 
     @functools.cached_property
     def flops_per_token(self) -> float | None:
-        """Analytic training FLOPs per real token (mmjax.flops), with the share of positions that
-        predict an image token measured on the first packed training rows."""
+        """Analytic training FLOPs per real token (mmjax.flops), with the shares of positions that
+        have an image target and a text target measured on the first packed training rows."""
         if self._data is None:
             return None
         ds = self.dataset("train", train=True)
         rows = [ds[i] for i in range(min(FLOPS_SAMPLE_ROWS, len(ds)))]
         real = sum(float(np.sum(r["segment_ids"] > 0)) for r in rows)
         image_fraction = sum(float(np.sum(r["image_mask"])) for r in rows) / max(real, 1.0)
+        text_fraction = sum(float(np.sum(r["text_mask"])) for r in rows) / max(real, 1.0)
+        image_fraction = min(image_fraction, 1.0)
         return float(flops.flops_per_token(self.model.cfg, int(self.config.model.max_seq_len),
-                                           min(image_fraction, 1.0))["train"])
+                                           image_fraction,
+                                           text_fraction=min(text_fraction, 1.0 - image_fraction)
+                                           )["train"])
 
     def dataset(self, split: str, *, train: bool):
         if self._data is None:
             raise RuntimeError("this MultimodalTask was built without data=(workdir, tokenizer)")
         workdir, tokenizer = self._data
-        return packed_dataset(self.config, workdir, tokenizer, split, train=train)
+        ds = packed_dataset(self.config, workdir, tokenizer, split, train=train)
+        image, text = ds.target_capacity
+        if image > self.capacity.image or text > self.capacity.text:  # a layout the config misreads
+            raise config_validation.ConfigError(f"packed {split} rows hold up to {image} image / {text} text targets, "
+                              f"more than the heads' capacity {self.capacity} from the config "
+                              f"({targets_lib.CAPACITY_FIELDS})")
+        return ds
 
     def init_params(self, rng, batch):
         return model_lib.init_params(self.model, rng, batch)
 
     def loss_fn(self, params, batch, rng, train):
         return objectives.compute_losses(self.model, params, batch, rng, self.objective,
-                                         train=train)
+                                         train=train, capacity=self.capacity)
