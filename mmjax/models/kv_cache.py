@@ -5,13 +5,15 @@ batched matmul over (batch, head); with the slot-major [B, S, H, Dh] layout XLA:
 the whole cache of every layer to head-major before each step's two dots (read + write of all of
 K and V per token, which is what made a step at 1024 cached positions cost ~1.8x one at 64).
 
-Order: attend first, write second. The chunk's queries attend to the cache's OLD slots (those
-before `start`, read-only) and to the chunk's own keys/values (passed directly), with one softmax
-over both; only then are the chunk's keys/values written into the cache. Why: if the attention
-read the updated cache, the update would have two consumers (the attention and the returned
-cache) and XLA would copy the donated cache to keep both; here the only consumer of the update
-is the output, so it runs in place. The result equals attention over the updated cache (the
-same logits, the same softmax; only the summation order of the two parts differs).
+Order: attend first, write second, and make the write data-depend on the attention (`after`).
+The chunk's queries attend to the cache's OLD slots (those before `start`, read-only) and to the
+chunk's own keys/values (passed directly), with one softmax over both; only then are the chunk's
+keys/values written into the cache. Why: the write is a dynamic-update-slice into the donated
+cache buffer, which runs in place only if every read of the old buffer provably comes first.
+Reading the updated cache instead gives the update two consumers (the attention and the returned
+cache), and XLA copies the cache to keep both. The result equals attention over the updated
+cache (the same logits, the same softmax; only the summation order of the two parts differs).
+Check: the compiled step has no copy of a cache buffer (tests/test_kv_cache.py).
 
 Only the dense path (model.attention_impl "auto" on decode) runs this way; the other impls
 ('reference', 'chunked', ...) see the updated cache in slot-major order (`attention.attend`'s
@@ -53,7 +55,20 @@ def attend_then_write(q, k, v, cache_k, cache_v, spec: attention.MaskSpec, impl:
                              to_slot_major(cache_v).astype(q.dtype), spec, impl, block_size)
         return o, (cache_k, cache_v)
     o = dense_old_and_own(q, k, v, cache_k, cache_v, spec, start)
+    start = after(start, o)
     return o, (write(cache_k, k, start), write(cache_v, v, start))
+
+
+def after(start: jax.Array, o: jax.Array) -> jax.Array:
+    """`start`, unchanged, as a value computed from `o` (the attention output).
+
+    Why: the write at `start` runs in place on the donated cache only if XLA can prove every read
+    of the old cache (the dots `o` is made of) happens before it. XLA's copy insertion orders ops
+    by data dependence alone, and XLA:CPU drops `lax.optimization_barrier` before it runs, so
+    without this dependency it copies each cache buffer twice per step (2 x 4.3 MB per token at
+    demo size, 1057 slots). `sum > inf` is False for every float, NaN and inf included.
+    """
+    return start + (o.sum(dtype=jnp.float32) > jnp.inf).astype(start.dtype)
 
 
 def dense_old_and_own(q, k, v, cache_k, cache_v, spec: attention.MaskSpec, start) -> jax.Array:
