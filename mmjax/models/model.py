@@ -172,7 +172,7 @@ class MultimodalLM(nn.Module):
         ok = ids >= 0
         return ok & (ids < self.num_modalities) if self.num_modalities > 1 else ok
 
-    def _backbone(self, batch, mask, kv_layers=None, cache_index=None, *, train):
+    def _backbone(self, batch, mask, kv_layers=None, *, train):
         """Embeds, sorts once, runs the blocks on the sorted stream, un-sorts once."""
         tokens, modality = batch["tokens"], batch["modality"]
         if _is_concrete(modality) and not self._valid_modality(np.asarray(modality)).all():
@@ -189,7 +189,7 @@ class MultimodalLM(nn.Module):
         new_kv = []
         for i, block in enumerate(self.blocks):
             kv = None if kv_layers is None else (kv_layers[i]["k"], kv_layers[i]["v"])
-            x, kv = block(x, routing, batch["positions"], mask, kv, cache_index)
+            x, kv = block(x, routing, batch["positions"], mask, kv)
             new_kv.append(kv)
         h = self.final_norm(x.reshape(-1, d), routing)
         h = mot.from_sorted(h, routing, (b, t, d))
@@ -223,7 +223,7 @@ class MultimodalLM(nn.Module):
         mask = attention.decode_spec(
             chunk["segment_ids"], chunk["image_block"], index, seg, blk,
             self.cfg.image_bidirectional_context)
-        hidden, kv = self._backbone(chunk, mask, cache["layers"], index, train=False)
+        hidden, kv = self._backbone(chunk, mask, cache["layers"], train=False)
         hidden = jnp.where(index + t > size, jnp.nan, hidden)
         new_cache = {"index": index + t, "segment_ids": seg, "image_block": blk,
                      "layers": tuple({"k": k, "v": v} for k, v in kv)}

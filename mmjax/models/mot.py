@@ -308,9 +308,9 @@ class MoTBlock(nn.Module):
     x: the sorted residual stream (`sorted_layout`: [B, T, D], or [S, R, D] when padded to tiles);
     positions [B, T] / mask in original order; `mask` is an attention.MaskSpec (attended with
     `attention_impl`) or a dense bool [B, T, S] mask.
-    With `kv` = (cache_k, cache_v) [B, S, H, Dh] and `cache_index`, the chunk's keys/values are
-    written at slots cache_index.. and attention runs over the whole cache (mask [B, T, S]).
-    Returns (x, updated (k, v) or None).
+    With `kv` = (cache_k, cache_v) [B, H, S, Dh] (decode; `mask` is attention.decode_spec's), the
+    chunk attends to the cache and its keys/values are written at slots mask.kv_len - T..
+    (models/kv_cache.py). Returns (x, updated (k, v) or None).
     """
 
     num_modalities: int
@@ -331,7 +331,7 @@ class MoTBlock(nn.Module):
                              tile=self.mot_tile, name=name)
 
     @nn.compact
-    def __call__(self, x, routing: Routing, positions, mask, kv=None, cache_index=None):
+    def __call__(self, x, routing: Routing, positions, mask, kv=None):
         layout = x.shape
         batch, length = positions.shape
         d = layout[-1]
@@ -351,16 +351,12 @@ class MoTBlock(nn.Module):
         k = layers.rope(k, positions, self.rope_theta)
         new_kv = None
         k, v = k.astype(self.dtype), v.astype(self.dtype)
-        if kv is not None and isinstance(mask, attention.MaskSpec):  # decode (head-major cache)
+        if kv is not None:  # decode (head-major cache)
             o, new_kv = kv_cache.attend_then_write(q, k, v, kv[0], kv[1], mask,
                                                    self.attention_impl, self.attention_block)
         elif isinstance(mask, attention.MaskSpec):  # built per tile by the chosen implementation
             o = attention.attend(q, k, v, mask, self.attention_impl, self.attention_block)
-        else:  # a dense bool mask [B, T, S] (slot-major cache [B, S, H, Dh], if any)
-            if kv is not None:
-                k, v = layers.update_kv_cache(kv[0], kv[1], k, v, cache_index)
-                new_kv = (k, v)
-                k, v = k.astype(self.dtype), v.astype(self.dtype)
+        else:  # a dense bool mask [B, T, S]
             o = layers.attend(q, k, v, mask)
         o = to_sorted(o.reshape(batch, length, heads * head_dim), routing)
         x = x + self._dense((heads, head_dim), (d,), ("heads", "kv"), ("embed",), "out")(o, routing)
