@@ -1,9 +1,9 @@
 """models/kv_cache.py: a decode chunk's attention against a head-major cache, then the write.
-Values == the reference formula over the updated cache for every impl (a partly filled cache
-whose empty slots hold junk, rows with different layouts and padding, single steps and a
-multi-position chunk); the write touches only the chunk's slots; and the compiled, donated decode
-step of a two-modality model updates the cache in place (no copy of a cache buffer, every cache
-leaf aliased to its output)."""
+Values == the reference formula over the updated cache for every impl and for the single-step
+path (dense_old_and_own): a partly filled cache whose empty slots hold junk, rows with different
+layouts and padding, single steps and a multi-position chunk. The write touches only the chunk's
+slots, and the compiled, donated decode step of a two-modality model updates the cache in place
+(no copy of a cache buffer, every cache leaf aliased to its output)."""
 import re
 
 import jax
@@ -52,15 +52,20 @@ def test_attend_then_write_equals_reference_over_the_updated_cache(filled, t, im
     want = attention.reference_attend(c["q"], kv_cache.to_slot_major(new_k),
                                       kv_cache.to_slot_major(new_v), mask)
     np.testing.assert_allclose(np.asarray(o), np.asarray(want), atol=2e-6)
+    if impl == "auto":  # the single-step path, also on a multi-position chunk
+        direct = kv_cache.dense_old_and_own(c["q"], c["k"], c["v"], c["cache_k"], c["cache_v"],
+                                            c["spec"], start)
+        np.testing.assert_allclose(np.asarray(direct), np.asarray(want), atol=2e-6)
     # The cache's junk is in reach of a wrong mask: slots >= start (old values there included).
     assert not np.asarray(mask[..., filled:]).any() and np.asarray(mask).any(-1).all()
 
 
 def test_attend_then_write_sees_the_chunk_not_the_old_slots_it_overwrites():
-    """The chunk's slots hold junk before the write; the output must use the chunk's own k/v."""
+    """The chunk's slots hold junk before the write; dense_old_and_own must use the chunk's own
+    k/v for them, not the cache's."""
     c = decode_case(16, 8, seed=3)
-    got, _ = kv_cache.attend_then_write(c["q"], c["k"], c["v"], c["cache_k"], c["cache_v"],
-                                        c["spec"], "auto", 8)
+    got = kv_cache.dense_old_and_own(c["q"], c["k"], c["v"], c["cache_k"], c["cache_v"],
+                                     c["spec"], c["start"])
     stale = attention.reference_attend(c["q"], kv_cache.to_slot_major(c["cache_k"]),
                                        kv_cache.to_slot_major(c["cache_v"]),
                                        attention.dense_mask(c["spec"]))

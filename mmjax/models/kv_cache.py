@@ -15,9 +15,10 @@ cache), and XLA copies the cache to keep both. The result equals attention over 
 cache (the same logits, the same softmax; only the summation order of the two parts differs).
 Check: the compiled step has no copy of a cache buffer (tests/test_kv_cache.py).
 
-Only the dense path (model.attention_impl "auto" on decode) runs this way; the other impls
-('reference', 'chunked', ...) see the updated cache in slot-major order (`attention.attend`'s
-inputs), so tests compare this path against the reference formula.
+Only single-position steps with model.attention_impl "auto" run this way (`dense_old_and_own`);
+a multi-position chunk (prefill) and the other impls ('reference', 'chunked', ...) write first
+and read the updated cache in slot-major order (`attention.attend`'s inputs), so tests compare
+both against the reference formula.
 """
 from __future__ import annotations
 
@@ -49,7 +50,11 @@ def attend_then_write(q, k, v, cache_k, cache_v, spec: attention.MaskSpec, impl:
     """
     t = q.shape[1]
     start = spec.kv_len - t
-    if impl != "auto":  # the other impls read the updated cache in their own layout
+    if impl != "auto" or t > 1:
+        # The other impls read the updated cache in their own layout. So does a chunk of
+        # T > 1 (a prefill): one pass over the S slots instead of the old slots plus its own T
+        # keys (S + T per query; 1.7x the time of a 1024-position prefill at demo size), and a
+        # copy of the cache is small next to T x S logits.
         cache_k, cache_v = write(cache_k, k, start), write(cache_v, v, start)
         o = attention.attend(q, to_slot_major(cache_k).astype(q.dtype),
                              to_slot_major(cache_v).astype(q.dtype), spec, impl, block_size)
