@@ -1,4 +1,4 @@
-"""Attention of a decode chunk against the KV cache, and the cache update, without copying the cache.
+"""A decode chunk's attention against the KV cache, and the cache update, without copying it.
 
 Layout: the cache is head-major, `k` / `v` [B, H, S, Dh] (`init_cache`). Why: attention is a
 batched matmul over (batch, head); with the slot-major [B, S, H, Dh] layout XLA:CPU transposes
