@@ -121,11 +121,12 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, impl: str =
     if impl not in IMPLS:
         raise ValueError(f"model.attention_impl={impl!r}: must be one of {', '.join(IMPLS)}.")
     if impl == "auto" and spec.kv_len is not None:
-        # Decode: the dense pass over the updated cache. Both blockwise variants tried here
-        # (a while loop over filled blocks; a head-major cache) made XLA:CPU copy the donated
-        # cache every step (loop-carried operands / an update fused into two consumers), which
-        # cost more than the empty slots they skip (bench/decode.py; see the issue-14 report).
-        # 'chunked' stays selectable for caches much larger than their filled part.
+        # Decode: the dense pass over the updated cache. (The model's decode runs 'auto' as
+        # kv_cache.attend_then_write instead, which reads the cache without copying it.) A while
+        # loop over filled blocks made XLA:CPU copy the donated cache every step (loop-carried
+        # operands), which cost more than the empty slots it skips (bench/decode.py; see the
+        # issue-14 report); 'chunked' stays selectable for caches much larger than their filled
+        # part.
         impl = "reference"
     impl = resolve_impl(impl, q.shape[1], k.shape[1])
     if impl == "reference":

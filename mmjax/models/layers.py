@@ -1,5 +1,5 @@
 """Building blocks shared by the backbone and the heads: init helpers, RMSNorm, RoPE, attention
-core with a KV cache, SwiGLU, remat policies.
+core, SwiGLU, remat policies (the KV cache: kv_cache.py).
 
 Why plain functions where possible: the modality-routed modules in `mot.py` own the parameters
 (stacked over modalities); what is left here is math that does not care which modality a token
@@ -100,20 +100,6 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     logits = jnp.where(mask[:, None, :, :], logits, _MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhts,bshd->bthd", probs, v)
-
-
-def update_kv_cache(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array,
-                    index: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Writes a chunk k/v [B, T, H, Dh] into the caches [B, S, H, Dh] at slot `index` (scalar).
-
-    All rows share the slot: a batch decodes in lockstep; rows with shorter prompts carry padding
-    (segment 0), which no real query attends to.
-    """
-    zero = jnp.zeros((), jnp.int32)
-    start = (zero, jnp.asarray(index, jnp.int32), zero, zero)
-    cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
-    cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
-    return cache_k, cache_v
 
 
 # ---- feed-forward ----------------------------------------------------------------------------

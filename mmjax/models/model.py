@@ -41,12 +41,14 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int | None = None) ->
     """An empty KV cache for `batch_size` rows and `max_len` slots (default model.max_seq_len).
 
     {"index": int32 [] next free slot, "segment_ids"/"image_block": int32 [B, S] of the cached
-    positions (0 = empty), "layers": ({"k", "v": [B, S, H, Dh] in the compute dtype}, ...)}.
+    positions (0 = empty), "layers": ({"k", "v": [B, H, S, Dh] in the compute dtype}, ...)}.
+    Head-major, so a decode step's attention reads the cache without transposing it
+    (models/kv_cache.py).
     """
     size = int(max_len or cfg.max_seq_len)
     heads_, d = cfg.num_heads, cfg.d_model
     dtype = layers.resolve_dtype(cfg.dtype)
-    kv = lambda: jnp.zeros((batch_size, size, heads_, d // heads_), dtype)  # noqa: E731
+    kv = lambda: jnp.zeros((batch_size, heads_, size, d // heads_), dtype)  # noqa: E731
     return {
         "index": jnp.zeros((), jnp.int32),
         "segment_ids": jnp.zeros((batch_size, size), jnp.int32),
@@ -170,7 +172,7 @@ class MultimodalLM(nn.Module):
         ok = ids >= 0
         return ok & (ids < self.num_modalities) if self.num_modalities > 1 else ok
 
-    def _backbone(self, batch, mask, kv_layers=None, cache_index=None, *, train):
+    def _backbone(self, batch, mask, kv_layers=None, *, train):
         """Embeds, sorts once, runs the blocks on the sorted stream, un-sorts once."""
         tokens, modality = batch["tokens"], batch["modality"]
         if _is_concrete(modality) and not self._valid_modality(np.asarray(modality)).all():
@@ -197,7 +199,7 @@ class MultimodalLM(nn.Module):
         new_kv = []
         for i, block in enumerate(self.blocks):
             kv = None if kv_layers is None else (kv_layers[i]["k"], kv_layers[i]["v"])
-            x, kv = block(x, routing, batch["positions"], mask, kv, cache_index)
+            x, kv = block(x, routing, batch["positions"], mask, kv)
             new_kv.append(kv)
         h = self.final_norm(x.reshape(-1, d), routing)
         h = mot.from_sorted(h, routing, (b, t, d))
@@ -243,7 +245,7 @@ class MultimodalLM(nn.Module):
         mask = attention.decode_spec(
             chunk["segment_ids"], chunk["image_block"], index, seg, blk,
             self.cfg.image_bidirectional_context)
-        hidden, kv = self._backbone(chunk, mask, cache["layers"], index, train=False)
+        hidden, kv = self._backbone(chunk, mask, cache["layers"], train=False)
         hidden = jnp.where(index + t > size, jnp.nan, hidden)
         new_cache = {"index": index + t, "segment_ids": seg, "image_block": blk,
                      "layers": tuple({"k": k, "v": v} for k, v in kv)}

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mmjax.choices import CHOICES
-from mmjax.models import attention, layers
+from mmjax.models import attention, kv_cache, layers
 
 
 class Routing(NamedTuple):
@@ -387,9 +387,9 @@ class MoTBlock(nn.Module):
     x: the sorted residual stream (`sorted_layout`: [B, T, D], or [S, R, D] when padded to tiles);
     positions [B, T] / mask in original order; `mask` is an attention.MaskSpec (attended with
     `attention_impl`) or a dense bool [B, T, S] mask.
-    With `kv` = (cache_k, cache_v) [B, S, H, Dh] and `cache_index`, the chunk's keys/values are
-    written at slots cache_index.. and attention runs over the whole cache (mask [B, T, S]).
-    Returns (x, updated (k, v) or None).
+    With `kv` = (cache_k, cache_v) [B, H, S, Dh] (decode; `mask` is attention.decode_spec's), the
+    chunk attends to the cache and its keys/values are written at slots mask.kv_len - T..
+    (models/kv_cache.py). Returns (x, updated (k, v) or None).
     """
 
     num_modalities: int
@@ -410,7 +410,7 @@ class MoTBlock(nn.Module):
                              tile=self.mot_tile, name=name)
 
     @nn.compact
-    def __call__(self, x, routing: Routing, positions, mask, kv=None, cache_index=None):
+    def __call__(self, x, routing: Routing, positions, mask, kv=None):
         layout = x.shape
         batch, length = positions.shape
         d = layout[-1]
@@ -429,11 +429,11 @@ class MoTBlock(nn.Module):
         q = layers.rope(q, positions, self.rope_theta)
         k = layers.rope(k, positions, self.rope_theta)
         new_kv = None
-        if kv is not None:
-            k, v = layers.update_kv_cache(kv[0], kv[1], k, v, cache_index)
-            new_kv = (k, v)
         k, v = k.astype(self.dtype), v.astype(self.dtype)
-        if isinstance(mask, attention.MaskSpec):  # built per tile by the chosen implementation
+        if kv is not None:  # decode (head-major cache)
+            o, new_kv = kv_cache.attend_then_write(q, k, v, kv[0], kv[1], mask,
+                                                   self.attention_impl, self.attention_block)
+        elif isinstance(mask, attention.MaskSpec):  # built per tile by the chosen implementation
             o = attention.attend(q, k, v, mask, self.attention_impl, self.attention_block)
         else:  # a dense bool mask [B, T, S]
             o = layers.attend(q, k, v, mask)
