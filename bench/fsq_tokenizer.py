@@ -3,7 +3,8 @@
   python -m bench.fsq_tokenizer --runs=demo:8,5,5,5 --runs=long:8,5,5,5 --runs=demo:8,8,8,5,5,5
 
 Each run is a normal `--mode=tokenizer` run of configs/fsq_shapes.py:<budget> in its own workdir
-(reused if present: finished runs are only re-evaluated). Writes bench/results/fsq_tokenizer.json.
+(always trained from a fresh one: a resumed stage would time only its eval). Writes
+bench/results/fsq_tokenizer.json.
 """
 from __future__ import annotations
 
