@@ -75,7 +75,7 @@ def routing_shards(batch_size: int, impl: str) -> int:
     weight, so under data parallelism its un-sort gathers cross devices (XLA inserts the
     collectives); 'tiled' and 'masked' keep every gather on its own device.
     """
-    if resolve_impl(impl) == "ragged":
+    if impl != "buckets" and resolve_impl(impl) == "ragged":  # buckets sort per shard too
         return 1
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
