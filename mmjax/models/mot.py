@@ -8,7 +8,8 @@ On CPU, XLA lowers `ragged_dot` to a masked dense matmul (M times the FLOPs), so
 picks one of two layouts there. For packed training rows of two modalities it uses static
 buckets (`make_bucket_routing`): the packer bounds the image tokens per row, padding fills
 whichever bucket has room, so each shard splits at a fixed row into a text block and an image
-block and each modality is one dense matmul (measured ~1.02x a dense step, bench/mot_overhead.py).
+block and each modality is one dense matmul (1.02-1.09x a dense step on 2 CPU cores,
+bench/mot_overhead.py).
 Elsewhere (decode chunks, three modalities, unknown capacity) it uses `tiled_grouped_matmul`:
 the sorted layout is padded so that each group starts on a tile boundary, and one batched matmul
 over tiles gives every tile its group's weight (dense cost plus at most M - 1 tiles; measured
