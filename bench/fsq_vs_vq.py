@@ -45,6 +45,8 @@ flags.DEFINE_integer("usage_factor", 10, "Usage of a codebook of K codes is coun
 flags.DEFINE_integer("min_eval_images", 2048, "Validation crops evaluated per run at least.")
 flags.DEFINE_integer("reseed", 100, "VQ: reseed a code unused for this many steps (0 = off).")
 flags.DEFINE_float("ema_decay", 0.99, "VQ: codebook EMA decay (0 = learned by gradient).")
+flags.DEFINE_integer("score_every", 0, "Also score usage / perplexity / PSNR at every this many "
+                     "steps (checkpoints kept), for usage against training length; 0 = the end only.")
 flags.DEFINE_string("root", "/tmp/mmjax_bench_fsq_vs_vq", "Parent of this invocation's fresh dir.")
 flags.DEFINE_string("out", None, "Output JSON (default bench/results/fsq_vs_vq.json).")
 
@@ -61,7 +63,8 @@ def base_config(num_validation: int, data_dir: str):
     tc.steps = FLAGS.steps
     tc.batch_size = FLAGS.batch_size
     tc.warmup_steps = min(100, FLAGS.steps // 10)
-    tc.checkpoint_every = FLAGS.steps
+    tc.checkpoint_every = FLAGS.score_every or FLAGS.steps
+    tc.keep_checkpoints = -(-FLAGS.steps // tc.checkpoint_every)
     tc.log_every = max(min(50, FLAGS.steps // 4), 1)
     tc.eval_every = 0
     tc.progress_bar = False
@@ -99,6 +102,12 @@ def run_one(config, workdir: str, eval_images: int) -> dict:
     metrics = evaluate_tokenizer(config, wd, "validation",
                                  max_images=eval_images)
     wall = time.perf_counter() - start
+    curve = [score_checkpoint(config, wd, step, eval_images)
+             for step in range(FLAGS.score_every, FLAGS.steps, FLAGS.score_every)
+             if FLAGS.score_every] + [{"step": int(summary["step"]),
+                                      "usage": metrics["validation_usage"],
+                                      "perplexity": metrics["validation_perplexity"],
+                                      "psnr": metrics["validation_psnr"]}]
     rows = [r for r in read_jsonl(os.path.join(workdir, "tokenizer", "train_metrics.jsonl"))
             if "steps_per_sec" in r]
     steady = [r["steps_per_sec"] for r in rows[1:]] or [rows[-1]["steps_per_sec"]]
@@ -111,7 +120,35 @@ def run_one(config, workdir: str, eval_images: int) -> dict:
             "tokens_counted": eval_images * grid * grid, "eval_images": eval_images,
             "steps": int(summary["step"]), "batch_size": int(config.tokenizer_train.batch_size),
             "final_train_loss": summary["train"].get("loss"),
-            "steps_per_sec": sum(steady) / len(steady), "train_s": train_s, "wall_s": wall}
+            "steps_per_sec": sum(steady) / len(steady), "train_s": train_s, "wall_s": wall,
+            **({"curve": curve} if FLAGS.score_every else {})}
+
+
+def score_checkpoint(config, wd, step: int, eval_images: int) -> dict:
+    """Usage, perplexity and PSNR of the tokenizer checkpoint at `step`, on the same validation
+    crops as the final score (stages.tokenizer.evaluate's first `eval_images`)."""
+    import jax
+    import numpy as np
+    from flax import linen as nn
+    from mmjax import checkpointing
+    from mmjax.data import pipeline
+    from mmjax.evals import recon
+    from mmjax.tokenizers import autoencoder as ae
+    model = ae.autoencoder_from_config(config)
+    abstract = jax.eval_shape(lambda: nn.unbox(ae.init_variables(
+        model, jax.random.PRNGKey(0), config.data.image_size)))
+    directory = str(wd.tokenizer_checkpoints)
+    if "vq" in abstract:  # EMA VQ: the codebook is the trainer's model state
+        _, items = checkpointing.restore_state_items(
+            directory, {"params": abstract["params"], "model_state": abstract["vq"]}, step)
+        params = {"params": items["params"], "vq": items["model_state"]}
+    else:
+        _, params = checkpointing.restore_params(directory, abstract["params"], step=step)
+    ds = pipeline.image_caption_dataset(config.data, "validation", wd.data_dir)
+    batches = (np.stack([ds[i]["image"] for i in range(s, min(s + 64, eval_images))])
+               for s in range(0, eval_images, 64))
+    m = recon.evaluate_autoencoder(ae.make_recon_fn(model, params), batches, model.codebook_size)
+    return {"step": step, "usage": m["usage"], "perplexity": m["perplexity"], "psnr": m["psnr"]}
 
 
 
