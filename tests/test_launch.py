@@ -246,10 +246,11 @@ def _sbatch(root, tmp_path, **env):
                 PYTHON=str(root / "bin" / "fake_python"), CONFIG="configs/mot_shapes.py:smoke",
                 WORKDIR="gs://test-bucket/run", SLURM_JOB_NODELIST="gpu-node[1-2]",
                 SLURM_JOB_ID="42", SLURM_NTASKS="16", SLURM_JOB_NUM_NODES="2",
-                FAKE_STARTED=str(root / "started"), **env)
+                FAKE_STARTED=str(root / "started"))
+    full.update(env)
     log = open(tmp_path / "sbatch.log", "w")
     return subprocess.Popen(["bash", str(LAUNCH / "slurm_gpu.sbatch"), "--config.train.steps=3"],
-                            env=full, stdout=log, stderr=subprocess.STDOUT)
+                            env=full, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
 
 
 def test_slurm_script_asks_for_signal_and_requeue():
@@ -286,3 +287,12 @@ def test_slurm_success_or_failure_does_not_requeue(tmp_path):
     assert _sbatch(root, tmp_path, FAKE_EXIT="2").wait(timeout=30) == 2
     assert _sbatch(root, tmp_path, FAKE_EXIT="143", MMJAX_REQUEUE="0").wait(timeout=30) == 143
     assert "requeue" not in (root / "calls.txt").read_text()
+
+
+def test_slurm_makes_a_local_workdir_but_no_local_gs_directory(tmp_path):
+    root = _fake_slurm(tmp_path)
+    assert _sbatch(root, tmp_path, FAKE_EXIT="0").wait(timeout=30) == 0  # WORKDIR=gs://...
+    assert not (tmp_path / "gs:").exists()
+    shared = tmp_path / "shared" / "run"
+    assert _sbatch(root, tmp_path, FAKE_EXIT="0", WORKDIR=str(shared)).wait(timeout=30) == 0
+    assert shared.is_dir()
