@@ -43,6 +43,7 @@ flags.DEFINE_integer("warmup", 2, "Untimed steps, the first of which compiles.")
 flags.DEFINE_float("mot3_fraction", 0.05, "Share of image tokens given modality 2 for mot3.")
 flags.DEFINE_string("mesh", "-1,1,1", "data,fsdp,tensor sizes (-1: the rest).")
 flags.DEFINE_string("dtype", "", "Override model.dtype; '' keeps the config's.")
+flags.DEFINE_string("attention_impl", "", "Override model.attention_impl; '' keeps the config's.")
 flags.DEFINE_string("out", None, "Output JSON (default bench/results/mot_overhead.json).")
 
 MODALITIES = {"dense": 1, "mot2": 2, "mot3": 3}
@@ -56,6 +57,8 @@ def variant_config(variant: str, impl: str):
         config.model.mot_impl = impl
     if FLAGS.dtype:
         config.model.dtype = FLAGS.dtype
+    if FLAGS.attention_impl:
+        config.model.attention_impl = FLAGS.attention_impl
     if FLAGS.batch_size:
         config.train.batch_size = FLAGS.batch_size
     return config
@@ -105,6 +108,7 @@ def main(_):
     write_results("mot_overhead", {"size": FLAGS.size, "options": FLAGS.options, "batch_size": bs,
                                    "seq_len": int(base.model.max_seq_len),
                                    "mot3_fraction": FLAGS.mot3_fraction, "mesh": dict(mesh.shape),
+                                   "attention_impl": base.model.attention_impl,
                                    "steps": FLAGS.steps, "runs": runs}, FLAGS.out)
 
 

@@ -49,6 +49,7 @@ flags.DEFINE_string("mesh", "-1,1,1", "data,fsdp,tensor sizes (-1: the rest).")
 flags.DEFINE_string("dtype", "", "Override model.dtype (e.g. bfloat16); '' keeps the config's.")
 flags.DEFINE_string("remat", "", "Override model.remat; '' keeps the config's.")
 flags.DEFINE_string("mot_impl", "", "Override model.mot_impl; '' keeps the config's.")
+flags.DEFINE_string("attention_impl", "", "Override model.attention_impl; '' keeps the config's.")
 flags.DEFINE_list("heads", ["targets"], "Head variants per size, timed in alternation: targets "
                   "(heads at the packer's target capacity) and/or all (every position, masked).")
 flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s per device for MFU (0: from device kind).")
@@ -60,7 +61,7 @@ HEADS = ("targets", "all")
 def size_config(size: str):
     spec = ",".join([size] + [o for o in FLAGS.options.split(",") if o])
     config = load_config(f"configs/mot_shapes.py:{spec}")
-    for field in ("dtype", "remat", "mot_impl"):
+    for field in ("dtype", "remat", "mot_impl", "attention_impl"):
         if getattr(FLAGS, field):
             config.model[field] = getattr(FLAGS, field)
     if FLAGS.batch_size:
@@ -127,7 +128,7 @@ def run_size(size: str, mesh) -> list[dict]:
             "capacity": None if r.capacity is None else dataclasses.asdict(r.capacity),
             "batch_size": bs, "seq_len": seq,
             "dtype": config.model.dtype, "remat": config.model.remat,
-            "mot_impl": r.mot_impl,
+            "mot_impl": r.mot_impl, "attention_impl": config.model.attention_impl,
             "num_modalities": config.model.num_modalities, "image_head": model_cfg.image_head,
             "params_total": counts["total"], "params_active": counts["active_per_token"],
             "train_flops_per_token": per_token["train"], "six_n": per_token["six_n"],

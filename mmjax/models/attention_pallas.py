@@ -28,23 +28,24 @@ _MASK_VALUE = -1e30
 
 def _kernel(q_ref, k_ref, v_ref, qs_ref, qb_ref, qi_ref, ks_ref, kb_ref, ki_ref, o_ref, lse_ref,
             *, scale: float, block_k: int, num_k_blocks: int):
-    q = q_ref[...].astype(jnp.float32)  # [bq, Dh]
+    q = q_ref[...]  # [bq, Dh] in the input dtype: the dots run on tensor cores, f32 accumulate
     qs, qb, qi = qs_ref[...][:, None], qb_ref[...][:, None], qi_ref[...][:, None]  # [bq, 1]
     bq, dh = q.shape
 
     def body(j, carry):
         m, l, acc = carry
         span = pl.ds(j * block_k, block_k)
-        k = k_ref[span, :].astype(jnp.float32)  # [bk, Dh]
-        v = v_ref[span, :].astype(jnp.float32)
+        k = k_ref[span, :]  # [bk, Dh]
+        v = v_ref[span, :]
         ks, kb, ki = ks_ref[span][None, :], kb_ref[span][None, :], ki_ref[span][None, :]
         mask = ((qs == ks) & (qs > 0) & ((ki <= qi) | ((qb == kb) & (qb > 0)))) | (qi == ki)
-        s = jnp.dot(q, k.T) * scale
+        s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
         s = jnp.where(mask, s, _MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
         corr = jnp.exp(m - m_new)
-        return m_new, l * corr + jnp.sum(p, axis=1), acc * corr[:, None] + jnp.dot(p, v)
+        pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return m_new, l * corr + jnp.sum(p, axis=1), acc * corr[:, None] + pv
 
     init = (jnp.full((bq,), _MASK_VALUE, jnp.float32), jnp.zeros((bq,), jnp.float32),
             jnp.zeros((bq, dh), jnp.float32))
