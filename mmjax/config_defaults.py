@@ -73,14 +73,15 @@ def model_config() -> ml_collections.ConfigDict:
     c.rope_theta = 10_000.0  # RoPE base frequency.
     c.norm_eps = 1e-6  # RMSNorm epsilon.
     c.max_seq_len = 128  # Packed sequence length (also the KV-cache length when sampling).
-    c.mot_impl = "auto"  # Per-modality compute: "auto" (ragged on GPU/TPU; on CPU buckets for packed
-    # rows, tiled otherwise) | "ragged" (sort + jax.lax.ragged_dot) | "tiled" (groups padded to whole
+    c.mot_impl = "auto"  # Per-modality compute: "auto" (buckets for packed rows on CPU and GPU; else
+    # ragged on GPU/TPU, tiled on CPU) | "ragged" (sort + jax.lax.ragged_dot) | "tiled" (groups padded to whole
     # tiles) | "buckets" (each row sorted into a text and an image bucket sized by the packer's
     # layout: one dense matmul per modality; two modalities, packed rows only, else as "auto")
     # | "masked" (reference only).
     c.mot_tile = 128  # Rows per tile of the "tiled" grouped matmul (padding <= M * tile rows).
-    c.attention_impl = "auto"  # Attention kernel (models/attention.py): "auto" (pallas on GPU, splash on
-    # TPU; on CPU the dense reference for short sequences, "chunked" for long ones and for decode)
+    c.attention_impl = "auto"  # Attention kernel (models/attention.py): "auto" (GPU: cudnn for bf16/fp16,
+    # pallas for f32; splash on TPU; on CPU the dense reference for short sequences, "chunked" for
+    # long ones and for decode)
     # | "reference" (einsum + dense mask) | "chunked" (pure-JAX online softmax, no [B,H,T,S]) |
     # "cudnn" (jax.nn.dot_product_attention, dense bool mask) | "pallas" | "splash" (TPU, untested).
     c.attention_block = 512  # Query/key tile of the "chunked" and "pallas" attention paths.

@@ -179,3 +179,16 @@ def test_config_rejects_unknown_attention_impl():
     c.model.attention_impl = "flash"
     with pytest.raises(config_validation.ConfigError, match="model.attention_impl"):
         config_validation.validate(c)
+
+
+def test_auto_picks_cudnn_for_16_bit_inputs_on_gpu_and_pallas_otherwise():
+    resolve = attention.resolve_impl
+    assert resolve("auto", 1024, 1024, jnp.bfloat16, 128, backend="gpu") == "cudnn"
+    assert resolve("auto", 1024, 1024, jnp.float16, 64, backend="gpu") == "cudnn"
+    assert resolve("auto", 1024, 1024, jnp.float32, 128, backend="gpu") == "pallas"
+    assert resolve("auto", 1024, 1024, jnp.bfloat16, 256, backend="gpu") == "pallas"
+    assert resolve("auto", 1024, 1024, jnp.bfloat16, 128, backend="tpu") == "splash"
+    assert resolve("auto", 96, 96, jnp.float32, 32, backend="cpu") == "reference"
+    assert resolve("auto", 4096, 4096, jnp.float32, 32, backend="cpu") == "chunked"
+    assert resolve("pallas", 96, 96, jnp.bfloat16, 128, backend="gpu") == "pallas"
+

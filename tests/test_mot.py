@@ -286,3 +286,11 @@ def test_buckets_are_chosen_only_where_they_fit():
     assert mot.resolve_impl("buckets", rows=4096, tile=128) == "tiled"  # e.g. a prefill chunk
     assert mot.resolve_impl("buckets", rows=1, tile=128) == "ragged"  # a decode step
     assert mot.resolve_impl("tiled", rows=4096, buckets_fit=True) == "tiled"
+
+
+def test_auto_on_accelerators_takes_buckets_where_they_fit_and_ragged_elsewhere():
+    assert mot.resolve_impl("auto", 4096, 128, buckets_fit=True, backend="gpu") == "buckets"
+    assert mot.resolve_impl("auto", 4096, 128, buckets_fit=False, backend="gpu") == "ragged"
+    assert mot.resolve_impl("auto", 1, 128, buckets_fit=False, backend="gpu") == "ragged"
+    assert mot.resolve_impl("buckets", 1, 128, backend="gpu") == "ragged"  # a decode step
+    assert mot.resolve_impl("auto", 4096, 128, buckets_fit=True, backend="tpu") == "ragged"

@@ -4,13 +4,14 @@ attention stays global over the mixed sequence.
 Grouped compute: tokens are sorted by modality id so that each modality's tokens are contiguous,
 and one `jax.lax.ragged_dot` multiplies every group by its own weight slice. A token therefore
 costs exactly what it costs in a dense model; nothing runs through another modality's weights.
-On CPU, XLA lowers `ragged_dot` to a masked dense matmul (M times the FLOPs), so `mot_impl="auto"`
-picks one of two layouts there. For packed training rows of two modalities it uses static
-buckets (`make_bucket_routing`): the packer bounds the image tokens per row, padding fills
-whichever bucket has room, so each shard splits at a fixed row into a text block and an image
-block and each modality is one dense matmul (1.02-1.09x a dense step on 2 CPU cores,
+On CPU, XLA lowers `ragged_dot` to a masked dense matmul (M times the FLOPs), and on one H200 it
+took 1.6x a dense matmul of the same rows, so `mot_impl="auto"` (`resolve_impl`) avoids it for
+training. For packed training rows of two modalities it uses static buckets on CPU and GPU
+(`make_bucket_routing`): the packer bounds the image tokens per row, padding fills whichever
+bucket has room, so each shard splits at a fixed row into a text block and an image block and
+each modality is one dense matmul (1.02-1.09x a dense step on 2 CPU cores,
 bench/mot_overhead.py).
-Elsewhere (decode chunks, three modalities, unknown capacity) it uses `tiled_grouped_matmul`:
+Elsewhere on CPU (decode chunks, three modalities, unknown capacity) it uses `tiled_grouped_matmul`:
 the sorted layout is padded so that each group starts on a tile boundary, and one batched matmul
 over tiles gives every tile its group's weight (dense cost plus at most M - 1 tiles; measured
 1.3-1.45x a dense step on 2 CPU cores, where batched small matmuls are slower than one big one).
@@ -290,26 +291,32 @@ IMPLS = CHOICES["model.mot_impl"]
 
 
 def resolve_impl(impl: str, rows: int | None = None, tile: int = 128,
-                 buckets_fit: bool = False) -> str:
-    """'auto' -> 'ragged' where XLA has a grouped-matmul kernel (GPU/TPU); on CPU 'buckets' for
-    calls the static buckets fit (`buckets_fit`: packed rows of a layout with a known image
-    capacity, two modalities), else 'tiled'.
+                 buckets_fit: bool = False, backend: str | None = None) -> str:
+    """'auto' -> the grouped-compute path for this backend (default: jax's default backend).
 
-    Except on CPU for calls with fewer than `tile` rows (a KV-cache decode step): 'tiled' pads
-    every group to a whole tile (up to M x tile rows), 'ragged''s masked matmul costs M x rows,
-    so below one tile 'ragged' is the cheaper of the two (bench/decode.py: ~5x per token).
+    - Calls the static buckets fit (`buckets_fit`: packed rows of a layout with a known image
+      capacity, two modalities): 'buckets' on CPU and GPU, two dense matmuls per projection. On
+      one H200 (jax 0.11.2) `ragged_dot` at the 1b FFN shape (32768 x 2048 -> 5632, 2 groups)
+      took 1.6x a dense matmul of the same rows (2.29 vs 1.43 ms, the cuDNN ragged-dot fusion
+      flag changed nothing) and the tiled path 4.3x (bench/results/accelerator/ragged_dot.json);
+      on CPU ragged is M x dense and tiled 1.3-1.45x a dense step.
+    - Otherwise 'ragged' on GPU/TPU (TPU: not measured here, XLA has a grouped kernel there);
+      on CPU 'tiled', except for calls with fewer than `tile` rows (a KV-cache decode step):
+      'tiled' pads every group to a whole tile (up to M x tile rows), 'ragged''s masked matmul
+      costs M x rows, so below one tile 'ragged' is the cheaper of the two (bench/decode.py).
     'buckets' asked for where they do not fit (a decode chunk) is 'auto''s choice without them.
     `rows` is static (the call's B x T; at least that when padded), so the model's routing and
     every layer's choice agree.
     """
+    backend = backend or jax.default_backend()
     if impl == "buckets":
-        return "buckets" if buckets_fit else resolve_impl("auto", rows, tile)
+        return "buckets" if buckets_fit else resolve_impl("auto", rows, tile, backend=backend)
     if impl != "auto":
         return impl
-    if jax.default_backend() != "cpu":
-        return "ragged"
-    if buckets_fit:
+    if buckets_fit and backend in ("cpu", "gpu"):
         return "buckets"
+    if backend != "cpu":
+        return "ragged"
     return "ragged" if rows is not None and rows < tile else "tiled"
 
 
