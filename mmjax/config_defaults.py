@@ -95,7 +95,8 @@ def model_config() -> ml_collections.ConfigDict:
     c.noise_aug = 0.0  # CAM (train only): each text->image DOCUMENT draws std ~ U(0, noise_aug) and its
     # generated-image inputs get that Gaussian noise (context images of image->text stay clean). 0 = off.
     c.image_positions = "none"  # 2-D position of image tokens on top of 1-D RoPE: "none" | "learned_2d"
-    # (row and column embedding tables added to the image input embedding, LlamaGen/MAR style).
+    # (row and column embedding tables added to the image input embedding, LlamaGen/MAR style) |
+    # "sincos_2d" (fixed MAE-style row/column sin-cos features, nothing to learn).
     c.dtype = "float32"  # Compute dtype ("bfloat16" on accelerators); params stay float32.
     c.remat = "none"  # Activation checkpointing per block: "none" | "full" | "dots".
     return c
@@ -110,6 +111,10 @@ def objective_config() -> ml_collections.ConfigDict:
     c.flow_logit_std = 1.0  # logit_normal: std of logit(t) (mean 0); larger puts more mass near 0 and 1.
     c.t2i_prob = 0.7  # Probability an example is text->image (else image->caption).
     c.caption_dropout = 0.1  # Text->image examples whose caption is replaced by <uncond> (for CFG).
+    # LM loss on the caption of text->image documents: their captions are random attribute draws, so
+    # this is the unconditional caption prior, which neither direction samples from (t2i is given
+    # the caption, i2t predicts it from the image). False keeps <boi>/<eoi>/<eos> targets only there.
+    c.t2i_caption_loss = True
     c.direction_redraws = 8  # Copies of each example per pass, each with a fresh direction draw.
     # data.name="shapes_edits": share of edit documents that chain 2..3 edits (else one edit;
     # mmjax.data.edit_packing). caption_dropout then drops instructions (CFG) instead of captions.

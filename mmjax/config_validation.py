@@ -202,8 +202,8 @@ def model_block(model_cfg: Mapping, vocab_size: int, fsq_levels: Sequence[int],
     if levels_error:
         raise ConfigError(f"fsq_levels={tuple(fsq_levels)!r}: {levels_error}")
     _validate_model({"model": model_cfg})
-    if model_cfg.get("image_positions") == "learned_2d" and int(image_side) <= 0:
-        raise ConfigError("model.image_positions='learned_2d' needs the image grid's side "
+    if model_cfg.get("image_positions", "none") != "none" and int(image_side) <= 0:
+        raise ConfigError(f"model.image_positions={model_cfg['image_positions']!r} needs the image grid's side "
                           f"(image_side={image_side!r}): build it with config_validation.model_config")
     kw = _fields(ModelConfig, "model", model_cfg,
                  skip=("head", "vocab_size", "fsq_levels", "image_side", "vq_dim",

@@ -209,19 +209,20 @@ def with_image_pos(batch):
     return dict(batch, image_pos=pos)
 
 
-@pytest.fixture(scope="module")
-def grid(setup):
-    """The setup's batch under model.image_positions="learned_2d" (3-wide grid)."""
-    cfg = dataclasses.replace(setup["cfg"], image_positions="learned_2d", image_side=3)
+@pytest.fixture(scope="module", params=["learned_2d", "sincos_2d"])
+def grid(setup, request):
+    """The setup's batch under each 2-D model.image_positions scheme (3-wide grid)."""
+    cfg = dataclasses.replace(setup["cfg"], image_positions=request.param, image_side=3)
     batch = with_image_pos(setup["batch"])
     model, params = build(cfg, batch)
     return dict(setup, cfg=cfg, batch=batch, model=model, params=params,
                 forward=jax.jit(lambda p, b: model.apply({"params": p}, b)))
 
 
-def test_learned_2d_cached_decoding_matches_full_forward(grid):
+def test_2d_positions_cached_decoding_matches_full_forward(grid):
     s = grid
-    assert {"image_row", "image_col"} <= set(s["params"])
+    learned = s["cfg"].image_positions == "learned_2d"
+    assert ({"image_row", "image_col"} <= set(s["params"])) == learned
     full = np.asarray(s["forward"](s["params"], s["batch"]))
     hidden = _decode_all(s, [(0, PREFILL)] + [(i, i + 1) for i in range(PREFILL, L)],
                          INPUT_KEYS + ("image_pos",))
@@ -234,7 +235,7 @@ def test_learned_2d_cached_decoding_matches_full_forward(grid):
     assert not np.allclose(np.asarray(s["forward"](s["params"], moved)), full, atol=1e-4)
 
 
-def test_learned_2d_packed_documents_are_independent(grid):
+def test_2d_positions_packed_documents_are_independent(grid):
     s = grid
     batch = s["batch"]
     packed = s["forward"](s["params"], batch)
@@ -280,3 +281,15 @@ def test_no_image_positions_ignores_image_pos(setup):
     np.testing.assert_array_equal(s["forward"](s["params"], batch),
                                   s["forward"](s["params"], moved))
     assert "image_row" not in s["params"]
+
+
+def test_sincos_2d_features_have_unit_norm_and_tell_rows_from_columns():
+    from mmjax.models import layers
+    rows, cols = np.meshgrid(np.arange(8), np.arange(8), indexing="ij")
+    emb = np.asarray(layers.sincos_2d(jnp.asarray(rows), jnp.asarray(cols), 32)).reshape(64, 32)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=-1), 1.0, rtol=1e-5)
+    assert len({tuple(np.round(e, 5)) for e in emb}) == 64  # every cell its own vector
+    swapped = np.asarray(layers.sincos_2d(jnp.asarray(cols), jnp.asarray(rows), 32)).reshape(64, 32)
+    assert not np.allclose(emb, swapped)  # (r, c) and (c, r) differ off the diagonal
+    with pytest.raises(ValueError, match="divisible by 4"):
+        layers.sincos_2d(jnp.zeros(2), jnp.zeros(2), 30)

@@ -64,6 +64,20 @@ def test_targets_are_next_token_and_masks(direction, drop):
     assert doc["image_mask"].sum() == (2 if direction == "t2i" else 0)
 
 
+@pytest.mark.parametrize("drop", [False, True])
+def test_no_caption_loss_in_t2i_keeps_every_other_target(drop):
+    image = np.array((7, 8))
+    args = ([10, 11, 12], image, TABLE[image])
+    with_loss = packing.build_document(*args, "t2i", SP, drop_caption=drop)
+    without = packing.build_document(*args, "t2i", SP, drop_caption=drop, t2i_caption_loss=False)
+    predicted = without["text_targets"][without["text_mask"] > 0].tolist()
+    assert predicted == [SP.boi, SP.eoi, SP.eos]  # caption / <uncond> no longer predicted
+    for key in ("tokens", "codes", "code_targets", "image_mask", "image_block"):
+        np.testing.assert_array_equal(with_loss[key], without[key])
+    i2t = packing.build_document(*args, "i2t", SP, t2i_caption_loss=False)  # i2t keeps its caption
+    np.testing.assert_array_equal(i2t["text_mask"], _doc("i2t")["text_mask"])
+
+
 def test_pack_documents_segments_positions_padding():
     docs = [_doc("t2i"), _doc("i2t", caption=(9,)), _doc("t2i", drop=True)]
     row = packing.pack_documents(docs, 32, D)

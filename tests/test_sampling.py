@@ -315,17 +315,17 @@ def test_uncond_prompt_is_the_packers_caption_dropped_prefix():
         assert prompt != i2t["tokens"][:len(prompt)].tolist()
 
 
-@pytest.fixture(scope="module")
-def grid():
-    """A model with learned 2-D image positions (a 3-wide grid: N = 6 tokens are 2 rows)."""
+@pytest.fixture(scope="module", params=["learned_2d", "sincos_2d"])
+def grid(request):
+    """A model with 2-D image positions (a 3-wide grid: N = 6 tokens are 2 rows)."""
     cfg = dataclasses.replace(tiny_cfg(num_modalities=2, num_layers=1),
-                              image_positions="learned_2d", image_side=3)
+                              image_positions=request.param, image_side=3)
     model, params = build(cfg, example_batch())
-    assert {"image_row", "image_col"} <= set(params)
+    assert ({"image_row", "image_col"} <= set(params)) == (request.param == "learned_2d")
     return model, params
 
 
-def test_learned_2d_cached_decoding_matches_teacher_forcing(grid):
+def test_2d_positions_cached_decoding_matches_teacher_forcing(grid):
     """Sampler chunks carry image_pos exactly as the packer does, for images and captions."""
     model, params = grid
     sampler = sampling.Sampler(model, SETTINGS, SPECIAL, N, collect=True)

@@ -38,8 +38,13 @@ PACKED_KEYS = ("tokens", "codes", "modality", "positions", "segment_ids", "image
 
 
 def build_document(caption_ids: Sequence[int], image_indices: np.ndarray, codes: np.ndarray, direction: str,
-                   special: SpecialIds, *, drop_caption: bool = False) -> dict[str, np.ndarray]:
-    """One document's [n] arrays (see DOC_KEYS); `image_block` is a 0/1 flag here."""
+                   special: SpecialIds, *, drop_caption: bool = False,
+                   t2i_caption_loss: bool = True) -> dict[str, np.ndarray]:
+    """One document's [n] arrays (see DOC_KEYS); `image_block` is a 0/1 flag here.
+
+    `t2i_caption_loss=False` (objective.t2i_caption_loss): a text->image document's caption (or
+    <uncond>) tokens are not LM targets; its <boi>, <eoi> and <eos> still are.
+    """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     if drop_caption and direction != "t2i":
@@ -56,7 +61,10 @@ def build_document(caption_ids: Sequence[int], image_indices: np.ndarray, codes:
     modality = np.concatenate([np.full(len(p), m, np.int32) for p, m in parts])
     is_image = modality == IMAGE
     generated = is_image & (direction == "t2i")
-    return document_arrays(parts, codes, text_loss=modality == TEXT, generated=generated,
+    text_loss = modality == TEXT
+    if direction == "t2i" and not t2i_caption_loss:  # parts: <bos>, caption, <boi>, image, ...
+        text_loss[1:1 + len(parts[1][0])] = False
+    return document_arrays(parts, codes, text_loss=text_loss, generated=generated,
                            context=is_image & ~generated)
 
 
@@ -197,7 +205,7 @@ class PackedDataset(RowPacker):
 
     def __init__(self, parent: grain.MapDataset, *, seq_len: int, special: SpecialIds,
                  index_to_code: Callable[[np.ndarray], np.ndarray] | np.ndarray, t2i_prob: float,
-                 caption_dropout: float, seed: int):
+                 caption_dropout: float, seed: int, t2i_caption_loss: bool = True):
         super().__init__(parent)
         if not 0.0 <= t2i_prob <= 1.0 or not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"t2i_prob={t2i_prob} and caption_dropout={caption_dropout} must be in [0, 1]")
@@ -220,6 +228,7 @@ class PackedDataset(RowPacker):
         self.code_dim = lookup_codes(index_to_code, np.zeros(1, np.int32)).shape[1]
         self._seq_len, self._special, self._index_to_code = seq_len, special, index_to_code
         self._t2i_prob, self._caption_dropout, self._seed = t2i_prob, caption_dropout, seed
+        self._t2i_caption_loss = bool(t2i_caption_loss)
 
     def document(self, example_index: int) -> dict[str, np.ndarray]:
         """The document built from parent example `example_index`."""
@@ -233,5 +242,6 @@ class PackedDataset(RowPacker):
                 f"{indices.shape}; expected caption_ids ({self._max_caption},), image_indices ({self._num_image},)")
         direction, drop = draw_direction(self._seed, example_index, self._t2i_prob, self._caption_dropout)
         codes = lookup_codes(self._index_to_code, indices)
-        return build_document(caption[:length], indices, codes, direction, self._special, drop_caption=drop)
+        return build_document(caption[:length], indices, codes, direction, self._special, drop_caption=drop,
+                              t2i_caption_loss=self._t2i_caption_loss)
 

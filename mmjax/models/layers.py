@@ -126,3 +126,26 @@ def remat_module(module_cls, mode: str):
     if mode == "dots":
         return nn.remat(module_cls, prevent_cse=True, policy=_dots_policy)
     raise ValueError(f"model.remat={mode!r}: must be one of {CHOICES['model.remat']}.")
+
+
+def sincos_2d(row: jax.Array, col: jax.Array, dim: int) -> jax.Array:
+    """Fixed 2-D position features [..., dim] of integer (row, col) grid coordinates (MAE's
+    2-D sin-cos embedding): half the channels encode the row, half the column, each as sines and
+    cosines of geometric frequencies (period 2 pi .. 2 pi * 10000 in grid cells).
+
+    Scaled so the vector has unit norm, like the other input embeddings at initialisation (a
+    text embedding row ~ N(0, 1/d), a projected code of norm ~1), so it informs without
+    swamping them. Needs nothing learned: an image token knows its row and column from step 0.
+    """
+    if dim % 4:
+        raise ValueError(f"sincos_2d needs a dim divisible by 4, got {dim}")
+    quarter = dim // 4
+    freqs = jnp.exp(-jnp.log(10_000.0) * jnp.arange(quarter, dtype=jnp.float32) / quarter)
+
+    def one_axis(x):
+        angle = x.astype(jnp.float32)[..., None] * freqs
+        return jnp.concatenate([jnp.sin(angle), jnp.cos(angle)], axis=-1)
+
+    # sin^2 + cos^2 = 1 per frequency: 2 * quarter of them, so the squared norm is dim / 2.
+    return jnp.concatenate([one_axis(row), one_axis(col)], axis=-1) * (2.0 / dim) ** 0.5
+

@@ -91,9 +91,10 @@ class MultimodalLM(nn.Module):
         self.code_in = nn.Dense(d, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
                                 kernel_init=layers.partitioned(layers.fan_in_init(-2, -1),
                                                                ("code", "embed")))
+        if c.image_positions != "none" and c.image_side <= 0:
+            raise ValueError(f"model.image_positions={c.image_positions!r} needs "
+                             "ModelConfig.image_side")
         if c.image_positions == "learned_2d":
-            if c.image_side <= 0:
-                raise ValueError("model.image_positions='learned_2d' needs ModelConfig.image_side")
             # Small init (GPT-2 style): at first an image input is its code, plus a little where.
             table = lambda: nn.Embed(  # noqa: E731
                 c.image_side, d, dtype=self.dtype, param_dtype=jnp.float32,
@@ -129,7 +130,7 @@ class MultimodalLM(nn.Module):
         if train and self.cfg.noise_aug > 0:
             codes = codes + self._cam_noise(batch, codes.shape)
         image = self.code_in(codes)
-        if self.cfg.image_positions == "learned_2d":
+        if self.cfg.image_positions != "none":
             image = image + self._grid_embedding(batch, ~is_text)
         return jnp.where(is_text[..., None], text, image).astype(self.dtype)
 
@@ -153,10 +154,12 @@ class MultimodalLM(nn.Module):
 
     def _grid_embedding(self, batch, is_image) -> jax.Array:
         """Row + column embedding [B, T, D] of each image token (0 elsewhere) from its index
-        inside its image (`image_pos`): row = idx // side, col = idx % side."""
+        inside its image (`image_pos`): row = idx // side, col = idx % side. Learned tables
+        ("learned_2d") or fixed sin-cos features ("sincos_2d", `layers.sincos_2d`)."""
         if "image_pos" not in batch:
-            raise ValueError("model.image_positions='learned_2d' needs batch['image_pos'] (the "
-                             "index of each image token inside its image, -1 elsewhere).")
+            raise ValueError(f"model.image_positions={self.cfg.image_positions!r} needs "
+                             "batch['image_pos'] (the index of each image token inside its "
+                             "image, -1 elsewhere).")
         side = self.cfg.image_side
         pos = batch["image_pos"].astype(jnp.int32)
         if _is_concrete(pos) and int(np.max(np.asarray(pos), initial=-1)) >= side * side:
@@ -164,7 +167,10 @@ class MultimodalLM(nn.Module):
                              f"(image_side={side}).")
         valid = is_image & (pos >= 0)
         pos = jnp.clip(pos, 0, side * side - 1)
-        emb = self.image_row(pos // side) + self.image_col(pos % side)
+        if self.cfg.image_positions == "sincos_2d":
+            emb = layers.sincos_2d(pos // side, pos % side, self.cfg.d_model)
+        else:
+            emb = self.image_row(pos // side) + self.image_col(pos % side)
         return jnp.where(valid[..., None], emb, 0.0)
 
     def _valid_modality(self, ids):

@@ -99,7 +99,8 @@ def packed_dataset(config, workdir, tokenizer, split: str, *, train: bool) -> gr
         parent, seq_len=int(config.model.max_seq_len), special=packing.special_ids(tokenizer),
         index_to_code=image_codebook.load(config, workdir).codebook(),
         t2i_prob=float(obj.t2i_prob), caption_dropout=float(obj.caption_dropout) if train else 0.0,
-        seed=int(config.data.seed) + (0 if train else 1))
+        seed=int(config.data.seed) + (0 if train else 1),
+        t2i_caption_loss=bool(obj.t2i_caption_loss))
 
 
 class MultimodalTask:
