@@ -97,6 +97,10 @@ def model_config() -> ml_collections.ConfigDict:
     c.image_positions = "none"  # 2-D position of image tokens on top of 1-D RoPE: "none" | "learned_2d"
     # (row and column embedding tables added to the image input embedding, LlamaGen/MAR style) |
     # "sincos_2d" (fixed MAE-style row/column sin-cos features, nothing to learn).
+    c.image_input = "code"  # What an image token's input embedding reads: "code" (a linear map of
+    # its code vector: nearby codes embed nearby) | "code+index" (plus a learned row per codebook
+    # index, as a text token has: codes that differ by one FSQ level, e.g. a square's corner and a
+    # circle's edge, can embed far apart). CAM noise (noise_aug) perturbs the code part only.
     c.dtype = "float32"  # Compute dtype ("bfloat16" on accelerators); params stay float32.
     c.remat = "none"  # Activation checkpointing per block: "none" | "full" | "dots".
     return c

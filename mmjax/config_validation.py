@@ -159,7 +159,8 @@ def _validate_model(config) -> None:
              lambda v: _get(config, "model.d_model") % v == 0
              and (_get(config, "model.d_model") // v) % 2 == 0,
              "must divide model.d_model into an even head dimension (RoPE rotates pairs)")
-    for field in ("mot_impl", "attention_impl", "image_head", "dtype", "remat", "image_positions"):
+    for field in ("mot_impl", "attention_impl", "image_head", "dtype", "remat", "image_positions",
+                  "image_input"):
         _one_of(config, f"model.{field}")
     _nonneg(config, ["model.noise_aug"])
 

@@ -106,6 +106,8 @@ def param_counts(cfg) -> dict[str, int]:
     embedding = c.vocab_size * d + c.code_dim * d  # text table + image input projection
     if c.image_positions == "learned_2d":
         embedding += 2 * c.image_side * d  # row and column tables (lookups: no FLOPs counted)
+    if c.image_input == "code+index":
+        embedding += c.codebook_size * d  # index table of image tokens (a lookup, like text's)
     lm_head = 0 if c.tie_embeddings else d * c.vocab_size
     image_head = c.head.param_count(c)
     total = embedding + m * per_modality + lm_head + image_head

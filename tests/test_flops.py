@@ -206,17 +206,23 @@ def test_summary_of_a_full_config():
                                                0.5)
 
 
-def test_count_matches_real_model_with_learned_2d_positions():
+@pytest.mark.parametrize("positions,image_input,extra", [
+    ("learned_2d", "code", 2 * 4 * 32),  # row and column tables: 2 x side x d
+    ("sincos_2d", "code", 0),  # fixed features
+    ("none", "code+index", None),  # one row per codebook index: codebook_size x d
+])
+def test_count_matches_real_model_with_image_input_schemes(positions, image_input, extra):
     import dataclasses
 
     import jax
     model_lib = _model_module()
-    cfg = dataclasses.replace(typed(_cfg(max_seq_len=16)), image_positions="learned_2d",
-                              image_side=4)
+    cfg = dataclasses.replace(typed(_cfg(max_seq_len=16)), image_positions=positions,
+                              image_input=image_input, image_side=4)
     model = model_lib.MultimodalLM(cfg)
     params = jax.eval_shape(lambda b: model_lib.init_params(model, jax.random.PRNGKey(0), b),
                             dict(_dummy_batch(2, 16, len(LEVELS)),
                                  image_pos=jax.numpy.zeros((2, 16), jax.numpy.int32)))
     actual = sum(x.size for x in jax.tree.leaves(params))
     assert flops.param_counts(cfg)["total"] == actual
-    assert actual - flops.param_counts(typed(_cfg(max_seq_len=16)))["total"] == 2 * 4 * 32
+    extra = cfg.codebook_size * 32 if extra is None else extra
+    assert actual - flops.param_counts(typed(_cfg(max_seq_len=16)))["total"] == extra

@@ -209,33 +209,48 @@ def with_image_pos(batch):
     return dict(batch, image_pos=pos)
 
 
-@pytest.fixture(scope="module", params=["learned_2d", "sincos_2d"])
+INPUT_SCHEMES = [("learned_2d", "code"), ("sincos_2d", "code"), ("none", "code+index"),
+                 ("sincos_2d", "code+index")]  # (model.image_positions, model.image_input)
+
+
+@pytest.fixture(scope="module", params=INPUT_SCHEMES, ids=["+".join(p) for p in INPUT_SCHEMES])
 def grid(setup, request):
-    """The setup's batch under each 2-D model.image_positions scheme (3-wide grid)."""
-    cfg = dataclasses.replace(setup["cfg"], image_positions=request.param, image_side=3)
+    """The setup's batch under each image-input scheme: 2-D positions (3-wide grid), the index
+    embedding, both."""
+    positions, image_input = request.param
+    cfg = dataclasses.replace(setup["cfg"], image_positions=positions, image_input=image_input,
+                              image_side=3)
     batch = with_image_pos(setup["batch"])
     model, params = build(cfg, batch)
     return dict(setup, cfg=cfg, batch=batch, model=model, params=params,
                 forward=jax.jit(lambda p, b: model.apply({"params": p}, b)))
 
 
-def test_2d_positions_cached_decoding_matches_full_forward(grid):
+def test_image_input_schemes_cached_decoding_matches_full_forward(grid):
     s = grid
     learned = s["cfg"].image_positions == "learned_2d"
     assert ({"image_row", "image_col"} <= set(s["params"])) == learned
+    assert ("image_embed" in s["params"]) == (s["cfg"].image_input == "code+index")
     full = np.asarray(s["forward"](s["params"], s["batch"]))
     hidden = _decode_all(s, [(0, PREFILL)] + [(i, i + 1) for i in range(PREFILL, L)],
                          INPUT_KEYS + ("image_pos",))
     np.testing.assert_allclose(hidden, full, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="image_pos"):  # the scheme needs the key
-        _decode_all(s, [(0, L)])
-    # The grid embedding is used: shifting every image token's index changes the output.
-    pos = s["batch"]["image_pos"]
-    moved = dict(s["batch"], image_pos=np.where(pos >= 0, (pos + 1) % 9, -1).astype(np.int32))
-    assert not np.allclose(np.asarray(s["forward"](s["params"], moved)), full, atol=1e-4)
+    image = s["batch"]["modality"] == 1
+    if s["cfg"].image_positions != "none":
+        with pytest.raises(ValueError, match="image_pos"):  # the scheme needs the key
+            _decode_all(s, [(0, L)])
+        # The grid embedding is used: shifting every image token's index changes the output.
+        pos = s["batch"]["image_pos"]
+        moved = dict(s["batch"], image_pos=np.where(pos >= 0, (pos + 1) % 9, -1).astype(np.int32))
+        assert not np.allclose(np.asarray(s["forward"](s["params"], moved)), full, atol=1e-4)
+    if s["cfg"].image_input == "code+index":  # the index is read: same codes, other indices
+        other = np.where(image, (s["batch"]["tokens"] + 1) % s["cfg"].codebook_size,
+                         s["batch"]["tokens"]).astype(np.int32)
+        changed = np.asarray(s["forward"](s["params"], dict(s["batch"], tokens=other)))
+        assert not np.allclose(changed, full, atol=1e-4)
 
 
-def test_2d_positions_packed_documents_are_independent(grid):
+def test_image_input_schemes_packed_documents_are_independent(grid):
     s = grid
     batch = s["batch"]
     packed = s["forward"](s["params"], batch)

@@ -315,17 +315,22 @@ def test_uncond_prompt_is_the_packers_caption_dropped_prefix():
         assert prompt != i2t["tokens"][:len(prompt)].tolist()
 
 
-@pytest.fixture(scope="module", params=["learned_2d", "sincos_2d"])
+INPUT_SCHEMES = [("learned_2d", "code"), ("sincos_2d", "code+index")]
+
+
+@pytest.fixture(scope="module", params=INPUT_SCHEMES, ids=["+".join(p) for p in INPUT_SCHEMES])
 def grid(request):
-    """A model with 2-D image positions (a 3-wide grid: N = 6 tokens are 2 rows)."""
+    """A model with 2-D image positions (a 3-wide grid: N = 6 tokens are 2 rows), learned or
+    fixed, the second also embedding each image token's index."""
+    positions, image_input = request.param
     cfg = dataclasses.replace(tiny_cfg(num_modalities=2, num_layers=1),
-                              image_positions=request.param, image_side=3)
+                              image_positions=positions, image_input=image_input, image_side=3)
     model, params = build(cfg, example_batch())
-    assert ({"image_row", "image_col"} <= set(params)) == (request.param == "learned_2d")
+    assert ({"image_row", "image_col"} <= set(params)) == (positions == "learned_2d")
     return model, params
 
 
-def test_2d_positions_cached_decoding_matches_teacher_forcing(grid):
+def test_image_input_schemes_cached_decoding_matches_teacher_forcing(grid):
     """Sampler chunks carry image_pos exactly as the packer does, for images and captions."""
     model, params = grid
     sampler = sampling.Sampler(model, SETTINGS, SPECIAL, N, collect=True)

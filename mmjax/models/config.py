@@ -44,6 +44,7 @@ class ModelConfig:
     flow_t_samples: int
     noise_aug: float
     image_positions: str
+    image_input: str
     dtype: str
     remat: str
     vocab_size: int
@@ -51,7 +52,7 @@ class ModelConfig:
     # codebook of K codes (mmjax.tokenizers.vq.LearnedCodebook.levels).
     fsq_levels: tuple[int, ...]
     # Image tokens per side (data.image_size // the tokenizer's downsampling); 0 = not given
-    # (only model.image_positions="learned_2d" needs it, to split a token's index into row, col).
+    # (only the 2-D model.image_positions need it, to split a token's index into row, col).
     image_side: int = 0
     # Code-vector width of a learned (VQ) codebook (fsq.vq_dim); 0 = FSQ tokens, whose code has
     # one channel per level.

@@ -91,6 +91,11 @@ class MultimodalLM(nn.Module):
         self.code_in = nn.Dense(d, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
                                 kernel_init=layers.partitioned(layers.fan_in_init(-2, -1),
                                                                ("code", "embed")))
+        if c.image_input == "code+index":
+            self.image_embed = nn.Embed(c.codebook_size, d, dtype=self.dtype,
+                                        param_dtype=jnp.float32,
+                                        embedding_init=layers.partitioned(
+                                            nn.initializers.normal(d ** -0.5), ("vocab", "embed")))
         if c.image_positions != "none" and c.image_side <= 0:
             raise ValueError(f"model.image_positions={c.image_positions!r} needs "
                              "ModelConfig.image_side")
@@ -116,7 +121,8 @@ class MultimodalLM(nn.Module):
     # ---- inputs ------------------------------------------------------------------------------
     def embed_inputs(self, batch: Mapping[str, jax.Array], *, train: bool) -> jax.Array:
         """Per-position input vectors [B, T, D]: text embedding or projected code vector (plus,
-        with model.image_positions="learned_2d", the row and column embeddings of image tokens).
+        with model.image_input="code+index", the embedding of the image token's index, and with
+        a 2-D model.image_positions, the row and column features of image tokens).
 
         CAM noise augmentation (train only, model.noise_aug > 0): see `_cam_noise`.
         """
@@ -130,6 +136,9 @@ class MultimodalLM(nn.Module):
         if train and self.cfg.noise_aug > 0:
             codes = codes + self._cam_noise(batch, codes.shape)
         image = self.code_in(codes)
+        if self.cfg.image_input == "code+index":  # image positions of `tokens` hold the index
+            index = jnp.clip(jnp.where(is_text, 0, tokens), 0, self.cfg.codebook_size - 1)
+            image = image + self.image_embed(index)
         if self.cfg.image_positions != "none":
             image = image + self._grid_embedding(batch, ~is_text)
         return jnp.where(is_text[..., None], text, image).astype(self.dtype)
