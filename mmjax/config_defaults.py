@@ -111,7 +111,8 @@ def objective_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.text_weight = 1.0  # Weight of text cross-entropy.
     c.image_weight = 1.0  # Weight of the image loss (flow MSE or discrete CE).
-    c.flow_t_dist = "uniform"  # Flow loss time sampling: "uniform" U(0,1) | "logit_normal" (SD3).
+    c.flow_t_dist = "logit_normal"  # Flow loss time sampling: "uniform" U(0,1) | "logit_normal" (SD3;
+    # the demo's choice: bench/results/ablation_demo.json).
     c.flow_logit_std = 1.0  # logit_normal: std of logit(t) (mean 0); larger puts more mass near 0 and 1.
     c.t2i_prob = 0.7  # Probability an example is text->image (else image->caption).
     c.caption_dropout = 0.1  # Text->image examples whose caption is replaced by <uncond> (for CFG).
@@ -170,10 +171,12 @@ def sample_config() -> ml_collections.ConfigDict:
     c.max_text_len = 29  # Max tokens generated for a caption (data.max_caption_len + eos).
     c.ode_solver = "euler"  # Flow head ODE solver: "euler" | "heun".
     c.ode_steps = 16  # ODE integration steps per image token.
-    c.cfg_scale = 2.0  # Classifier-free guidance scale (1 = off).
+    c.cfg_scale = 2.0  # Classifier-free guidance scale (1 = off). The better the model fits, the less it
+    # wants: the old 1000-step demo models scored best at 3, today's demo at 1.5-2, one that had
+    # memorised 64 images at 1 (bench/results/ablation_demo.json).
     c.image_temperature = 1.0  # Discrete image head: FSQ-index sampling temperature (0 -> argmax).
     c.image_top_k = 0  # Discrete image head: keep the k most likely FSQ indices (0 disables).
-    c.flow_temperature = 1.0  # Flow head: std of the ODE's starting noise (MAR's tau; < 1 = sharper).
+    c.flow_temperature = 0.3  # Flow head: std of the ODE's starting noise (MAR's tau; < 1 = sharper).
     c.noise_aug = 0.0  # CAM at inference: std of Gaussian noise on the sampled image tokens fed back to
     # the model (the returned image stays clean); 0 = off. Pair with a model trained with model.noise_aug.
     c.num_samples = 16  # Images in the written text->image grid.
