@@ -2,10 +2,11 @@
 
   python -m bench.quality                                   # demo; model steps x0.25, x1, x4; both heads
   python -m bench.quality --multipliers=0.25,1 --heads=flow --spec=demo
+  python -m bench.quality --base=/tmp/mmjax_demo     # reuse the README demo's data/tokenizer/tokens
 
 A user reads the curve to decide how long to train. The data, SentencePiece model, FSQ tokenizer
 and image tokens are built once (`--spec`'s pipeline up to the tokenize stage, in a fresh
-`<root>/<timestamp>/base`); every point then copies them into its own fresh workdir and runs the
+`<root>/<timestamp>/base`, or taken from `--base`); every point then copies them into its own fresh workdir and runs the
 model stage for multiplier x the config's `train.steps` (warmup and checkpoints scaled with it)
 and the sample stage (`sample.num_eval` test prompts, 512 in the demo). Nothing is resumed.
 
@@ -38,6 +39,9 @@ flags.DEFINE_list("heads", ["flow", "discrete"], "Image heads: flow and/or discr
 flags.DEFINE_list("set", [], "Extra overrides of every point, FIELD=VALUE (e.g. train.lr=2e-3).")
 flags.DEFINE_string("root", "/tmp/mmjax_bench_quality", "Parent of this invocation's fresh dir.")
 flags.DEFINE_string("out", None, "Output JSON (default bench/results/quality.json).")
+flags.DEFINE_string("base", None, "A finished workdir of the same --spec whose data, tokenizer and "
+                    "image tokens every point copies (read only), instead of building them anew: "
+                    "e.g. the README demo's workdir, so the curve shares its tokenizer.")
 
 SHARED = ("data", "tokenizer", "image_tokens")  # what the base build leaves for every point
 REPORTED = ("prompt_acc", "object_acc", "count_acc", "prompt_acc_1obj", "prompt_acc_2obj",
@@ -153,15 +157,23 @@ def main(_):
         raise app.UsageError(f"--multipliers must be > 0, got {FLAGS.multipliers}")
     from mmjax import stages
     root = os.path.join(FLAGS.root, time.strftime("%Y%m%d-%H%M%S"))
-    base = os.path.join(root, "base")
-    os.makedirs(base, exist_ok=False)
     t0 = time.perf_counter()
-    config = point_config(FLAGS.heads[0], 1.0)
-    for mode in ("tokenizer", "tokenize"):  # data + SentencePiece + FSQ tokenizer, then tokens
-        stages.run_mode(config, base, mode)
+    if FLAGS.base:
+        base = FLAGS.base
+        missing = [n for n in SHARED if not os.path.isdir(os.path.join(base, n))]
+        if missing:
+            raise app.UsageError(f"--base {base}: no {', '.join(missing)} (run the pipeline "
+                                 "there through --mode=tokenize first)")
+        os.makedirs(root, exist_ok=False)
+    else:
+        base = os.path.join(root, "base")
+        os.makedirs(base, exist_ok=False)
+        config = point_config(FLAGS.heads[0], 1.0)
+        for mode in ("tokenizer", "tokenize"):  # data + SentencePiece + FSQ tokenizer, tokens
+            stages.run_mode(config, base, mode)
     results = {"command": "python -m bench.quality " + " ".join(sys.argv[1:]),
-               "git_commit": git_commit(), "root": root, "spec": FLAGS.spec, "set": FLAGS.set,
-               "base_s": time.perf_counter() - t0, "rows": []}
+               "git_commit": git_commit(), "root": root, "base": base, "spec": FLAGS.spec,
+               "set": FLAGS.set, "base_s": time.perf_counter() - t0, "rows": []}
     for head in FLAGS.heads:
         for multiplier in multipliers:
             row = run_point(base, root, head, multiplier)
