@@ -174,8 +174,8 @@ def main(_):
     results = {"command": "python -m bench.quality " + " ".join(sys.argv[1:]),
                "git_commit": git_commit(), "root": root, "base": base, "spec": FLAGS.spec,
                "set": FLAGS.set, "base_s": time.perf_counter() - t0, "rows": []}
-    for head in FLAGS.heads:
-        for multiplier in multipliers:
+    for multiplier in sorted(multipliers):  # every head at a budget before the next budget:
+        for head in FLAGS.heads:            # a cut-short study still has one curve per head
             row = run_point(base, root, head, multiplier)
             results["rows"].append(row)
             print({k: row[k] for k in ("head", "steps", "train_flops", "model_stage_s",
