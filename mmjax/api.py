@@ -24,8 +24,8 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from mmjax import (checkpointing, config_defaults, config_validation, image_codebook, layout,
-                   sampling)
+from mmjax import (checkpointing, config_defaults, config_validation, ema, image_codebook,
+                   layout, sampling)
 from mmjax.data import text
 from mmjax.errors import InputError
 from mmjax.models import model as model_lib
@@ -108,7 +108,7 @@ class Run:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                                 abstract)
         return checkpointing.restore_params(str(self.workdir.model_checkpoints), abstract,
-                                            step=step)
+                                            step=step, key=ema.model_params_key(self.config))
 
     # ---- settings and compiled samplers ---------------------------------------------------------
     def settings_with(self, **overrides) -> sampling.SampleSettings:

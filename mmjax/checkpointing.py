@@ -130,16 +130,17 @@ def require_directory(directory) -> None:
                                    "first (--mode=tokenizer / --mode=model, or --mode=pipeline)")
 
 
-def restore_params(directory: str, abstract_params: Any,
-                   step: int | None = None) -> tuple[int, Any]:
+def restore_params(directory: str, abstract_params: Any, step: int | None = None,
+                   key: str = "params") -> tuple[int, Any]:
     """(step, params) of the newest readable checkpoint in a run's dir (for sampling/evals), or
-    of checkpoint `step` when given (an error naming the steps there when it is absent).
+    of checkpoint `step` when given (an error naming the steps there when it is absent). `key` is
+    the train-state entry to read: "params", or "ema_params" for the run's average (mmjax.ema).
 
     Only the params are read (not the optimizer state), placed as `abstract_params` says
     (ShapeDtypeStructs, optionally with shardings: a different mesh than training is fine).
     """
-    step, items = restore_state_items(directory, {"params": abstract_params}, step)
-    return step, items["params"]
+    step, items = restore_state_items(directory, {key: abstract_params}, step)
+    return step, items[key]
 
 
 def restore_state_items(directory: str, abstract_items: dict,

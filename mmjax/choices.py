@@ -22,5 +22,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "objective.flow_t_dist": ("uniform", "logit_normal"),
     "train.nan_policy": ("stop", "skip"),
     "sample.ode_solver": ("euler", "heun"),
+    "sample.weights": ("auto", "ema", "raw"),
     "data.long_captions": ("truncate", "drop", "error"),
 }

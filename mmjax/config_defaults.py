@@ -140,6 +140,7 @@ def train_config() -> ml_collections.ConfigDict:
     c.b1 = 0.9  # AdamW beta1.
     c.b2 = 0.99  # AdamW beta2.
     c.grad_clip = 1.0  # Global-norm gradient clipping (0 disables).
+    c.ema_decay = 0.0  # EMA of the params kept for sampling/evals (mmjax/ema.py), e.g. 0.999; 0 = none.
     c.checkpoint_every = 500  # Save a checkpoint every this many steps (and always at the end).
     c.keep_checkpoints = 3  # Checkpoints kept on disk.
     c.log_every = 50  # Write train metrics every this many steps.
@@ -184,6 +185,7 @@ def sample_config() -> ml_collections.ConfigDict:
     c.batch_size = 64  # Prompts per jitted sampling call (the last batch is padded: one compile).
     c.interleaved_rounds = 2  # Eval: caption->image->caption chain length for num_samples prompts (0 skips it).
     c.seed = 0  # Sampling seed.
+    c.weights = "auto"  # Params sampled and scored: "auto" (the EMA when train.ema_decay > 0) | "ema" | "raw".
     return c
 
 

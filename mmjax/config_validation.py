@@ -84,6 +84,8 @@ def validate_train_block(config, block: str) -> None:
     for b in ("b1", "b2"):
         _require(config, f"{block}.{b}", lambda v: 0 <= v < 1, "must be in [0, 1)")
     _one_of(config, f"{block}.nan_policy", "train.nan_policy")
+    if "ema_decay" in config[block]:
+        _require(config, f"{block}.ema_decay", lambda v: 0 <= v < 1, "must be in [0, 1) (0 = no EMA)")
     _nonneg(config, [f"{block}.peak_tflops"])
     _require(config, f"{block}.profile_steps",
              lambda v: len(v) == 0 or (len(v) == 2 and 0 <= int(v[0]) < int(v[1])),
@@ -144,6 +146,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for block in ("train", "tokenizer_train"):
         validate_train_block(config, block)
     _validate_sample(config)
+    if config.sample.get("weights") == "ema" and not config.train.get("ema_decay", 0.0) > 0:
+        raise ConfigError("config.sample.weights='ema' needs train.ema_decay > 0 (the run keeps "
+                          "no average of its params otherwise)")
     for axis in ("data", "fsdp", "tensor"):
         _require(config, f"mesh.{axis}", lambda v: v == -1 or v >= 1,
                  "must be a positive size or -1 (the rest of the devices)")
@@ -179,6 +184,8 @@ def _validate_sample(config) -> None:
     _require(config, "sample.top_p", lambda v: 0 < v <= 1, "must be in (0, 1]")
     _pos(config, ["sample.ode_steps", "sample.num_samples", "sample.max_text_len"])
     _one_of(config, "sample.ode_solver")
+    if "weights" in config["sample"]:
+        _one_of(config, "sample.weights")
 
 
 def _fields(cls, block: str, cfg, skip: Sequence[str] = ()) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from mmjax import checkpointing, io, parallel, progress
+from mmjax import checkpointing, ema, io, parallel, progress
 from mmjax.preemption import PreemptionWatch
 from mmjax.data.pipeline import batched_iterator
 from mmjax.errors import InputError
@@ -133,9 +133,17 @@ def _state_shardings(task, tx, example, mesh, rules):
     if abstract_ms is not None:  # only then is there a "model_state" entry (old checkpoints match)
         shardings["model_state"] = jax.tree.map(lambda _: repl, abstract_ms)
         abstract["model_state"] = abstract_ms
+    if _ema_decay(task.train_config) > 0:  # the average lives beside the params, sharded alike
+        shardings[ema.STATE_KEY] = param_sh
+        abstract[ema.STATE_KEY] = abstract_params
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)
     return shardings, abstract
+
+
+def _ema_decay(tc) -> float:
+    """train.ema_decay (0 = no EMA; blocks written before the field existed have none)."""
+    return float(tc.get("ema_decay", 0.0))
 
 
 def _grads(task, params, model_state, batch, rng, grad_accum: int):
@@ -172,6 +180,7 @@ def build_setup(task, example, mesh, rules) -> Setup:
     tc = task.train_config
     tx = make_optimizer(tc)
     schedule = make_schedule(tc)
+    ema_decay = _ema_decay(tc)
     shardings, abstract = _state_shardings(task, tx, example, mesh, rules)
     batch_sh = {k: parallel.batch_sharding(mesh, np.ndim(v)) for k, v in example.items()}
     repl = parallel.replicated(mesh)
@@ -184,6 +193,8 @@ def build_setup(task, example, mesh, rules) -> Setup:
         model_state = init_model_state(task, init_rng, example)
         if model_state is not None:
             state["model_state"] = model_state
+        if ema_decay > 0:
+            state[ema.STATE_KEY] = jax.tree.map(jnp.copy, params)
         return state
 
     def step(state, batch):
@@ -204,6 +215,10 @@ def build_setup(task, example, mesh, rules) -> Setup:
                      "rng": state["rng"]}
         if model_state is not None:
             new_state["model_state"] = keep(model_state, state["model_state"])
+        if ema_decay > 0:  # a skipped (non-finite) step leaves params as they were: so does this
+            new_state[ema.STATE_KEY] = keep(
+                ema.update(state[ema.STATE_KEY], params, state["step"], ema_decay),
+                state[ema.STATE_KEY])
         metrics = {**metrics, "loss": loss, "grad_norm": grad_norm,
                    "lr": schedule(state["step"]), "finite": finite.astype(jnp.float32)}
         return new_state, metrics
@@ -389,7 +404,7 @@ def _periodic(run: _Run, state, step: int) -> None:
     `observe(params, step) -> report`), written to TensorBoard as images, text and scalars."""
     if run.observe is None:
         return
-    report = run.observe(state["params"], step)
+    report = run.observe(state.get(ema.STATE_KEY, state["params"]), step)
     if jax.process_index() == 0 and report:
         run.writer.write_report(step, report)
 
@@ -420,11 +435,16 @@ def _host_metrics(metrics) -> dict[str, float]:
 def _validation(task, setup, state) -> dict[str, float]:
     tc = task.train_config
     ds = task.dataset("validation", train=False)
-    it = batched_iterator(ds, int(tc.batch_size), seed=0, shuffle=False, num_epochs=1,
-                          process_index=jax.process_index(), process_count=jax.process_count())
-    metrics = evaluate_loss(setup, state["params"], iter(it), int(tc.eval_batches),
-                            state.get("model_state"))
-    return {f"val_{k}": v for k, v in metrics.items()}
+    out = {}
+    for key, prefix in (("params", "val_"), (ema.STATE_KEY, "val_ema_")):
+        if key in state:  # the EMA's losses beside the last iterate's, from the same batches
+            it = batched_iterator(ds, int(tc.batch_size), seed=0, shuffle=False, num_epochs=1,
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+            metrics = evaluate_loss(setup, state[key], iter(it), int(tc.eval_batches),
+                                    state.get("model_state"))
+            out.update({f"{prefix}{k}": v for k, v in metrics.items()})
+    return out
 
 
 def _flatten(tree, prefix: str = "") -> dict:

@@ -19,6 +19,7 @@ def workdir(tmp_path_factory):
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     res = subprocess.run([sys.executable, "-m", "mmjax.main", "--config=configs/mot_shapes.py:smoke",
                           f"--workdir={wd}", "--mode=pipeline", "--config.sample.num_eval=8",
+                          "--config.train.ema_decay=0.9",  # sampling reads the EMA weights
                           "--config.sample.batch_size=4", "--config.sample.interleaved_rounds=0"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -77,6 +78,25 @@ def test_load_a_given_step_and_a_missing_one(workdir, run):
         mmjax.load(workdir, step=999)
     with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
         mmjax.load(os.path.join(workdir, "nowhere"))
+
+
+def test_sampling_reads_the_average_unless_told_otherwise(workdir, run):
+    """A run that kept an EMA (train.ema_decay > 0) samples and scores it by default; the
+    sample stage records which weights it scored; sample.weights='raw' reads the last iterate."""
+    import json
+
+    import jax
+
+    import mmjax
+    config = run.config.copy_and_resolve_references()
+    config.sample.weights = "raw"
+    raw = mmjax.load(workdir, config=config)
+    averaged = [np.asarray(x) for x in jax.tree.leaves(run.params)]
+    last = [np.asarray(x) for x in jax.tree.leaves(raw.params)]
+    assert [a.shape for a in averaged] == [b.shape for b in last]
+    assert any(not np.array_equal(a, b) for a, b in zip(averaged, last))
+    with open(os.path.join(workdir, "samples", "eval.json")) as f:
+        assert json.load(f)["params"] == "ema_params"
 
 
 def test_training_metrics_count_real_tokens_and_periodic_samples(workdir, run):

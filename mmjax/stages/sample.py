@@ -24,7 +24,7 @@ import time
 import jax
 import numpy as np
 
-from mmjax import api, checkpointing, config_validation, io, objectives, pictures
+from mmjax import api, checkpointing, config_validation, ema, io, objectives, pictures
 from mmjax.data import image_tokens, packing, pipeline
 from mmjax.errors import InputError
 from mmjax.evals import fid, shapes_checker, text_metrics
@@ -162,6 +162,7 @@ def _write(workdir, config, metrics, shown, images, truth, captions, recs, chain
         lines += [" -> ".join(row) for row in texts]
     io.write_text_atomic(out / "captions.txt", "\n".join(lines) + "\n")
     record = {"metrics": metrics, "sample": config.sample.to_dict(),
+              "params": ema.model_params_key(config),  # the weights scored: EMA or last iterate
               "dataset": config.data.name, "image_head": config.model.image_head}
     io.write_json_atomic(out / "eval.json", record)
 

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from mmjax import checkpointing, io, train
+from mmjax import checkpointing, ema, io, train
 from mmjax.data import pipeline
 from mmjax import pictures
 from mmjax.evals import recon
@@ -36,13 +36,14 @@ def load_tokenizer(config, workdir):
     abstract = jax.eval_shape(
         lambda: nn.unbox(ae.init_variables(model, jax.random.PRNGKey(0), config.data.image_size)))
     directory = str(workdir.tokenizer_checkpoints)
+    params_key = ema.params_key(config.tokenizer_train.get("ema_decay", 0.0))
     if "vq" not in abstract:
-        _, params = checkpointing.restore_params(directory, abstract["params"])
+        _, params = checkpointing.restore_params(directory, abstract["params"], key=params_key)
         return model, params
     # EMA VQ: the codebook is the trainer's model_state; the weights are the variables dict.
     _, items = checkpointing.restore_state_items(
-        directory, {"params": abstract["params"], "model_state": abstract["vq"]})
-    return model, {"params": items["params"], "vq": items["model_state"]}
+        directory, {params_key: abstract["params"], "model_state": abstract["vq"]})
+    return model, {"params": items[params_key], "vq": items["model_state"]}
 
 
 def evaluate(config, workdir, split: str = "validation", max_images: int = EVAL_IMAGES,
