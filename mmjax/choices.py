@@ -22,6 +22,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "objective.flow_t_dist": ("uniform", "logit_normal"),
     "train.nan_policy": ("stop", "skip"),
     "sample.ode_solver": ("euler", "heun"),
+    "sample.cfg_schedule": ("constant", "linear"),
     "sample.weights": ("auto", "ema", "raw"),
     "data.long_captions": ("truncate", "drop", "error"),
 }

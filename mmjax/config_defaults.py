@@ -175,6 +175,7 @@ def sample_config() -> ml_collections.ConfigDict:
     c.cfg_scale = 2.0  # Classifier-free guidance scale (1 = off). The better the model fits, the less it
     # wants: the old 1000-step demo models scored best at 3, today's demo at 1.5-2, one that had
     # memorised 64 images at 1 (bench/results/ablation_demo.json).
+    c.cfg_schedule = "constant"  # CFG scale over an image's tokens: "constant" | "linear" (MAR: 1 -> cfg_scale).
     c.image_temperature = 1.0  # Discrete image head: FSQ-index sampling temperature (0 -> argmax).
     c.image_top_k = 0  # Discrete image head: keep the k most likely FSQ indices (0 disables).
     c.flow_temperature = 0.3  # Flow head: std of the ODE's starting noise (MAR's tau; < 1 = sharper).

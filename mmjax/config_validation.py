@@ -184,6 +184,8 @@ def _validate_sample(config) -> None:
     _require(config, "sample.top_p", lambda v: 0 < v <= 1, "must be in (0, 1]")
     _pos(config, ["sample.ode_steps", "sample.num_samples", "sample.max_text_len"])
     _one_of(config, "sample.ode_solver")
+    if "cfg_schedule" in config["sample"]:
+        _one_of(config, "sample.cfg_schedule")
     if "weights" in config["sample"]:
         _one_of(config, "sample.weights")
 

@@ -36,8 +36,9 @@ class ImageHead:
     loss_terms(model, variables, hidden, batch, rng, objective, slots) -> (image loss, metrics),
         with metrics["image_loss"] (objectives.compute_losses adds text CE and the weights); the
         head runs only at `slots` (targets.Slots: the image-target positions, or all of them);
-    sample_token(decoder, hidden, keys) -> (FSQ index [B], code vector [B, d]) of the next image
-        token (sampling.Decoder; hidden [G*B, D], cond rows first when guided);
+    sample_token(decoder, hidden, keys, cfg_scale) -> (FSQ index [B], code vector [B, d]) of the
+        next image token (sampling.Decoder; hidden [G*B, D], cond rows first when guided; the
+        token's guidance scale, sampling.cfg_scale_at);
     param_count(cfg) -> parameters; flops_per_position(cfg) -> forward FLOPs per image-target
         position (flops.py conventions);
     val_metrics(mean image loss) -> extra validation metrics (eval stage, t2i rows);

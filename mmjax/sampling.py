@@ -16,7 +16,8 @@ Design choices, and why:
   caption-dropped `<bos> <uncond> <boi>` the model saw with objective.caption_dropout (the same
   layout.uncond_caption the packer writes). Both get the same
   sampled (snapped) image token fed back. The guided velocity is v_u + s (v_c - v_u) (for the
-  discrete head the same mix of logits). cfg_scale == 1 statically drops the second half.
+  discrete head the same mix of logits), s per token by sample.cfg_schedule (`cfg_scale_at`).
+  cfg_scale == 1 statically drops the second half.
 - Randomness is per row: row i's key is fold_in(rng, i), and every draw folds in the step, so a
   row's sample does not depend on which other rows share its batch (tests check this).
 - Every chunk carries `image_pos` (index inside the image, -1 at text) as the packer writes it,
@@ -70,6 +71,7 @@ class SampleSettings:
     ode_solver: str = "euler"
     ode_steps: int = 16
     cfg_scale: float = 2.0
+    cfg_schedule: str = "constant"
     image_temperature: float = 1.0
     image_top_k: int = 0
     flow_temperature: float = 1.0
@@ -184,9 +186,10 @@ class Decoder:
         """(hidden [R, T, D], cache) of a chunk of the model's CHUNK_KEYS."""
         return self.apply(chunk, cache, method=MultimodalLM.decode)
 
-    def sample_token(self, hidden, keys):
-        """The configured image head's next token: (index [B], code vector [B, d])."""
-        return self.model.cfg.head.sample_token(self, hidden, keys)
+    def sample_token(self, hidden, keys, cfg_scale):
+        """The configured image head's next token: (index [B], code vector [B, d]), guided at
+        `cfg_scale` (a traced scalar: `cfg_scale_at` of the token's place in the image)."""
+        return self.model.cfg.head.sample_token(self, hidden, keys, cfg_scale)
 
 
 def _chunk(tokens, codes, modality, positions, segment, block, image_pos) -> dict:
@@ -203,12 +206,25 @@ def _step_chunk(tokens, codes, modality: int, pos, segment: int, image_pos=-1) -
 
 
 # ---- per-token samplers (hidden of the position before the new token -> new token) -----------
+def cfg_scale_at(settings: SampleSettings, k, num_tokens: int) -> jax.Array:
+    """The guidance scale of image token `k` (0-based) of `num_tokens` (sample.cfg_schedule).
+
+    "constant": cfg_scale everywhere (LlamaGen). "linear": MAR's schedule, 1 + (s - 1)(k + 1)/n,
+    weak guidance on the first tokens (the layout is still open) rising to s on the last; the
+    image's mean scale is then about (1 + s) / 2.
+    """
+    s = jnp.float32(settings.cfg_scale)
+    if settings.cfg_schedule == "linear":
+        return 1.0 + (s - 1.0) * (jnp.asarray(k, jnp.float32) + 1.0) / num_tokens
+    return s
+
+
 def _guide(cond_uncond: jax.Array, batch: int, scale: float) -> jax.Array:
     cond, uncond = cond_uncond[:batch], cond_uncond[batch:]
     return uncond + scale * (cond - uncond)
 
 
-def flow_token(dec: Decoder, hidden, keys):
+def flow_token(dec: Decoder, hidden, keys, cfg_scale):
     """Flow head: hidden [G*B, D] (G = 2 with CFG, cond rows first), keys [B] -> (index [B],
     snapped code [B, d])."""
     codebook, settings = dec.codebook, dec.settings
@@ -219,20 +235,20 @@ def flow_token(dec: Decoder, hidden, keys):
     def velocity(x, t):
         xs = jnp.concatenate([x, x]) if guided else x
         v = dec.apply(hidden, xs, jnp.full(xs.shape[:1], t), method=MultimodalLM.flow_velocity)
-        return _guide(v, batch, settings.cfg_scale) if guided else v
+        return _guide(v, batch, cfg_scale) if guided else v
 
     x1 = integrate_flow(velocity, x0, settings.ode_steps, settings.ode_solver)
     codes = codebook.snap(x1)
     return codebook.codes_to_indices(codes), codes
 
 
-def discrete_token(dec: Decoder, hidden, keys):
+def discrete_token(dec: Decoder, hidden, keys, cfg_scale):
     """Discrete head: FSQ indices sampled from (guided) index logits -> (index [B], code [B, d])."""
     codebook, settings = dec.codebook, dec.settings
     batch = keys.shape[0]
     logits = dec.apply(hidden, method=MultimodalLM.index_logits)
     if settings.guided:
-        logits = tuple(_guide(lg, batch, settings.cfg_scale) for lg in logits)
+        logits = tuple(_guide(lg, batch, cfg_scale) for lg in logits)
     kw = dict(temperature=settings.image_temperature, top_k=settings.image_top_k)
     if len(logits) == 1:
         index = sample_rows(keys, logits[0], **kw)
@@ -294,7 +310,8 @@ def _image_loop(dec: Decoder, state: dict, segment, keys, num_tokens: int, colle
     noise_aug = dec.settings.noise_aug
 
     def body(s, k):
-        index, codes = dec.sample_token(s["hidden"], _fold(keys, k))
+        index, codes = dec.sample_token(s["hidden"], _fold(keys, k),
+                                        cfg_scale_at(dec.settings, k, num_tokens))
         fed = codes
         if noise_aug > 0:  # CAM at inference: the model reads a slightly noisy token
             fed = codes + noise_aug * jax.vmap(lambda r: jax.random.normal(r, codes.shape[1:]))(

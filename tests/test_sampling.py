@@ -112,7 +112,27 @@ def test_image_decoding_matches_teacher_forcing(flow):
 def test_guided_ode_endpoint_matches_full_forward(flow):
     """Re-derives every sampled code from full-forward hidden states of the cond and the
     caption-dropped sequences: CFG mix, per-row keys, Heun steps and snapping all agree."""
-    model, params, out = flow["model"], flow["params"], flow["t2i"]
+    _check_guided_codes(flow, flow["t2i"], np.full(N, SETTINGS.cfg_scale, np.float32))
+
+
+def test_linear_cfg_schedule_guides_token_k_at_its_own_scale(flow):
+    """sample.cfg_schedule='linear': token k is guided at 1 + (s - 1)(k + 1)/N (MAR), re-derived
+    from full forwards as above; the constant schedule's samples differ."""
+    settings = dataclasses.replace(SETTINGS, cfg_schedule="linear")
+    out = jax.jit(lambda p, c, n, r: sampling.text_to_image(
+        p, flow["model"], c, n, r, settings=settings, special=SPECIAL, num_image_tokens=N))(
+            flow["params"], CAPTIONS, LENGTHS, key(0))
+    scales = 1 + (SETTINGS.cfg_scale - 1) * (np.arange(N) + 1) / N
+    _check_guided_codes(flow, out, scales.astype(np.float32))
+    assert (np.asarray(out["indices"]) != np.asarray(flow["t2i"]["indices"])).any()
+    assert float(sampling.cfg_scale_at(settings, N - 1, N)) == pytest.approx(SETTINGS.cfg_scale)
+    assert float(sampling.cfg_scale_at(SETTINGS, 0, N)) == SETTINGS.cfg_scale
+
+
+def _check_guided_codes(flow, out, scales):
+    """Every code of `out` equals the snapped Heun endpoint of v_u + scales[i] (v_c - v_u) at
+    token i, with the sampler's per-row, per-token noise."""
+    model, params = flow["model"], flow["params"]
     cond = np.asarray(flow["forward"](params, pack(t2i_rows(CAPTIONS, LENGTHS, out["indices"]))))
     uncond = np.asarray(flow["forward"](params, pack(t2i_rows(UNCOND, [1] * 3, out["indices"]))))
     h_c = cond[np.arange(3)[:, None], (LENGTHS + 1)[:, None] + np.arange(N)]
@@ -125,7 +145,7 @@ def test_guided_ode_endpoint_matches_full_forward(flow):
         t = jnp.full(x.shape[:-1], t)
         v_c, v_u = (model.apply({"params": params}, h, x, t, method=MultimodalLM.flow_velocity)
                     for h in (h_c, h_u))
-        return v_u + SETTINGS.cfg_scale * (v_c - v_u)
+        return v_u + jnp.asarray(scales)[None, :, None] * (v_c - v_u)
 
     x1 = jax.jit(lambda x: sampling.integrate_flow(velocity, x, SETTINGS.ode_steps, "heun"))(x0)
     np.testing.assert_array_equal(FSQ_.snap(np.asarray(x1)), np.asarray(out["codes"]))
@@ -293,6 +313,9 @@ def test_settings_from_config_and_validation():
         settings(top_p=0.0)
     with pytest.raises(ValueError, match="sample.ode_solver"):
         settings(ode_solver="rk4")
+    with pytest.raises(ValueError, match="sample.cfg_schedule='cosine'"):
+        settings(cfg_schedule="cosine")
+    assert settings(cfg_schedule="linear").cfg_schedule == "linear"
     del cfg.ode_steps
     with pytest.raises(ValueError, match="ode_steps"):
         config_validation.sample_settings(cfg)
