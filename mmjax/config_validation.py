@@ -39,10 +39,18 @@ def _get(config, path: str) -> Any:
     return node
 
 
-def _require(config, path: str, ok: Callable[[Any], bool], what: str) -> None:
+def _get_or(config, path: str, default: Any = None) -> Any:
+    """`path`'s value, or `default` where its block or field is absent."""
     try:
-        value = _get(config, path)
+        return _get(config, path)
     except (KeyError, AttributeError):
+        return default
+
+
+def _require(config, path: str, ok: Callable[[Any], bool], what: str) -> None:
+    missing = object()
+    value = _get_or(config, path, missing)
+    if value is missing:
         return  # block absent from this config (e.g. no model block in a tokenizer config)
     try:
         good = ok(value)
@@ -84,8 +92,7 @@ def validate_train_block(config, block: str) -> None:
     for b in ("b1", "b2"):
         _require(config, f"{block}.{b}", lambda v: 0 <= v < 1, "must be in [0, 1)")
     _one_of(config, f"{block}.nan_policy", "train.nan_policy")
-    if "ema_decay" in config[block]:
-        _require(config, f"{block}.ema_decay", lambda v: 0 <= v < 1, "must be in [0, 1) (0 = no EMA)")
+    _require(config, f"{block}.ema_decay", lambda v: 0 <= v < 1, "must be in [0, 1) (0 = no EMA)")
     _nonneg(config, [f"{block}.peak_tflops"])
     _require(config, f"{block}.profile_steps",
              lambda v: len(v) == 0 or (len(v) == 2 and 0 <= int(v[0]) < int(v[1])),
@@ -146,7 +153,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for block in ("train", "tokenizer_train"):
         validate_train_block(config, block)
     _validate_sample(config)
-    if config.sample.get("weights") == "ema" and not config.train.get("ema_decay", 0.0) > 0:
+    if _get_or(config, "sample.weights") == "ema" and not _get_or(config, "train.ema_decay", 0) > 0:
         raise ConfigError("config.sample.weights='ema' needs train.ema_decay > 0 (the run keeps "
                           "no average of its params otherwise)")
     for axis in ("data", "fsdp", "tensor"):
@@ -184,10 +191,8 @@ def _validate_sample(config) -> None:
     _require(config, "sample.top_p", lambda v: 0 < v <= 1, "must be in (0, 1]")
     _pos(config, ["sample.ode_steps", "sample.num_samples", "sample.max_text_len"])
     _one_of(config, "sample.ode_solver")
-    if "cfg_schedule" in config["sample"]:
-        _one_of(config, "sample.cfg_schedule")
-    if "weights" in config["sample"]:
-        _one_of(config, "sample.weights")
+    _one_of(config, "sample.cfg_schedule")
+    _one_of(config, "sample.weights")
 
 
 def _fields(cls, block: str, cfg, skip: Sequence[str] = ()) -> dict[str, Any]:
