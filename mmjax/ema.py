@@ -37,6 +37,11 @@ def update(ema_params: Any, params: Any, step, decay: float) -> Any:
             e.dtype), ema_params, params)
 
 
+def decay_of(train_block) -> float:
+    """A train block's `ema_decay` (0 = no average; a block stored before the field had none)."""
+    return float(train_block.get("ema_decay", 0.0))
+
+
 def params_key(ema_decay: float, weights: str = "auto") -> str:
     """The train-state entry that sampling and evals read: "ema_params" or "params".
 
@@ -51,4 +56,4 @@ def params_key(ema_decay: float, weights: str = "auto") -> str:
 
 def model_params_key(config) -> str:
     """`params_key` of the model stage of a full config."""
-    return params_key(config.train.get("ema_decay", 0.0), config.sample.get("weights", "auto"))
+    return params_key(decay_of(config.train), config.sample.get("weights", "auto"))

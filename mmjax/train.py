@@ -133,17 +133,12 @@ def _state_shardings(task, tx, example, mesh, rules):
     if abstract_ms is not None:  # only then is there a "model_state" entry (old checkpoints match)
         shardings["model_state"] = jax.tree.map(lambda _: repl, abstract_ms)
         abstract["model_state"] = abstract_ms
-    if _ema_decay(task.train_config) > 0:  # the average lives beside the params, sharded alike
+    if ema.decay_of(task.train_config) > 0:  # the average lives beside the params, sharded alike
         shardings[ema.STATE_KEY] = param_sh
         abstract[ema.STATE_KEY] = abstract_params
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)
     return shardings, abstract
-
-
-def _ema_decay(tc) -> float:
-    """train.ema_decay (0 = no EMA; blocks written before the field existed have none)."""
-    return float(tc.get("ema_decay", 0.0))
 
 
 def _grads(task, params, model_state, batch, rng, grad_accum: int):
@@ -180,7 +175,7 @@ def build_setup(task, example, mesh, rules) -> Setup:
     tc = task.train_config
     tx = make_optimizer(tc)
     schedule = make_schedule(tc)
-    ema_decay = _ema_decay(tc)
+    ema_decay = ema.decay_of(tc)
     shardings, abstract = _state_shardings(task, tx, example, mesh, rules)
     batch_sh = {k: parallel.batch_sharding(mesh, np.ndim(v)) for k, v in example.items()}
     repl = parallel.replicated(mesh)

@@ -9,7 +9,7 @@ from flax import linen as nn
 
 from mmjax import config_defaults, config_validation, ema, parallel, train
 from mmjax.config_validation import ConfigError
-from tests.test_train import ToyTask, one_device_mesh, toy_config
+from test_train import ToyTask, one_device_mesh, toy_config
 
 
 def test_decay_warms_up_then_settles():

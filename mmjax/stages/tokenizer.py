@@ -36,7 +36,7 @@ def load_tokenizer(config, workdir):
     abstract = jax.eval_shape(
         lambda: nn.unbox(ae.init_variables(model, jax.random.PRNGKey(0), config.data.image_size)))
     directory = str(workdir.tokenizer_checkpoints)
-    params_key = ema.params_key(config.tokenizer_train.get("ema_decay", 0.0))
+    params_key = ema.params_key(ema.decay_of(config.tokenizer_train))
     if "vq" not in abstract:
         _, params = checkpointing.restore_params(directory, abstract["params"], key=params_key)
         return model, params
