@@ -20,9 +20,10 @@ FLOPs per step, three figures:
   the batch, non-causal attention as the einsum computes it, the heads at their capacity slots):
   it separates "XLA counts what we think we run" (executed / at_slots) from "what we run exceeds
   what is needed" (at_slots / counted: padding, causal half, capacity slack).
---heads=targets,all runs each size both with the heads at their target capacity (today's
-objective) and at all positions, masked (the old objective, `capacity=None`), timed in
-alternation in one run, so the before/after ratio does not depend on load drifting.
+--heads=targets,rows,all runs each size with the heads at their target capacity (today's
+objective: image slots per direction group), at one image per document of every row (before
+direction groups) and at all positions, masked (`capacity=None`), timed in alternation in one
+run, so the before/after ratios do not depend on load drifting.
 Writes bench/results/step_time.json (with the git commit).
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ import numpy as np
 from absl import app, flags
 
 from bench.common import load_config, write_results
-from bench.train_harness import TimedTrainStep, mesh_from_flag, summarize, \
+from bench.train_harness import HEADS, TimedTrainStep, mesh_from_flag, summarize, \
     synthetic_rows, token_stats
 from mmjax import config_validation, flops
 
@@ -51,11 +52,12 @@ flags.DEFINE_string("remat", "", "Override model.remat; '' keeps the config's.")
 flags.DEFINE_string("mot_impl", "", "Override model.mot_impl; '' keeps the config's.")
 flags.DEFINE_string("attention_impl", "", "Override model.attention_impl; '' keeps the config's.")
 flags.DEFINE_list("heads", ["targets"], "Head variants per size, timed in alternation: targets "
-                  "(heads at the packer's target capacity) and/or all (every position, masked).")
+                  "(heads at the packer's target capacity, image targets per direction group), "
+                  "rows (one image per document of every row: the capacity before direction "
+                  "groups) and/or all (every position, masked).")
 flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s per device for MFU (0: from device kind).")
 flags.DEFINE_string("out", None, "Output JSON (default bench/results/step_time.json).")
 
-HEADS = ("targets", "all")
 
 
 def size_config(size: str):
@@ -90,7 +92,7 @@ def flops_at_slots(model_cfg, batch_size: int, seq: int, capacity) -> float:
     heads run at every position)."""
     full = flops.flops_per_token(model_cfg, seq, 1.0, causal=False)  # image head per position
     none = flops.flops_per_token(model_cfg, seq, 0.0, causal=False)  # LM head per position
-    image_slots = seq if capacity is None else capacity.image
+    image_slots = seq if capacity is None else capacity.image / capacity.group
     text_slots = seq if capacity is None else capacity.text
     head = f"{model_cfg.image_head}_head"
     forward = batch_size * (seq * (full["backbone"] + full["attention"] + full["input_proj"])
@@ -106,8 +108,8 @@ def run_size(size: str, mesh) -> list[dict]:
     stats = token_stats(batches[0])
     tstats = target_stats(batches[0])
     variants = [h for h in HEADS if h in FLAGS.heads]
-    runners = {h: TimedTrainStep(config, vocab, batches, mesh, FLAGS.warmup,
-                                 heads_at_all_positions=h == "all") for h in variants}
+    runners = {h: TimedTrainStep(config, vocab, batches, mesh, FLAGS.warmup, heads=h)
+               for h in variants}
     times = {h: [] for h in variants}
     for _ in range(FLAGS.steps):  # round-robin: the variants see the same load
         for h in variants:
@@ -147,8 +149,8 @@ def run_size(size: str, mesh) -> list[dict]:
                                                        mesh.size),
             "final_loss": r.loss,
         })
-    if len(variants) == 2:
-        rows[0]["step_s_all_over_targets"] = rows[1]["step_s"] / rows[0]["step_s"]
+    for r in rows[1:]:  # the older placements against the first variant, from one run
+        rows[0][f"step_s_{r['heads']}_over_{rows[0]['heads']}"] = r["step_s"] / rows[0]["step_s"]
     return rows
 
 

@@ -5,7 +5,7 @@ say, so the benchmarks skip the tokenizer and data preparation. The rows still c
 real packer (`mmjax.data.packing`) with the layout the task would produce: documents of
 `data.max_caption_len` caption tokens (a random length between half and all of them) and
 `(data.image_size / downsample)^2` FSQ image tokens, as many per row as fit, directions drawn
-with `objective.t2i_prob`. The train step is the trainer's own (`train.build_setup`).
+as the packer draws them (`objective.t2i_prob`, stratified over `objective.direction_group_rows`). The train step is the trainer's own (`train.build_setup`).
 """
 from __future__ import annotations
 
@@ -15,19 +15,19 @@ import time
 import jax
 import numpy as np
 
-from mmjax import parallel, train
+from mmjax import config_validation, parallel, train
 from mmjax.data import packing
 from mmjax.models import mot
 from mmjax.tasks.multimodal import MultimodalTask
 from mmjax.tokenizers.fsq import FSQ
 
 SPECIAL = packing.SpecialIds(bos=1, eos=2, boi=3, eoi=4, uncond=5)
+HEADS = ("targets", "rows", "all")  # where TimedTrainStep runs the heads
 
 
 def image_tokens_per_image(config) -> int:
     """FSQ tokens per image: (image_size / 2^(len(fsq.channels) - 1))^2, as the tokenizer makes."""
-    side = int(config.data.image_size) // 2 ** (len(config.fsq.channels) - 1)
-    return side * side
+    return config_validation.image_side(config) ** 2
 
 
 def synthetic_rows(config, num_rows: int, vocab_size: int, *, seed: int = 0,
@@ -45,14 +45,18 @@ def synthetic_rows(config, num_rows: int, vocab_size: int, *, seed: int = 0,
         raise ValueError(f"a document ({doc_len} tokens) does not fit model.max_seq_len={seq_len}")
     fsq = FSQ(tuple(config.fsq.levels))
     rng = np.random.default_rng(seed)
+    per_row = seq_len // doc_len
+    group_documents = config_validation.direction_group_rows(config) * per_row
     rows = []
-    for _ in range(num_rows):
+    for r in range(num_rows):
         docs = []
-        for _ in range(seq_len // doc_len):
+        for j in range(per_row):
             caption = rng.integers(5, vocab_size, size=int(rng.integers(max_caption // 2,
                                                                         max_caption + 1)))
             indices = rng.integers(0, fsq.codebook_size, size=n_img)
-            direction = "t2i" if rng.random() < float(config.objective.t2i_prob) else "i2t"
+            direction, _ = packing.draw_direction(seed, r * per_row + j,
+                                                  float(config.objective.t2i_prob), 0.0,
+                                                  group_documents)
             docs.append(packing.build_document(caption, indices, fsq.indices_to_codes(indices),
                                                direction, SPECIAL))
         rows.append(packing.pack_documents(docs, seq_len, fsq.dim))
@@ -103,16 +107,24 @@ class TimedTrainStep:
 
     The step is compiled ahead of time (`lower().compile()`, the executable the timed calls run),
     so `executed_flops` is XLA's `cost_analysis()["flops"]` of exactly what is timed.
-    `heads_at_all_positions=True` runs the heads on every position, masked (the objective's
-    reference path, `capacity=None`) instead of on the packer's target capacity: the old
-    behaviour, kept for side-by-side benchmarks.
+    `heads` (HEADS) says where the heads run: "targets" at the packer's target capacity (the
+    objective's; image targets per direction group), "rows" at the one-row bound of each row
+    (image slots for every document, the capacity before direction groups), "all" on every
+    position, masked (the reference path, `capacity=None`): the older behaviours, kept for
+    side-by-side benchmarks.
     """
 
     def __init__(self, config, vocab_size: int, batches: list[dict], mesh, warmup: int = 1,
-                 heads_at_all_positions: bool = False):
+                 heads: str = "targets"):
+        if heads not in HEADS:
+            raise ValueError(f"heads={heads!r}: choose from {HEADS}")
         task = MultimodalTask(config, vocab_size)  # the real model and loss, no data
-        if heads_at_all_positions:
+        if heads == "all":
             task.capacity = None
+        elif heads == "rows":
+            row = config.copy_and_resolve_references()
+            row.objective.t2i_prob, row.objective.direction_group_rows = 1.0, 1
+            task.capacity = config_validation.target_capacity(row)
         self.capacity = task.capacity
         # the grouped-compute path these rows run (e.g. 'auto' -> 'buckets' or 'tiled')
         self.mot_impl = task.model.mot_impl_for(*np.shape(batches[0]["tokens"]))

@@ -58,6 +58,14 @@ TRAIN_SIZES = {
     "1b": dict(steps=100000, batch_size=512, tok_steps=4000, tok_batch=64,
                channels=(64, 128, 128), num_train=65536),
 }
+# Rows per direction group (objective.direction_group_rows) and text->image share: one document
+# per 96-token row, so a group of 4 rows at t2i_prob 0.75 holds exactly 3 text->image documents and
+# the image heads run on 3 images per 4 rows instead of 4, with no empty slot (mmjax/targets.py;
+# 0.7 would leave room for 3 where 2.8 are used). smoke: groups of 2, which a 2-process run's 2 rows
+# per process hold (the grouped path runs in the pipeline tests). base and up: rows of 1024 tokens
+# hold several documents each, so a row is a group already.
+DIRECTION_GROUP_ROWS = {"smoke": 2, "demo": 4, "cpu_hour": 4, "small": 4}
+GROUPED_T2I_PROB = 0.75
 # edits (demo): the budget the README's edit figures were measured with (rows hold ~3.4x the
 # tokens of a caption<->image row, so the batch is smaller than the demo's old 32).
 EDITS_DEMO_TRAIN = dict(steps=1000, batch_size=10)
@@ -97,6 +105,9 @@ def get_config(arg: str = "demo"):
         c.model.max_seq_len = 1024
         c.data.image_size = 64
     _set_budget(c, t["steps"], t["batch_size"])
+    if size in DIRECTION_GROUP_ROWS:
+        c.objective.direction_group_rows = DIRECTION_GROUP_ROWS[size]
+        c.objective.t2i_prob = GROUPED_T2I_PROB
     c.train.eval_batches = 2 if size == "smoke" else 8
     c.sample.num_samples = 4 if size == "smoke" else 16
     c.sample.ode_steps = 4 if size == "smoke" else 16

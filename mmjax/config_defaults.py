@@ -121,6 +121,13 @@ def objective_config() -> ml_collections.ConfigDict:
     # the caption, i2t predicts it from the image). False keeps <boi>/<eoi>/<eos> targets only there.
     c.t2i_caption_loss = True
     c.direction_redraws = 8  # Copies of each example per pass, each with a fresh direction draw.
+    # Rows per direction group (caption/image pairs; edit documents ignore it): every group of
+    # this many consecutive packed rows holds floor or ceil(t2i_prob x its documents)
+    # text->image documents (the mean stays t2i_prob), the trainer shuffles rows in whole groups,
+    # and the image heads run on ceil(t2i_prob x documents) images per group instead of one per
+    # document (mmjax/targets.py). 1: each document draws its own direction. Must divide
+    # train.batch_size and, for speed on accelerators, the batch rows of one data shard.
+    c.direction_group_rows = 1
     # data.name="shapes_edits": share of edit documents that chain 2..3 edits (else one edit;
     # mmjax.data.edit_packing). caption_dropout then drops instructions (CFG) instead of captions.
     c.edit_chain_prob = 0.5

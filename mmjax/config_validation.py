@@ -153,6 +153,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for block in ("train", "tokenizer_train"):
         validate_train_block(config, block)
     _validate_sample(config)
+    groups = direction_group_rows(config)
+    _require(config, "train.batch_size", lambda v: v % groups == 0,
+             f"must be a multiple of objective.direction_group_rows={groups} (a batch holds whole "
+             "direction groups)")
     if _get_or(config, "sample.weights") == "ema" and not _get_or(config, "train.ema_decay", 0) > 0:
         raise ConfigError("config.sample.weights='ema' needs train.ema_decay > 0 (the run keeps "
                           "no average of its params otherwise)")
@@ -180,6 +184,7 @@ def _validate_model(config) -> None:
 def _validate_objective(config) -> None:
     _one_of(config, "objective.flow_t_dist")
     _nonneg(config, ["objective.text_weight", "objective.image_weight"])
+    _pos(config, ["objective.direction_group_rows"])
     for p in ("objective.t2i_prob", "objective.caption_dropout", "objective.edit_chain_prob"):
         _require(config, p, lambda v: 0 <= v <= 1, "must be a probability in [0, 1]")
 
@@ -246,7 +251,7 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
     """The ModelConfig of a full config (its `model` block, the image tokens' codes as
     `image_token_codes` says, the image grid's side: data.image_size over the tokenizer's
     2**(len(fsq.channels) - 1) downsampling, and the packer's image tokens per row)."""
-    side = int(config.data.image_size) // 2 ** (len(config.fsq.channels) - 1)
+    side = image_side(config)
     levels, dim = image_token_codes(config)
     vq_dim = dim if config.fsq.get("quantizer", "fsq") == "vq" else 0
     try:  # 0 (no MoT buckets) when no document fits a row: target_capacity reports that layout
@@ -256,12 +261,34 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
     return model_block(config.model, vocab_size, levels, side, vq_dim, image_capacity)
 
 
+def image_side(config: ml_collections.ConfigDict) -> int:
+    """Image tokens per side: data.image_size over the tokenizer's 2**(len(fsq.channels) - 1)
+    downsampling."""
+    return int(config.data.image_size) // 2 ** (len(config.fsq.channels) - 1)
+
+
+def direction_group_rows(config: ml_collections.ConfigDict) -> int:
+    """Rows per direction group (objective.direction_group_rows) of the config's packer: 1 for
+    edit documents (data.name="shapes_edits"), which have no text->image / image->text draw, and
+    for configs without an objective block."""
+    if _get_or(config, "data.name") == "shapes_edits":
+        return 1
+    return int(_get_or(config, "objective.direction_group_rows", 1))
+
+
 def target_capacity(config: ml_collections.ConfigDict) -> TargetCapacity:
-    """The static head capacity of a multimodal config's packed rows: the most image and text
-    targets one row holds (the packer's row_target_capacity); the objective gathers the heads'
-    positions to it (mmjax/targets.py)."""
+    """The static head capacity of a multimodal config's packed rows: the most text targets one
+    row holds (the packer's row_target_capacity) and the most image targets one direction group
+    holds (caption/image pairs: ceil(t2i_prob x the group's documents) images,
+    packing.group_image_targets; edit documents: the one-row bound); the objective gathers the
+    heads' positions to it (mmjax/targets.py)."""
     image, text = _from_packer(config, "row_target_capacity")
-    return TargetCapacity(image=image, text=text)
+    if config.data.name == "shapes_edits":  # no direction draw: the one-row bound
+        return TargetCapacity(image=image, text=text)
+    groups, per_image = direction_group_rows(config), image_side(config) ** 2
+    image = packing.group_image_targets(float(config.objective.t2i_prob),
+                                        groups * (image // per_image), per_image)
+    return TargetCapacity(image=image, text=text, group=groups)
 
 
 def _from_packer(config: ml_collections.ConfigDict, bound: str):
@@ -270,7 +297,7 @@ def _from_packer(config: ml_collections.ConfigDict, bound: str):
     data.max_caption_len, image tokens per image = (data.image_size / 2**(len(fsq.channels)
     - 1))**2), its ValueError as one ConfigError naming the fields."""
     from mmjax.data import edit_packing
-    side = int(config.data.image_size) // 2 ** (len(config.fsq.channels) - 1)
+    side = image_side(config)
     seq_len, caption = int(config.model.max_seq_len), int(config.data.max_caption_len)
     packer = edit_packing if config.data.name == "shapes_edits" else packing
     try:

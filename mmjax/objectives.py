@@ -12,8 +12,9 @@ x_t = t x1 + (1 - t) x0, target v = x1 - x0; loss = mean over channels of (v_pre
 The backbone runs once; only the small head runs K times.
 
 Heads only where their targets are: given a `targets.TargetCapacity` (the task passes the
-packer's, config_validation.target_capacity), `compute_losses` gathers each row's text-target and
-image-target positions to that static capacity (mmjax/targets.py) and the LM and image heads run
+packer's, config_validation.target_capacity), `compute_losses` gathers each row's text-target
+positions and each row group's image-target positions to that static capacity (mmjax/targets.py)
+and the LM and image heads run
 on those slots only; the masked means are the same sums, so losses and gradients equal the
 all-positions path (capacity=None, kept as the reference). The flow draws (t, x0) are still made
 at every position with the same keys and shapes, then gathered, so the rng use and therefore the
@@ -137,7 +138,7 @@ def compute_losses(model, params, batch, rng, objective: ObjectiveConfig, *, tra
     hidden = model.apply(variables, batch, train=train, rngs={"noise": rng_noise})
     cap = capacity or targets_lib.TargetCapacity(image=None, text=None)
     text_slots = targets_lib.select(batch["text_mask"], cap.text, "text")
-    image_slots = targets_lib.select(batch["image_mask"], cap.image, "image")
+    image_slots = targets_lib.select(batch["image_mask"], cap.image, "image", cap.group)
     text_loss, metrics = text_terms(model, variables, hidden, batch, text_slots)
     image_loss, image_metrics = model.cfg.head.loss_terms(model, variables, hidden, batch, rng_flow,
                                                           objective, image_slots)

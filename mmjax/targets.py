@@ -10,6 +10,12 @@ objective gathers each row's target positions, in position order, into that many
 the loss and its gradients equal the all-positions masked ones (tests/test_targets.py). Empty
 slots point at position 0 with weight 0.
 
+Image targets are gathered per group of `TargetCapacity.group` consecutive rows laid end to end:
+the packer fixes how many text->image documents a group holds (up to one; objective.
+direction_group_rows, packing.draw_direction), so a group needs room for ceil(t2i_prob x its
+documents) images where per-row slots would need one image per document: the image-to-caption
+rows' empty image slots were a third of the flow head's work at the demo size.
+
 A row with more targets than its capacity: raised (ValueError naming the config fields) where the
 mask is concrete; under jit the loss becomes NaN and `overflow` counts the excess targets.
 Dropping the excess instead was rejected: the packer cannot exceed the bound by construction, so
@@ -27,37 +33,58 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-CAPACITY_FIELDS = "data.max_caption_len, data.image_size / fsq.channels, model.max_seq_len"
+CAPACITY_FIELDS = ("data.max_caption_len, data.image_size / fsq.channels, model.max_seq_len, "
+                   "objective.t2i_prob, objective.direction_group_rows")
 
 
 @dataclasses.dataclass(frozen=True)
 class TargetCapacity:
-    """Most image-target and text-target positions one packed row holds (static shapes)."""
+    """Most image-target positions a group of `group` consecutive packed rows holds, and most
+    text-target positions one row holds (static shapes). Groups: the packer stratifies the
+    directions of caption/image pairs over `group` rows (packing.draw_direction), so their image
+    targets are bounded per group far more tightly than `group` x the one-row bound."""
 
     image: int
     text: int
+    group: int = 1
 
 
 class Slots(NamedTuple):
-    """Where a head runs: `index` [B, C] positions (None: every position, no gather), `weight`
-    the mask value at each slot (0 in empty slots), `overflow` [] targets that did not fit."""
+    """Where a head runs: `index` [B / group, C] positions in each group of `group` rows laid end
+    to end (None: every position, no gather), `weight` the mask value at each slot (0 in empty
+    slots), `overflow` [] targets that did not fit."""
 
     index: jax.Array | None
     weight: jax.Array
     overflow: jax.Array
+    group: int = 1
 
     def take(self, x: jax.Array, axis: int = 1) -> jax.Array:
-        """x [..., B, T, ...] (batch at axis - 1, positions at `axis`) -> [..., B, C, ...]."""
+        """x [..., B, T, ...] (batch at axis - 1, positions at `axis`) -> [..., B / group, C, ...]."""
         if self.index is None:
             return x
-        x = jnp.asarray(x)
+        x = _grouped(jnp.asarray(x), axis, self.group)
         idx = self.index.reshape((1,) * (axis - 1) + self.index.shape
                                  + (1,) * (x.ndim - axis - 1))
         return jnp.take_along_axis(x, idx, axis=axis)
 
 
-def select(mask: jax.Array, capacity: int | None, what: str) -> Slots:
-    """The first `capacity` positions of each row where mask > 0, in position order.
+def _grouped(x: jax.Array, axis: int, group: int) -> jax.Array:
+    """x [..., B, T, ...] (positions at `axis`) -> [..., B / group, group * T, ...]: each group
+    of consecutive rows end to end (a reshape: rows stay on their data shard when every shard
+    holds whole groups)."""
+    if group == 1:
+        return x
+    b, t = x.shape[axis - 1], x.shape[axis]
+    if b % group:
+        raise ValueError(f"a batch of {b} rows does not split into groups of {group} rows "
+                         "(objective.direction_group_rows must divide every batch)")
+    return x.reshape(x.shape[:axis - 1] + (b // group, group * t) + x.shape[axis + 1:])
+
+
+def select(mask: jax.Array, capacity: int | None, what: str, group: int = 1) -> Slots:
+    """The first `capacity` positions of each group of `group` consecutive rows where mask > 0,
+    in position order (group 1: of each row).
 
     mask [B, T] (0/1 or weights); capacity None keeps every position (the reference path);
     `what` names the targets in the error ("image" / "text").
@@ -65,6 +92,8 @@ def select(mask: jax.Array, capacity: int | None, what: str) -> Slots:
     weight = jnp.asarray(mask).astype(jnp.float32)
     if capacity is None:
         return Slots(None, weight, jnp.zeros((), jnp.int32))
+    weight = _grouped(weight, 1, int(group))
+    mask = mask if isinstance(mask, jax.core.Tracer) else _grouped(np.asarray(mask), 1, int(group))
     b, t = weight.shape
     c = min(int(capacity), t)
     has = weight > 0
@@ -72,9 +101,10 @@ def select(mask: jax.Array, capacity: int | None, what: str) -> Slots:
     if not isinstance(mask, jax.core.Tracer):
         most = int(np.max(np.sum(np.asarray(mask) > 0, axis=1), initial=0))
         if most > c:
-            raise ValueError(f"a packed row holds {most} {what} targets, more than the static "
+            where = "a packed row" if group == 1 else f"a group of {group} packed rows"
+            raise ValueError(f"{where} holds {most} {what} targets, more than the static "
                              f"capacity {c} that {CAPACITY_FIELDS} allow "
-                             "(mmjax.data.packing.row_target_capacity)")
+                             "(mmjax.data.packing.row_target_capacity, group_image_targets)")
     # Target j of a row goes to slot j (its rank); the rest are dropped by the scatter.
     rank = jnp.cumsum(has, axis=1, dtype=jnp.int32) - 1
     slot = jnp.where(has & (rank < c), rank, c)
@@ -84,4 +114,4 @@ def select(mask: jax.Array, capacity: int | None, what: str) -> Slots:
     filled = jnp.arange(c, dtype=jnp.int32)[None, :] < count[:, None]
     weight = jnp.where(filled, jnp.take_along_axis(weight, index, axis=1), 0.0)
     overflow = jnp.sum(jnp.maximum(count - c, 0))
-    return Slots(index, weight, overflow)
+    return Slots(index, weight, overflow, int(group))

@@ -283,7 +283,8 @@ def train(config, workdir, task: Task, *, mesh=None, stop_at_step: int | None = 
     pid, nproc = jax.process_index(), jax.process_count()
     train_ds = task.dataset("train", train=True)
     iterator = iter(batched_iterator(train_ds, int(tc.batch_size), seed=config.data.shuffle_seed,
-                                     shuffle=True, process_index=pid, process_count=nproc,
+                                     shuffle=True, shuffle_block=_group_rows(train_ds),
+                                     process_index=pid, process_count=nproc,
                                      worker_count=int(config.data.get("worker_count", 0))))
     example = _local_example(train_ds, local_bs)
     setup = build_setup(task, example, mesh, rules)
@@ -339,6 +340,12 @@ def _finish_saves_quietly(manager) -> None:
         manager.close()
     except Exception as e:  # noqa: BLE001
         logging.warning("pending checkpoint save failed too: %s", e)
+
+
+def _group_rows(ds) -> int:
+    """Rows the task's dataset groups (the multimodal packer's direction groups, which batches
+    must keep whole); 1 for datasets without groups (the tokenizer's images)."""
+    return int(getattr(ds, "group_rows", 1))
 
 
 def _local_example(ds, local_bs: int) -> dict:

@@ -215,3 +215,34 @@ def test_batching_errors(train_ds):
         pipeline.batched_iterator(train_ds, 8, seed=0, shuffle=False, process_index=2, process_count=2)
     with pytest.raises(ValueError, match="batch"):
         pipeline.batched_iterator(train_ds[:4], 8, seed=0, shuffle=False, num_epochs=1)
+
+
+def test_block_shuffle_keeps_blocks_whole_reshuffles_and_resumes(train_ds):
+    """shuffle_block=4: each batch is whole blocks of 4 consecutive elements in their order, the
+    block order is fresh every epoch, resume is exact, and 2 processes read the 1-process batches."""
+    make = lambda **kw: iter(pipeline.batched_iterator(train_ds, 8, seed=3, shuffle=True,
+                                                       shuffle_block=4, **kw))
+    it = make()
+    epoch = _ids([next(it) for _ in range(8)])
+    for batch in epoch:
+        for block in (batch[:4], batch[4:]):
+            assert block[0] % 4 == 0 and block == list(range(block[0], block[0] + 4))
+    assert sorted(sum(epoch, [])) == list(range(64))
+    assert epoch != [list(range(i, i + 8)) for i in range(0, 64, 8)]  # blocks shuffled
+    state = it.get_state()
+    rest = _ids([next(it) for _ in range(8)])
+    assert rest != epoch and sorted(sum(rest, [])) == list(range(64))  # next epoch, new order
+    restored = make()
+    restored.set_state(state)
+    assert _ids([next(restored) for _ in range(8)]) == rest
+    shards = [make(process_index=p, process_count=2) for p in range(2)]
+    halves = [_ids([next(s) for _ in range(8)]) for s in shards]
+    assert [a + b for a, b in zip(*halves)] == epoch
+    tail = list(pipeline.batched_iterator(train_ds[:63], 8, seed=3, shuffle=True, shuffle_block=4,
+                                          num_epochs=1))
+    seen = sum(_ids(tail), [])  # 63 = 15 blocks + 3 left out; 7 batches of the 60
+    assert len(seen) == len(set(seen)) == 56 and max(seen) < 60
+    with pytest.raises(ValueError, match="4 rows per process: not whole blocks of 8.*"
+                                         "direction_group_rows"):
+        pipeline.batched_iterator(train_ds, 8, seed=0, shuffle=True, shuffle_block=8,
+                                  process_count=2)

@@ -137,8 +137,9 @@ def test_packed_dataset_random_access_and_directions():
         for key in packing.PACKED_KEYS:
             np.testing.assert_array_equal(packed[r][key], by_fn[r][key])
     # Each document carries its own example's tokens in the drawn direction.
+    assert packed.group_documents == 2  # a row of 2 documents is one direction group
     for i in range(11):
-        direction, drop = packing.draw_direction(7, i, 0.5, 0.5)
+        direction, drop = packing.draw_direction(7, i, 0.5, 0.5, packed.group_documents)
         example = examples[i]
         expect = packing.build_document(example["caption_ids"][: example["caption_len"]], example["image_indices"],
                                         TABLE[example["image_indices"]], direction, SP, drop_caption=drop)
@@ -168,3 +169,22 @@ def test_packed_dataset_errors_and_grain_batching():
     after = [next(it)["tokens"] for _ in range(3)]
     it.set_state(state)
     assert all(np.array_equal(a, next(it)["tokens"]) for a in after)
+
+
+def test_directions_are_stratified_over_groups():
+    """A group of n documents holds floor or ceil(t2i_prob x n) text->image documents, at random
+    places, with mean share t2i_prob; an integral t2i_prob x n is exact despite float rounding."""
+    def group_counts(p, n, groups=400):
+        t2i = np.array([[packing.draw_direction(5, g * n + j, p, 0.0, n)[0] == "t2i"
+                         for j in range(n)] for g in range(groups)])
+        return t2i.sum(1), t2i
+    counts, t2i = group_counts(0.7, 4)
+    assert set(counts.tolist()) == {2, 3} and abs(counts.mean() / 4 - 0.7) < 0.03
+    assert t2i.mean(0).min() > 0.6  # every place in a group is text->image about as often
+    assert set(group_counts(0.7, 10, 50)[0].tolist()) == {7}  # 0.7 * 10 = 7.000000000000001
+    assert packing.t2i_split(0.7, 10) == (7, 0.0) and packing.group_image_targets(0.7, 10, 3) == 21
+    assert set(group_counts(1.0, 3, 20)[0].tolist()) == {3}
+    assert set(group_counts(0.0, 3, 20)[0].tolist()) == {0}
+    drops = [packing.draw_direction(5, i, 0.7, 0.5, 4) for i in range(800)]
+    assert not any(d for direction, d in drops if direction == "i2t")
+    assert 0.4 < np.mean([d for direction, d in drops if direction == "t2i"]) < 0.6

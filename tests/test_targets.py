@@ -34,22 +34,33 @@ def _examples(n, max_caption, n_image, seed=0):
 
 
 @pytest.mark.parametrize("seq_len,max_caption,n_image", [(24, 4, 3), (40, 5, 9), (33, 0, 4)])
-def test_capacity_bounds_every_packed_row_and_is_reached(seq_len, max_caption, n_image):
+@pytest.mark.parametrize("group_rows", [1, 3])
+def test_capacity_bounds_every_packed_row_and_is_reached(seq_len, max_caption, n_image,
+                                                         group_rows):
+    """Text targets are bounded per row, image targets per direction group of `group_rows` rows
+    (ceil(t2i_prob x the group's documents) images), and both bounds are reached."""
     table = np.random.default_rng(0).uniform(-1, 1, (16, 2)).astype(np.float32)
-    cap_image, cap_text = packing.row_target_capacity(seq_len, max_caption, n_image)
-    most = np.zeros(2)
-    for t2i_prob, dropout in ((1.0, 0.0), (0.0, 0.0), (0.5, 0.5), (1.0, 1.0)):
-        ds = packing.PackedDataset(_examples(40, max_caption, n_image), seq_len=seq_len,
+    cap_row_image, cap_text = packing.row_target_capacity(seq_len, max_caption, n_image)
+    docs = cap_row_image // n_image * group_rows
+    most_text = 0
+    for t2i_prob, dropout in ((1.0, 0.0), (0.0, 0.0), (0.5, 0.5), (1.0, 1.0), (0.7, 0.1)):
+        ds = packing.PackedDataset(_examples(60, max_caption, n_image), seq_len=seq_len,
                                    special=SP, index_to_code=table, t2i_prob=t2i_prob,
-                                   caption_dropout=dropout, seed=3)
+                                   caption_dropout=dropout, seed=3, group_rows=group_rows)
+        cap_image = packing.group_image_targets(t2i_prob, docs, n_image)
+        assert cap_image == -(-round(t2i_prob * docs, 9) // 1) * n_image
         assert ds.target_capacity == (cap_image, cap_text)
         assert ds.image_capacity == packing.row_image_capacity(seq_len, max_caption, n_image)
-        for row in (ds[i] for i in range(len(ds))):
-            counts = np.array([row["image_mask"].sum(), row["text_mask"].sum()])
-            assert (counts <= (cap_image, cap_text)).all(), (counts, cap_image, cap_text)
-            most = np.maximum(most, counts)
+        rows = [ds[i] for i in range(len(ds))]
+        for row in rows:
+            most_text = max(most_text, row["text_mask"].sum())
+            assert row["text_mask"].sum() <= cap_text
             assert_fits_mot_buckets(row, ds.image_capacity)
-    assert tuple(most) == (cap_image, cap_text)  # the bound is tight (full captions, all t2i)
+        images = [sum(r["image_mask"].sum() for r in rows[g:g + group_rows])
+                  for g in range(0, len(rows), group_rows)]
+        assert max(images) <= cap_image, (images, cap_image)
+        assert max(images) == cap_image  # tight: a group reaches ceil(t2i_prob x documents)
+    assert most_text == cap_text  # full captions (t2i_prob 0: the caption of every document)
 
 
 def assert_fits_mot_buckets(row, image_capacity):
@@ -71,6 +82,25 @@ def test_target_capacity_from_config():
     config.model.max_seq_len = 90
     with pytest.raises(config_validation.ConfigError, match="model.max_seq_len=90"):
         config_validation.target_capacity(config)
+
+
+def test_direction_groups_from_config():
+    """The demo's image capacity is per group of objective.direction_group_rows rows; a batch
+    that is not whole groups is refused naming both fields; edit documents have no groups."""
+    from configs import mot_shapes
+    config = mot_shapes.get_config("demo")
+    assert config_validation.target_capacity(config) == targets.TargetCapacity(192, 31, 4)
+    config.objective.t2i_prob = 0.8  # 3.2 of 4 documents: room for 4
+    assert config_validation.target_capacity(config) == targets.TargetCapacity(256, 31, 4)
+    config.train.batch_size = 18
+    with pytest.raises(config_validation.ConfigError,
+                       match=r"train.batch_size=18: must be a multiple of "
+                             r"objective.direction_group_rows=4"):
+        config_validation.validate(config)
+    edits = mot_shapes.get_config("demo,edits")
+    edits.objective.direction_group_rows = 4  # batch 10: fine, edit documents draw no direction
+    config_validation.validate(edits)
+    assert config_validation.target_capacity(edits).group == 1
 
 
 def test_select_gathers_targets_in_position_order_with_weights():
@@ -95,21 +125,41 @@ def _losses_and_grads(model, params, batch, objective, capacity):
     return jax.jit(jax.value_and_grad(f, has_aux=True))(params, batch)  # batch traced, as in train
 
 
+def test_grouped_select_gathers_each_group_of_rows_end_to_end():
+    """group=2: rows (0, 1) and (2, 3) are laid end to end and gathered together; slot indices
+    point into the [2 x T] group, and take() reads the same [B/2, C] slots of any [.., B, T, ..]."""
+    mask = np.array([[0, 1, 1], [1, 0, 0], [0, 0, 0], [0, 0, 1]], np.float32)
+    s = jax.jit(lambda m: targets.select(m, 3, "image", group=2))(mask)
+    np.testing.assert_array_equal(s.index, [[1, 2, 3], [5, 0, 0]])
+    np.testing.assert_array_equal(s.weight, [[1, 1, 1], [1, 0, 0]])
+    x = np.arange(4 * 3 * 2).reshape(4, 3, 2)
+    np.testing.assert_array_equal(s.take(x), [[x[0, 1], x[0, 2], x[1, 0]],
+                                              [x[3, 2], x[2, 0], x[2, 0]]])
+    k = np.arange(5 * 4 * 3).reshape(5, 4, 3)  # [K, B, T] samples
+    np.testing.assert_array_equal(s.take(k, axis=2)[:, 0], k[:, [0, 0, 1], [1, 2, 0]])
+    with pytest.raises(ValueError, match="a group of 2 packed rows holds 3 image targets"):
+        targets.select(mask, 2, "image", group=2)
+    with pytest.raises(ValueError, match="4 rows does not split into groups of 3"):
+        targets.select(mask, 3, "image", group=3)
+
+
 @pytest.mark.parametrize("head", [dict(flow_t_samples=3), dict(image_head="discrete"),
                                   dict(image_head="discrete", discrete_factorized=True)])
-def test_gathered_losses_and_gradients_equal_all_positions(head):
+@pytest.mark.parametrize("group", [1, 2])
+def test_gathered_losses_and_gradients_equal_all_positions(head, group):
     cfg = tiny_cfg(num_modalities=2, max_seq_len=L, noise_aug=0.1, **head)
     batch = packed_batch(ROWS, L, VOCAB, LEVELS, seed=4)
     model, params = build(cfg, batch)
     obj = config_defaults.objective_config()
     obj.update(text_weight=0.7, image_weight=1.3)
     objective = config_validation.objective_config(obj)
-    counts = (int(batch["image_mask"].sum(1).max()), int(batch["text_mask"].sum(1).max()))
+    per_group = batch["image_mask"].reshape(len(ROWS) // group, -1).sum(1)
+    counts = (int(per_group.max()), int(batch["text_mask"].sum(1).max()))
     (ref_loss, ref_m), ref_g = _losses_and_grads(model, params, batch, objective, None)
     assert ref_m["image_tokens"] > 0 and ref_m["text_tokens"] > 0 and ref_loss > 0
     # The busiest row fills its slots exactly; the others leave empty ones (row 2: all empty).
-    cap = targets.TargetCapacity(image=counts[0], text=counts[1])
-    assert cap.image < L and cap.text < L  # the heads really run on fewer positions
+    cap = targets.TargetCapacity(image=counts[0], text=counts[1], group=group)
+    assert cap.image < group * L and cap.text < L  # the heads really run on fewer positions
     (loss, m), g = _losses_and_grads(model, params, batch, objective, cap)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     for name in ref_m:

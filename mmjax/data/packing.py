@@ -14,12 +14,16 @@ flagged `image_block`, which packing turns into the document's segment id (uniqu
 
 `PackedDataset` packs a grain MapDataset of tokenized examples with random access: row r holds
 examples [r*k, (r+1)*k) where k = seq_len // (longest possible document), and each example's
-direction and caption dropout come from an RNG keyed by (seed, example index). Rows are therefore a
+direction and caption dropout come from RNGs keyed by (seed, example index) and (seed, group): the
+directions are stratified over groups of `group_rows` consecutive rows (`draw_direction`), so a
+group holds a fixed number of text->image documents up to one and the image heads need room for
+only that many (`target_capacity`; the trainer shuffles rows in these groups). Rows are therefore a
 pure function of their index, which keeps grain's iterator checkpoints exact. An example's direction
 is fixed by its index: pack a shuffled, repeated parent to redraw it every epoch.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import grain
@@ -163,12 +167,43 @@ def lookup_codes(index_to_code: Callable[[np.ndarray], np.ndarray] | np.ndarray,
     return codes.reshape(len(indices), -1)
 
 
-def draw_direction(seed: int, example_index: int, t2i_prob: float, caption_dropout: float) -> tuple[str, bool]:
-    """(direction, drop_caption) of one example, a pure function of (seed, example index)."""
-    rng = np.random.default_rng([int(seed), int(example_index)])
-    direction = "t2i" if rng.random() < t2i_prob else "i2t"
-    drop = bool(rng.random() < caption_dropout) and direction == "t2i"
-    return direction, drop
+def t2i_split(t2i_prob: float, documents: int) -> tuple[int, float]:
+    """(text->image documents a group of `documents` always holds, the chance it holds one more).
+
+    Why stratified: the image heads run on a static capacity of target slots (mmjax/targets.py).
+    With every document's direction drawn on its own, a row or batch must make room for the case
+    where all are text->image; a group whose count is fixed up to one needs room for only
+    ceil(t2i_prob x documents) images. The extra one is drawn with the remaining fraction, so the
+    expected share of text->image documents is still exactly t2i_prob.
+    """
+    exact = round(float(t2i_prob) * int(documents), 9)  # 0.7 * 10 is 7.000000000000001
+    whole = math.floor(exact)
+    return whole, exact - whole
+
+
+def group_image_targets(t2i_prob: float, documents: int, num_image_tokens: int) -> int:
+    """Most image targets a group of `documents` holds: ceil(t2i_prob x documents) images."""
+    whole, extra = t2i_split(t2i_prob, documents)
+    return (whole + (extra > 0)) * int(num_image_tokens)
+
+
+def draw_direction(seed: int, example_index: int, t2i_prob: float, caption_dropout: float,
+                   group_documents: int = 1) -> tuple[str, bool]:
+    """(direction, drop_caption) of one example, a pure function of (seed, example index).
+
+    Examples [k * group_documents, (k + 1) * group_documents) form group k, which holds
+    `t2i_split`'s whole count of text->image documents plus one more with the remaining chance,
+    at random places in the group (one draw per group). `group_documents=1` is an independent
+    draw per example. Caption dropout is drawn per example.
+    """
+    group, place = divmod(int(example_index), int(group_documents))
+    rng = np.random.default_rng([int(seed), group])
+    whole, extra = t2i_split(t2i_prob, group_documents)
+    count = whole + int(rng.random() < extra)
+    t2i = rng.permutation(int(group_documents))[place] < count
+    drop = t2i and bool(np.random.default_rng([int(seed), int(example_index), 1]).random()
+                        < caption_dropout)
+    return ("t2i" if t2i else "i2t"), drop
 
 
 class RowPacker(grain.MapDataset):
@@ -179,6 +214,8 @@ class RowPacker(grain.MapDataset):
     (`document`) and how many fit a row (`docs_per_row`, set with `_seq_len`, `code_dim`); the
     row indexing and packing are written here once.
     """
+
+    group_rows = 1  # rows per direction group (PackedDataset stratifies its directions over it)
 
     def __len__(self) -> int:
         return -(-len(self._parent) // self.docs_per_row)
@@ -205,8 +242,11 @@ class PackedDataset(RowPacker):
 
     def __init__(self, parent: grain.MapDataset, *, seq_len: int, special: SpecialIds,
                  index_to_code: Callable[[np.ndarray], np.ndarray] | np.ndarray, t2i_prob: float,
-                 caption_dropout: float, seed: int, t2i_caption_loss: bool = True):
+                 caption_dropout: float, seed: int, t2i_caption_loss: bool = True,
+                 group_rows: int = 1):
         super().__init__(parent)
+        if int(group_rows) < 1:
+            raise ValueError(f"group_rows={group_rows} must be >= 1")
         if not 0.0 <= t2i_prob <= 1.0 or not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"t2i_prob={t2i_prob} and caption_dropout={caption_dropout} must be in [0, 1]")
         if len(parent) == 0:
@@ -221,8 +261,14 @@ class PackedDataset(RowPacker):
                 f"one document ({self._max_caption} caption + {self._num_image} image + {SPECIAL_TOKENS} special "
                 f"tokens = {self.max_doc_len}) is longer than seq_len={seq_len}")
         self.docs_per_row = seq_len // self.max_doc_len
-        # What the objective's static head capacity assumes (row_target_capacity's docstring).
-        self.target_capacity = row_target_capacity(seq_len, self._max_caption, self._num_image)
+        # Directions are stratified over groups of this many rows (draw_direction), and the
+        # image heads' capacity is per group: target_capacity = (most image targets in a group
+        # of group_rows rows, most text targets in one row; row_target_capacity's docstring).
+        self.group_rows = int(group_rows)
+        self.group_documents = self.group_rows * self.docs_per_row
+        self.target_capacity = (
+            group_image_targets(t2i_prob, self.group_documents, self._num_image),
+            row_target_capacity(seq_len, self._max_caption, self._num_image)[1])
         # What the MoT buckets assume (model image_capacity, mot.make_bucket_routing).
         self.image_capacity = row_image_capacity(seq_len, self._max_caption, self._num_image)
         self.code_dim = lookup_codes(index_to_code, np.zeros(1, np.int32)).shape[1]
@@ -240,7 +286,8 @@ class PackedDataset(RowPacker):
             raise ValueError(
                 f"example {example_index}: caption_len={length}, caption_ids {caption.shape}, image_indices "
                 f"{indices.shape}; expected caption_ids ({self._max_caption},), image_indices ({self._num_image},)")
-        direction, drop = draw_direction(self._seed, example_index, self._t2i_prob, self._caption_dropout)
+        direction, drop = draw_direction(self._seed, example_index, self._t2i_prob,
+                                         self._caption_dropout, self.group_documents)
         codes = lookup_codes(self._index_to_code, indices)
         return build_document(caption[:length], indices, codes, direction, self._special, drop_caption=drop,
                               t2i_caption_loss=self._t2i_caption_loss)

@@ -260,12 +260,42 @@ def _drop_strings(element: dict) -> dict:
     return {k: v for k, v in element.items() if not isinstance(v, (str, bytes))}
 
 
+class BlockShuffle(grain.MapDataset):
+    """`parent` shuffled in whole blocks of `block` consecutive elements: a fresh order of the
+    blocks every epoch (grain's shuffle, seeded by (seed, epoch)), the elements of a block in their
+    order. The tail that fills no block is left out.
+
+    Why: the multimodal packer stratifies directions over groups of consecutive rows and the image
+    heads' capacity is per group (packing.draw_direction, mmjax/targets.py), so a batch must hold
+    whole groups; the blocks themselves are random draws from a shuffled parent.
+    """
+
+    def __init__(self, parent: grain.MapDataset, block: int, seed: int):
+        super().__init__(parent)
+        self._block = int(block)
+        self._blocks = grain.MapDataset.range(len(parent) // self._block).shuffle(seed=seed)
+
+    def __len__(self) -> int:
+        return len(self._blocks) * self._block
+
+    def __str__(self) -> str:
+        return f"BlockShuffle(block={self._block})"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, within = divmod(int(index), len(self))
+        block = self._blocks[epoch * len(self._blocks) + within // self._block]
+        return self._parent[block * self._block + within % self._block]
+
+
 def batched_iterator(
     ds: grain.MapDataset,
     batch_size: int,
     *,
     seed: int,
     shuffle: bool,
+    shuffle_block: int = 1,
     drop_remainder: bool = True,
     num_epochs: int | None = None,
     process_index: int = 0,
@@ -280,7 +310,8 @@ def batched_iterator(
     `batch_size` is the *global* batch; this process gets `batch_size // process_count` examples
     per batch: its slice of the global batch a single-process run would see (every process yields
     the same number of batches and reads only its own examples). Each epoch is reshuffled (seed, epoch) when
-    `shuffle`; `num_epochs=None` repeats forever. `iter(result)` has `get_state()` / `set_state()`.
+    `shuffle`, in whole blocks of `shuffle_block` consecutive elements (`BlockShuffle`; each
+    process's batch must then hold whole blocks); `num_epochs=None` repeats forever. `iter(result)` has `get_state()` / `set_state()`.
     Leaves are stacked numpy arrays; str leaves (captions) are dropped unless `keep_strings`, which
     keeps them as numpy unicode arrays. `worker_count > 0` reads in that many grain processes.
     """
@@ -291,12 +322,19 @@ def batched_iterator(
     if num_epochs is not None and num_epochs < 1:
         raise InputError(f"num_epochs={num_epochs} must be >= 1 or None (forever)")
     local_batch = batch_size // process_count
+    if shuffle_block < 1 or local_batch % shuffle_block:
+        raise InputError(f"batch_size={batch_size} over {process_count} process(es) is "
+                         f"{local_batch} rows per process: not whole blocks of {shuffle_block} "
+                         "(objective.direction_group_rows must divide it)")
     if len(ds) < batch_size and drop_remainder:
         raise InputError(f"dataset of {len(ds)} examples cannot fill one batch of {batch_size}")
     # Shuffle and repeat the *global* dataset, cut it into local-batch chunks and give process p
     # the chunks p, p+n, p+2n, ...: global batch k is then exactly batch k of a single-process run
     # with the same seed, so a multi-host run sees the same data as one host would.
-    ordered = ds.shuffle(seed=seed) if shuffle else ds
+    if shuffle:
+        ordered = ds.shuffle(seed=seed) if shuffle_block == 1 else BlockShuffle(ds, shuffle_block, seed)
+    else:
+        ordered = ds
     ordered = ordered.repeat(num_epochs)
     if not keep_strings:
         ordered = ordered.map(_drop_strings)

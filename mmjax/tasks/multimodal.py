@@ -93,14 +93,18 @@ def packed_dataset(config, workdir, tokenizer, split: str, *, train: bool) -> gr
     examples = tokenized_examples(config, workdir, tokenizer, split)
     redraws = int(config.objective.direction_redraws) if train else 1
     n = len(examples)
-    parent = grain.MapDataset.range(n * redraws).map(lambda i: examples[i % n])
+    order = grain.MapDataset.range(n * redraws)
+    if train:  # a direction group (and so a shuffled block) never holds a sorted set's neighbours
+        order = order.shuffle(seed=int(config.data.seed))
+    parent = order.map(lambda i: examples[i % n])
     obj = config.objective
     return packing.PackedDataset(
         parent, seq_len=int(config.model.max_seq_len), special=packing.special_ids(tokenizer),
         index_to_code=image_codebook.load(config, workdir).codebook(),
         t2i_prob=float(obj.t2i_prob), caption_dropout=float(obj.caption_dropout) if train else 0.0,
         seed=int(config.data.seed) + (0 if train else 1),
-        t2i_caption_loss=bool(obj.t2i_caption_loss))
+        t2i_caption_loss=bool(obj.t2i_caption_loss),
+        group_rows=config_validation.direction_group_rows(config))
 
 
 class MultimodalTask:
@@ -157,10 +161,12 @@ class MultimodalTask:
         workdir, tokenizer = self._data
         ds = packed_dataset(self.config, workdir, tokenizer, split, train=train)
         image, text = ds.target_capacity
-        if image > self.capacity.image or text > self.capacity.text:  # a layout the config misreads
-            raise config_validation.ConfigError(f"packed {split} rows hold up to {image} image / {text} text targets, "
-                              f"more than the heads' capacity {self.capacity} from the config "
-                              f"({targets_lib.CAPACITY_FIELDS})")
+        if image > self.capacity.image or text > self.capacity.text \
+                or ds.group_rows != self.capacity.group:  # a layout the config misreads
+            raise config_validation.ConfigError(
+                f"packed {split} rows hold up to {image} image targets per {ds.group_rows} rows "
+                f"and {text} text targets per row, more than the heads' capacity "
+                f"{self.capacity} from the config ({targets_lib.CAPACITY_FIELDS})")
         if self.model.cfg.image_capacity and ds.image_capacity > self.model.cfg.image_capacity:
             raise config_validation.ConfigError(
                 f"packed {split} rows hold up to {ds.image_capacity} image tokens, more than the "
