@@ -2,7 +2,7 @@
 
 Usage: python -m mmjax.main --config=configs/mot_shapes.py:ARG --workdir=DIR [--mode=pipeline]
 ARG = SIZE[,OPTION...]
-  SIZE:    smoke (seconds; tests) | demo (README; ~15 min on 2 CPU cores)
+  SIZE:    smoke (seconds; tests) | demo (README; 14-17 min on 2 CPU cores, by host)
            | cpu_hour (the demo model trained 5x longer: about an hour on 2 CPU cores) | small
            | base | 300m | 1b (accelerators; bf16, remat)
   OPTIONS: discrete (FSQ-index head instead of the flow head) | dense (one modality)
@@ -43,7 +43,8 @@ TRAIN_SIZES = {
     # (bench/results/ablation_demo.json). The tokenizer's reconstruction ceiling is 90% of whole
     # prompts after 600 steps, 97% after 800 and 99% after 1200; 800 steps leave the time of ~800
     # model steps to the model, whose accuracy still rises steeply with steps (bench.quality).
-    # The whole pipeline fits in ~15 minutes on 2 cores.
+    # The whole pipeline takes 16.5 min on 2 idle cores of the 2026-12-06 host (13.9 min for the
+    # old 1200 + 3000-step recipe on the faster 2026-12-04 host).
     "demo": dict(steps=3800, batch_size=16, tok_steps=800, tok_batch=32, channels=(32, 64, 64),
                  num_train=4096),
     # cpu_hour: what an hour of 2 CPU cores buys: the demo model for 5x its steps, on 4x the
