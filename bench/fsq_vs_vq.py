@@ -14,7 +14,12 @@ is an error), so `wall_s` is the cost of training + evaluating that run and noth
 The dataset is built once into `<root>/<timestamp>/data` beforehand (timed apart, `data_s`).
 Usage and perplexity are counted over validation crops only (held-out photo tiles, never seen in
 training): a run with K codes evaluates max(--min_eval_images, 10 K / tokens per image) crops, so
-tokens_counted >= 10 x K; the set holds enough crops for the largest K.
+tokens_counted >= 10 x K; the set holds enough crops for the largest K. Usage depends on how many
+tokens are counted (a skewed code distribution shows its tail only over many tokens; the FSQ paper
+counts ImageNet's validation set, >= 195 x K), so each row also reports `usage_at_multiples`:
+usage over the first m x K validation tokens for m in --usage_multiples, and
+`train_usage_at_multiples` on training crops (null where the train set holds fewer tokens), which
+separates the quantizer from the held-out tiles' limited content.
 
 Writes bench/results/fsq_vs_vq.json (rows + git commit + command) and fsq_vs_vq.png.
 """
@@ -42,6 +47,9 @@ flags.DEFINE_integer("image_size", 32, "Image side (pixels).")
 flags.DEFINE_integer("num_train", 8192, "Natural train crops.")
 flags.DEFINE_integer("usage_factor", 10, "Usage of a codebook of K codes is counted over >= this "
                      "x K validation tokens.")
+flags.DEFINE_list("usage_multiples", ["10", "100"], "Also report usage over the first m x K "
+                  "validation tokens (and train tokens, where the train set holds them) for each m: "
+                  "usage grows with the tokens counted; the FSQ paper counts >= 195 x K.")
 flags.DEFINE_integer("min_eval_images", 2048, "Validation crops evaluated per run at least.")
 flags.DEFINE_integer("reseed", 100, "VQ: reseed a code unused for this many steps (0 = off).")
 flags.DEFINE_float("ema_decay", 0.99, "VQ: codebook EMA decay (0 = learned by gradient).")
@@ -101,10 +109,11 @@ def run_one(config, workdir: str, eval_images: int) -> dict:
     train_s = time.perf_counter() - start
     metrics = evaluate_tokenizer(config, wd, "validation",
                                  max_images=eval_images)
+    usage_at = {split: usage_at_multiples(config, wd, split) for split in ("validation", "train")}
     wall = time.perf_counter() - start
+    scored_steps = range(FLAGS.score_every, FLAGS.steps, FLAGS.score_every) if FLAGS.score_every else ()
     curve = [score_checkpoint(config, wd, step, eval_images)
-             for step in range(FLAGS.score_every, FLAGS.steps, FLAGS.score_every)
-             if FLAGS.score_every] + [{"step": int(summary["step"]),
+             for step in scored_steps] + [{"step": int(summary["step"]),
                                       "usage": metrics["validation_usage"],
                                       "perplexity": metrics["validation_perplexity"],
                                       "psnr": metrics["validation_psnr"]}]
@@ -118,10 +127,37 @@ def run_one(config, workdir: str, eval_images: int) -> dict:
             "usage": metrics["validation_usage"], "perplexity": metrics["validation_perplexity"],
             "psnr": metrics["validation_psnr"],
             "tokens_counted": eval_images * grid * grid, "eval_images": eval_images,
+            "usage_at_multiples": usage_at["validation"],
+            "train_usage_at_multiples": usage_at["train"],
             "steps": int(summary["step"]), "batch_size": int(config.tokenizer_train.batch_size),
             "final_train_loss": summary["train"].get("loss"),
             "steps_per_sec": sum(steady) / len(steady), "train_s": train_s, "wall_s": wall,
             **({"curve": curve} if FLAGS.score_every else {})}
+
+
+def usage_at_multiples(config, wd, split: str) -> dict[str, float | None]:
+    """{m: usage over the split's first m x K tokens} for m in --usage_multiples (None where the
+    split holds fewer tokens), from the trained tokenizer: usage against the tokens counted."""
+    import numpy as np
+    from mmjax.data import pipeline
+    from mmjax.evals import recon
+    from mmjax.stages.tokenizer import load_tokenizer
+    from mmjax.tokenizers import autoencoder as ae
+    model, params = load_tokenizer(config, wd)
+    recon_fn = ae.make_recon_fn(model, params)
+    ds = pipeline.image_caption_dataset(config.data, split, wd.data_dir)
+    grid = config.data.image_size // 2 ** (len(config.fsq.channels) - 1)
+    k = model.codebook_size
+    multiples = sorted(int(m) for m in FLAGS.usage_multiples)
+    fits = [m for m in multiples if m * k <= len(ds) * grid * grid]
+    out = {str(m): None for m in multiples}
+    if fits:
+        n = -(-fits[-1] * k // (grid * grid))
+        batches = (np.asarray(recon_fn(np.stack([ds[i]["image"] for i in range(s, min(s + 256, n))]))[1])
+                   for s in range(0, n, 256))
+        usage = recon.usage_by_token_count(batches, k, [m * k for m in fits])
+        out.update({str(m): usage[m * k] for m in fits})
+    return out
 
 
 def score_checkpoint(config, wd, step: int, eval_images: int) -> dict:
@@ -190,7 +226,8 @@ def main(_):
     largest = max(math.prod(PAPER_LEVELS[s]) for s in sizes)
     base = base_config(64, os.path.join(root, "data"))
     grid = base.data.image_size // 2 ** (len(base.fsq.channels) - 1)
-    num_validation = -(-FLAGS.usage_factor * largest // (grid * grid))
+    top_multiple = max([FLAGS.usage_factor] + [int(m) for m in FLAGS.usage_multiples])
+    num_validation = -(-top_multiple * largest // (grid * grid))
     base.data.num_validation = num_validation
     from mmjax.data import pipeline
     t0 = time.perf_counter()
@@ -201,6 +238,7 @@ def main(_):
                "data": {"name": "natural", "image_size": base.data.image_size,
                         "num_train": base.data.num_train, "num_validation": num_validation,
                         "token_grid": [grid, grid], "usage_counted_on": "validation",
+                        "usage_multiples": [int(m) for m in FLAGS.usage_multiples],
                         "data_s": data_s},
                "vq": {"ema_decay": FLAGS.ema_decay, "beta": float(base.fsq.vq_beta),
                       "reseed": FLAGS.reseed, "code_dim": "len(levels) of the FSQ run"},

@@ -48,6 +48,23 @@ def test_codebook_stats_rejects_bad_indices():
         recon.codebook_stats(np.array([], np.int32), 4)
 
 
+def test_usage_by_token_count_counts_exact_prefixes_across_batches():
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, 50, 400)
+    batches = [tokens[:7], tokens[7:200].reshape(-1, 1), tokens[200:]]  # boundaries off the counts
+    out = recon.usage_by_token_count(iter(batches), 50, [100, 10, 400])
+    assert list(out) == [10, 100, 400]
+    for n, usage in out.items():
+        assert usage == recon.codebook_stats(tokens[:n], 50)["usage"]
+    assert out[10] <= 10 / 50 < out[400]
+    with pytest.raises(ValueError, match="ended after 400 tokens; 401"):
+        recon.usage_by_token_count(iter(batches), 50, [401])
+    with pytest.raises(ValueError, match="positive"):
+        recon.usage_by_token_count(iter(batches), 50, [0])
+    with pytest.raises(ValueError, match="outside"):
+        recon.usage_by_token_count(iter([np.array([50])]), 50, [1])
+
+
 def test_evaluate_autoencoder_pools_over_batches():
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8) for _ in range(2)]
