@@ -198,7 +198,14 @@ def plot(rows: list[dict], path: str) -> None:
         if not rs:
             continue
         ks = [r["codebook_size"] for r in rs]
-        ax_u.plot(ks, [100 * r["usage"] for r in rs], style, label=q.upper())
+        multiples = sorted({m for r in rs for m in r.get("usage_at_multiples", {})}, key=int)
+        for shade, m in zip((0.35, 0.65, 1.0, 1.0), multiples[-3:]):  # usage grows with tokens
+            at = [(k, r["usage_at_multiples"].get(m)) for k, r in zip(ks, rs)]
+            at = [(k, u) for k, u in at if u is not None]
+            ax_u.plot([k for k, _ in at], [100 * u for _, u in at], style, alpha=shade,
+                      label=f"{q.upper()}, {m}x K tokens")
+        if not multiples:
+            ax_u.plot(ks, [100 * r["usage"] for r in rs], style, label=q.upper())
         ax_p.plot(ks, [r["psnr"] for r in rs], style, label=q.upper())
     for ax, label in ((ax_u, "codebook usage (%)"), (ax_p, "validation PSNR (dB)")):
         ax.set_xscale("log", base=2)
