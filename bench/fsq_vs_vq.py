@@ -33,6 +33,7 @@ import time
 from absl import app, flags
 
 from bench.common import git_commit, load_config, write_results
+from mmjax.config_validation import image_side
 
 FLAGS = flags.FLAGS
 # The FSQ paper's recommended levels (Table 1) for ~2^8 .. 2^16 codes.
@@ -96,7 +97,7 @@ def run_one(config, workdir: str, eval_images: int) -> dict:
     from mmjax.config_validation import validate
     from mmjax.metrics_writer import read_jsonl
     from mmjax import stages
-    from mmjax.stages.tokenizer import evaluate as evaluate_tokenizer
+    from mmjax.stages.tokenizer import evaluate as evaluate_tokenizer, load_tokenizer
     from mmjax.tasks.tokenizer import TokenizerTask
     from mmjax.workdir import Workdir
     if os.path.exists(workdir):
@@ -107,9 +108,10 @@ def run_one(config, workdir: str, eval_images: int) -> dict:
     stages.data.run(config, wd)  # the data is built once beforehand; this only checks it
     summary = train.train(config, wd, TokenizerTask(config, wd.data_dir))
     train_s = time.perf_counter() - start
-    metrics = evaluate_tokenizer(config, wd, "validation",
-                                 max_images=eval_images)
-    usage_at = {split: usage_at_multiples(config, wd, split) for split in ("validation", "train")}
+    loaded = load_tokenizer(config, wd)
+    metrics = evaluate_tokenizer(config, wd, "validation", max_images=eval_images, loaded=loaded)
+    usage_at = {split: usage_at_multiples(config, wd, split, loaded)
+                for split in ("validation", "train")}
     wall = time.perf_counter() - start
     scored_steps = range(FLAGS.score_every, FLAGS.steps, FLAGS.score_every) if FLAGS.score_every else ()
     curve = [score_checkpoint(config, wd, step, eval_images)
@@ -120,7 +122,7 @@ def run_one(config, workdir: str, eval_images: int) -> dict:
     rows = [r for r in read_jsonl(os.path.join(workdir, "tokenizer", "train_metrics.jsonl"))
             if "steps_per_sec" in r]
     steady = [r["steps_per_sec"] for r in rows[1:]] or [rows[-1]["steps_per_sec"]]
-    grid = config.data.image_size // 2 ** (len(config.fsq.channels) - 1)
+    grid = image_side(config)
     return {"quantizer": config.fsq.quantizer, "codebook_size": int(metrics["codebook_size"]),
             "levels": list(config.fsq.levels) if config.fsq.quantizer == "fsq" else None,
             "code_dim": len(config.fsq.levels),
@@ -135,18 +137,18 @@ def run_one(config, workdir: str, eval_images: int) -> dict:
             **({"curve": curve} if FLAGS.score_every else {})}
 
 
-def usage_at_multiples(config, wd, split: str) -> dict[str, float | None]:
+def usage_at_multiples(config, wd, split: str, loaded) -> dict[str, float | None]:
     """{m: usage over the split's first m x K tokens} for m in --usage_multiples (None where the
-    split holds fewer tokens), from the trained tokenizer: usage against the tokens counted."""
+    split holds fewer tokens), from the trained tokenizer `loaded` = (model, params): usage
+    against the tokens counted."""
     import numpy as np
     from mmjax.data import pipeline
     from mmjax.evals import recon
-    from mmjax.stages.tokenizer import load_tokenizer
     from mmjax.tokenizers import autoencoder as ae
-    model, params = load_tokenizer(config, wd)
+    model, params = loaded
     recon_fn = ae.make_recon_fn(model, params)
     ds = pipeline.image_caption_dataset(config.data, split, wd.data_dir)
-    grid = config.data.image_size // 2 ** (len(config.fsq.channels) - 1)
+    grid = image_side(config)
     k = model.codebook_size
     multiples = sorted(int(m) for m in FLAGS.usage_multiples)
     fits = [m for m in multiples if m * k <= len(ds) * grid * grid]
@@ -198,8 +200,9 @@ def plot(rows: list[dict], path: str) -> None:
         if not rs:
             continue
         ks = [r["codebook_size"] for r in rs]
-        multiples = sorted({m for r in rs for m in r.get("usage_at_multiples", {})}, key=int)
-        for shade, m in zip((0.35, 0.65, 1.0, 1.0), multiples[-3:]):  # usage grows with tokens
+        multiples = sorted({m for r in rs for m in r.get("usage_at_multiples", {})}, key=int)[-3:]
+        shades = (0.35, 0.65, 1.0)[-len(multiples):] if multiples else ()
+        for shade, m in zip(shades, multiples):  # the most tokens counted drawn darkest
             at = [(k, r["usage_at_multiples"].get(m)) for k, r in zip(ks, rs)]
             at = [(k, u) for k, u in at if u is not None]
             ax_u.plot([k for k, _ in at], [100 * u for _, u in at], style, alpha=shade,
@@ -232,7 +235,7 @@ def main(_):
     os.makedirs(root, exist_ok=False)
     largest = max(math.prod(PAPER_LEVELS[s]) for s in sizes)
     base = base_config(64, os.path.join(root, "data"))
-    grid = base.data.image_size // 2 ** (len(base.fsq.channels) - 1)
+    grid = image_side(base)
     top_multiple = max([FLAGS.usage_factor] + [int(m) for m in FLAGS.usage_multiples])
     num_validation = -(-top_multiple * largest // (grid * grid))
     base.data.num_validation = num_validation
