@@ -40,11 +40,12 @@ TRAIN_SIZES = {
                   num_train=64),
     # demo: batch 16 runs at the same real tokens/s on 2 CPU cores as batch 32 (bench.step_time:
     # 124 vs 236 ms/step), and twice the updates for the same examples gave a better model
-    # (bench/results/ablation_demo.json). The tokenizer costs the same per image at batch 16 as
-    # at 32, and its reconstruction ceiling (whole prompts) is 97% after 800 steps at batch 32
-    # but 98% after 1200 at batch 16, which sees 25% fewer images; 800 steps at batch 32 already
-    # left the time of ~800 model steps to the model, whose accuracy still rises steeply with
-    # steps (bench.quality).
+    # (bench/results/ablation_demo.json). A tokenizer step costs about as much per image at batch
+    # 16 as at 32 (0-10% more), and the reconstruction ceiling (whole prompts) is 97% after 800
+    # steps at batch 32 but 98% after 1200 at batch 16, which sees 25% fewer images (the stage
+    # took 4.4 instead of 5.0 min in the README run); 800 steps at batch 32 already left the time
+    # of ~800 model steps to the model, whose accuracy still rises steeply with steps
+    # (bench.quality).
     "demo": dict(steps=3800, batch_size=16, tok_steps=1200, tok_batch=16, channels=(32, 64, 64),
                  num_train=4096),
     # cpu_hour: what an hour of 2 CPU cores buys: the demo model for 5x its steps, on 4x the
