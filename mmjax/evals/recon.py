@@ -20,15 +20,22 @@ import numpy as np
 from mmjax.tokenizers.autoencoder import psnr, psnr_from_mse  # noqa: F401 (re-exported)
 
 
-def code_histogram(indices, codebook_size: int) -> np.ndarray:
-    """Counts (int64 [codebook_size]) of each code in an integer array of any shape."""
+def _checked_indices(indices, codebook_size: int, caller: str = "code_histogram") -> np.ndarray:
+    """`indices` as a flat integer array, or a ValueError naming `caller` when they are not
+    integers in [0, codebook_size)."""
     indices = np.asarray(indices)
     if not np.issubdtype(indices.dtype, np.integer):
-        raise ValueError(f"code_histogram: indices must be integers, got dtype {indices.dtype}.")
+        raise ValueError(f"{caller}: indices must be integers, got dtype {indices.dtype}.")
     if indices.size and (indices.min() < 0 or indices.max() >= codebook_size):
-        raise ValueError(f"code_histogram: indices span [{indices.min()}, {indices.max()}], outside "
+        raise ValueError(f"{caller}: indices span [{indices.min()}, {indices.max()}], outside "
                          f"[0, codebook_size={codebook_size}).")
-    return np.bincount(indices.reshape(-1), minlength=codebook_size).astype(np.int64)
+    return indices.reshape(-1)
+
+
+def code_histogram(indices, codebook_size: int) -> np.ndarray:
+    """Counts (int64 [codebook_size]) of each code in an integer array of any shape."""
+    return np.bincount(_checked_indices(indices, codebook_size),
+                       minlength=codebook_size).astype(np.int64)
 
 
 def histogram_stats(histogram) -> dict[str, float]:
@@ -64,8 +71,7 @@ def usage_by_token_count(index_batches: Iterable[Any], codebook_size: int,
     seen = np.zeros(codebook_size, bool)
     out, total = {}, 0
     for batch in index_batches:
-        flat = np.asarray(batch).reshape(-1)
-        code_histogram(flat, codebook_size)  # validates dtype and range
+        flat = _checked_indices(batch, codebook_size, "usage_by_token_count")
         while want and total + flat.size >= want[0]:
             take = want[0] - total
             seen[flat[:take]] = True
