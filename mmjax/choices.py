@@ -15,7 +15,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.attention_impl": ("auto", "reference", "chunked", "cudnn", "pallas", "splash"),
     # Keys of the image-head registry (mmjax/image_heads.py checks it holds exactly these).
     "model.image_head": ("flow", "discrete"),
-    "model.image_positions": ("none", "learned_2d", "sincos_2d"),
+    "model.image_positions": ("none", "learned_2d", "sincos_2d", "rope_2d"),
     "model.image_input": ("code", "code+index"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.remat": ("none", "full", "dots"),

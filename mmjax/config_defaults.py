@@ -94,9 +94,11 @@ def model_config() -> ml_collections.ConfigDict:
     c.flow_t_samples = 4  # Flow head: t (and noise) samples per position per step, as MAR does.
     c.noise_aug = 0.0  # CAM (train only): each text->image DOCUMENT draws std ~ U(0, noise_aug) and its
     # generated-image inputs get that Gaussian noise (context images of image->text stay clean). 0 = off.
-    c.image_positions = "none"  # 2-D position of image tokens on top of 1-D RoPE: "none" | "learned_2d"
+    c.image_positions = "none"  # 2-D position of image tokens beyond 1-D RoPE: "none" | "learned_2d"
     # (row and column embedding tables added to the image input embedding, LlamaGen/MAR style) |
-    # "sincos_2d" (fixed MAE-style row/column sin-cos features, nothing to learn).
+    # "sincos_2d" (fixed MAE-style row/column sin-cos features, nothing to learn) | "rope_2d" (RoPE
+    # over three axes, position / row / column, frequencies interleaved: LlamaGen's 2-D RoPE and
+    # Qwen2-VL's M-RoPE; text is rotated exactly as by 1-D RoPE; no parameters).
     c.image_input = "code"  # What an image token's input embedding reads: "code" (a linear map of
     # its code vector: nearby codes embed nearby) | "code+index" (plus a learned row per codebook
     # index, as a text token has: codes that differ by one FSQ level, e.g. a square's corner and a

@@ -146,3 +146,14 @@ def packed_batch(rows, length, vocab=50, levels=(8, 5, 5, 5), seed=0, boi_in_blo
     for k in ("segment_ids", "image_block", "modality"):
         b[k] = b[k].astype(np.int32)
     return b
+
+
+def with_image_pos(batch):
+    """The packer's `image_pos`: each image token's index inside its (contiguous) image run."""
+    mod = np.asarray(batch["modality"])
+    pos = np.full(mod.shape, -1, np.int32)
+    for r in range(mod.shape[0]):
+        for i in range(mod.shape[1]):
+            if mod[r, i] == 1:
+                pos[r, i] = pos[r, i - 1] + 1 if i and mod[r, i - 1] == 1 else 0
+    return dict(batch, image_pos=pos)

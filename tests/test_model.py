@@ -12,7 +12,7 @@ import pytest
 from flax import linen as nn
 
 from mmjax.models.model import MultimodalLM, init_cache, init_params
-from test_masks import packed_batch
+from test_masks import packed_batch, with_image_pos
 from test_mot import LEVELS, VOCAB, build, key, tiny_cfg
 
 L = 24
@@ -198,19 +198,8 @@ def test_sharded_over_data_fsdp_tensor_matches_unsharded():
     np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
 
 
-def with_image_pos(batch):
-    """The packer's `image_pos`: each image token's index inside its (contiguous) image run."""
-    mod = np.asarray(batch["modality"])
-    pos = np.full(mod.shape, -1, np.int32)
-    for r in range(mod.shape[0]):
-        for i in range(mod.shape[1]):
-            if mod[r, i] == 1:
-                pos[r, i] = pos[r, i - 1] + 1 if i and mod[r, i - 1] == 1 else 0
-    return dict(batch, image_pos=pos)
-
-
-INPUT_SCHEMES = [("learned_2d", "code"), ("sincos_2d", "code"), ("none", "code+index"),
-                 ("sincos_2d", "code+index")]  # (model.image_positions, model.image_input)
+INPUT_SCHEMES = [("learned_2d", "code"), ("sincos_2d", "code"), ("rope_2d", "code"),
+                 ("none", "code+index"), ("sincos_2d", "code+index")]  # (model.image_positions, model.image_input)
 
 
 @pytest.fixture(scope="module", params=INPUT_SCHEMES, ids=["+".join(p) for p in INPUT_SCHEMES])

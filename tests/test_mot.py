@@ -1,6 +1,8 @@
 """Modality-routed compute: grouped (sort + ragged_dot) == naive per-token == masked reference;
 the whole MoT model == an independent per-token reference transformer (plain matmuls, which with
 one modality is a plain dense transformer); text is untouched by the image modality's weights."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,9 +10,9 @@ import pytest
 from flax import linen as nn
 
 from mmjax import config_defaults, config_validation
-from mmjax.models import masks, mot
+from mmjax.models import layers, masks, mot
 from mmjax.models.model import MultimodalLM, init_params
-from test_masks import packed_batch
+from test_masks import packed_batch, with_image_pos
 
 LEVELS = (8, 5, 5, 5)
 VOCAB = 50
@@ -49,7 +51,9 @@ def build(cfg, batch, seed=0):
 
 
 # ---- an independent reference: every token through its own modality's weights, one by one ----
-def reference_hidden(params, batch, cfg):
+def reference_hidden(params, batch, cfg, rope_positions=None):
+    """rope_positions: the position each RoPE frequency turns by, [B, L, head_dim // 2]
+    (default: the 1-D in-document position for all)."""
     mod = np.asarray(batch["modality"])
     wmod = mod if cfg.num_modalities > 1 else np.zeros_like(mod)  # whose weights process a token
     d, h = cfg.d_model, cfg.num_heads
@@ -64,10 +68,13 @@ def reference_hidden(params, batch, cfg):
         rms = np.sqrt(np.mean(x ** 2, -1, keepdims=True) + cfg.norm_eps)
         return x / rms * np.asarray(scale)[wmod]
 
+    half = hd // 2
+    if rope_positions is None:
+        rope_positions = np.repeat(np.asarray(batch["positions"])[..., None], half, -1)
+
     def rope(x, pos):  # complex form of rotate-half: pairs (x_j, x_{j + half})
-        half = hd // 2
         freq = cfg.rope_theta ** (-np.arange(half) / half)
-        z = (x[..., :half] + 1j * x[..., half:]) * np.exp(1j * pos[:, :, None, None] * freq)
+        z = (x[..., :half] + 1j * x[..., half:]) * np.exp(1j * pos[:, :, None, :] * freq)
         return np.concatenate([z.real, z.imag], -1)
 
     p = jax.tree.map(np.asarray, params)
@@ -81,7 +88,7 @@ def reference_hidden(params, batch, cfg):
         y = norm(blk["attn_norm"]["scale"], x)
         q, k, v = (per_token(blk[name]["kernel"], y).reshape(b, n, h, hd)
                    for name in ("query", "key", "value"))
-        q, k = rope(q, batch["positions"]), rope(k, batch["positions"])
+        q, k = rope(q, rope_positions), rope(k, rope_positions)
         s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(hd)
         s = np.where(mask[:, None], s, -np.inf)
         a = np.exp(s - s.max(-1, keepdims=True))
@@ -173,6 +180,54 @@ def test_model_equals_per_token_reference_for_one_and_two_modalities():
             masked = MultimodalLM(tiny_cfg(num_modalities=2, mot_impl="masked"))
             np.testing.assert_allclose(jax.jit(masked.apply)({"params": params}, b), got,
                                        atol=1e-5)
+
+
+def rope_2d_reference_positions(batch, side, half):
+    """Per-frequency RoPE positions of model.image_positions="rope_2d", found by walking each
+    row: an image token k of the run of image tokens starting at in-document position s turns
+    frequency j by (p, s + k // side, s + k % side)[j % 3]; a text token by p."""
+    pos, mod = np.asarray(batch["positions"]), np.asarray(batch["modality"])
+    out = np.repeat(pos[..., None], half, -1).astype(np.float64)
+    for r in range(pos.shape[0]):
+        for i in range(pos.shape[1]):
+            if mod[r, i] != 1:
+                continue
+            k = 0
+            while i - k - 1 >= 0 and mod[r, i - k - 1] == 1:
+                k += 1
+            axes = (pos[r, i], pos[r, i - k] + k // side, pos[r, i - k] + k % side)
+            out[r, i] = [axes[j % 3] for j in range(half)]
+    return out
+
+
+def test_rope_2d_equals_per_token_reference():
+    """2-D RoPE against the reference fed positions found independently (runs of image tokens,
+    not image_pos), on two packed rows with two images each; and it differs from 1-D RoPE."""
+    batch = with_image_pos(packed_batch(ROWS, 24, VOCAB, LEVELS))
+    cfg = dataclasses.replace(tiny_cfg(num_modalities=2), image_positions="rope_2d", image_side=3)
+    model, params = build(cfg, batch)
+    got = np.asarray(jax.jit(model.apply)({"params": params}, batch))
+    half = cfg.head_dim // 2
+    expected = reference_hidden(params, batch, cfg, rope_2d_reference_positions(batch, 3, half))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(got, reference_hidden(params, batch, cfg), atol=1e-3)  # != 1-D
+
+
+def test_rope_with_equal_axes_is_1d_rope_and_scores_depend_on_offsets_per_axis():
+    rng = np.random.default_rng(0)
+    q, k = (jnp.asarray(rng.normal(size=(1, 5, 2, 12)), jnp.float32) for _ in range(2))
+    pos = jnp.asarray(rng.integers(0, 50, (1, 5)), jnp.int32)
+    np.testing.assert_allclose(layers.rope(q, jnp.stack([pos] * 3, -1), 1e4),
+                               layers.rope(q, pos, 1e4), rtol=1e-5, atol=1e-5)
+
+    def scores(p):
+        return np.einsum("bthd,bshd->bhts", layers.rope(q, p, 1e4), layers.rope(k, p, 1e4))
+    axes = jnp.asarray(rng.integers(0, 50, (1, 5, 3)), jnp.int32)
+    shifted = axes + jnp.asarray([7, -3, 11], jnp.int32)  # one shift per axis for every token
+    np.testing.assert_allclose(scores(shifted), scores(axes), rtol=1e-4, atol=1e-4)
+    for a in range(3):  # each axis is read: moving one token on one axis changes its scores
+        moved = axes.at[0, 2, a].add(1)
+        assert not np.allclose(scores(moved), scores(axes), atol=1e-3)
 
 
 def test_text_ignores_image_weights():

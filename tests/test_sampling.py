@@ -338,7 +338,7 @@ def test_uncond_prompt_is_the_packers_caption_dropped_prefix():
         assert prompt != i2t["tokens"][:len(prompt)].tolist()
 
 
-INPUT_SCHEMES = [("learned_2d", "code"), ("sincos_2d", "code+index")]
+INPUT_SCHEMES = [("learned_2d", "code"), ("sincos_2d", "code+index"), ("rope_2d", "code")]
 
 
 @pytest.fixture(scope="module", params=INPUT_SCHEMES, ids=["+".join(p) for p in INPUT_SCHEMES])

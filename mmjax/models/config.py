@@ -68,6 +68,12 @@ class ModelConfig:
         return self.head.name
 
     @property
+    def grid_embedding(self) -> bool:
+        """Image tokens' row and column are added to their input embedding (a 2-D
+        model.image_positions other than "rope_2d", which rotates queries and keys instead)."""
+        return self.image_positions in ("learned_2d", "sincos_2d")
+
+    @property
     def code_dim(self) -> int:
         """Dimension d of an image token's code vector (len(fsq_levels) for FSQ, else vq_dim)."""
         return self.vq_dim or len(self.fsq_levels)

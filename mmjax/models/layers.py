@@ -71,10 +71,16 @@ class RMSNorm(nn.Module):
 
 # ---- rotary position embedding ---------------------------------------------------------------
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding of x [B, T, H, Dh] at integer `positions` [B, T] (rotate-half form).
+    """Rotary embedding of x [B, T, H, Dh] at integer `positions` (rotate-half form).
 
     Positions are the in-document positions of the packed batch, so every packed document starts
     at angle 0 and attention scores depend only on in-document offsets.
+
+    `positions` is [B, T] (1-D RoPE) or [B, T, A] (multi-axis RoPE, as Qwen2-VL's M-RoPE): then
+    frequency i rotates by the position on axis i % A. Interleaving gives every axis both fast
+    and slow frequencies (contiguous sections would leave an image's row and column, which span
+    only a few units, the slowest ones, which barely turn). A token whose A positions are equal
+    (text) gets exactly the 1-D rotation.
     """
     head_dim = x.shape[-1]
     if head_dim % 2:
@@ -82,7 +88,12 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
                          "(model.d_model // model.num_heads).")
     half = head_dim // 2
     inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, half]
+    positions = positions.astype(jnp.float32)
+    if positions.ndim == 3:  # [B, T, A] -> the position each frequency turns by, [B, T, half]
+        positions = jnp.take(positions, jnp.arange(half) % positions.shape[-1], axis=-1)
+    else:
+        positions = positions[..., None]
+    angles = positions * inv_freq  # [B, T, half]
     sin = jnp.sin(angles)[:, :, None, :]
     cos = jnp.cos(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)

@@ -139,7 +139,7 @@ class MultimodalLM(nn.Module):
         if self.cfg.image_input == "code+index":  # image positions of `tokens` hold the index
             index = jnp.clip(jnp.where(is_text, 0, tokens), 0, self.cfg.codebook_size - 1)
             image = image + self.image_embed(index)
-        if self.cfg.image_positions != "none":
+        if self.cfg.grid_embedding:
             image = image + self._grid_embedding(batch, ~is_text)
         return jnp.where(is_text[..., None], text, image).astype(self.dtype)
 
@@ -161,10 +161,9 @@ class MultimodalLM(nn.Module):
         noise = std[..., None] * jax.random.normal(key_noise, shape)
         return jnp.where(generated[..., None], noise, 0.0)
 
-    def _grid_embedding(self, batch, is_image) -> jax.Array:
-        """Row + column embedding [B, T, D] of each image token (0 elsewhere) from its index
-        inside its image (`image_pos`): row = idx // side, col = idx % side. Learned tables
-        ("learned_2d") or fixed sin-cos features ("sincos_2d", `layers.sincos_2d`)."""
+    def _image_index(self, batch, is_image) -> tuple[jax.Array, jax.Array]:
+        """(index of each image token inside its image, clipped to the grid, [B, T]; where that
+        index is valid) from `image_pos` (-1 at text and padding)."""
         if "image_pos" not in batch:
             raise ValueError(f"model.image_positions={self.cfg.image_positions!r} needs "
                              "batch['image_pos'] (the index of each image token inside its "
@@ -174,13 +173,40 @@ class MultimodalLM(nn.Module):
         if _is_concrete(pos) and int(np.max(np.asarray(pos), initial=-1)) >= side * side:
             raise ValueError(f"batch['image_pos'] holds indices >= {side * side} = image_side**2 "
                              f"(image_side={side}).")
-        valid = is_image & (pos >= 0)
-        pos = jnp.clip(pos, 0, side * side - 1)
+        return jnp.clip(pos, 0, side * side - 1), is_image & (pos >= 0)
+
+    def _grid_embedding(self, batch, is_image) -> jax.Array:
+        """Row + column embedding [B, T, D] of each image token (0 elsewhere) from its index
+        inside its image (`image_pos`): row = idx // side, col = idx % side. Learned tables
+        ("learned_2d") or fixed sin-cos features ("sincos_2d", `layers.sincos_2d`)."""
+        side = self.cfg.image_side
+        pos, valid = self._image_index(batch, is_image)
         if self.cfg.image_positions == "sincos_2d":
             emb = layers.sincos_2d(pos // side, pos % side, self.cfg.d_model)
         else:
             emb = self.image_row(pos // side) + self.image_col(pos % side)
         return jnp.where(valid[..., None], emb, 0.0)
+
+    def _rope_positions(self, batch) -> jax.Array:
+        """RoPE positions: the in-document positions [B, T], or with model.image_positions=
+        "rope_2d" three axes [B, T, 3] (layers.rope): (position, start + row, start + col) for an
+        image token whose image starts at in-document position `start`, (p, p, p) for text.
+
+        Why: with 1-D RoPE the token above is `side` positions back, as is the end of the row
+        before; the row and column axes make "same column, one row up" a fixed rotation, as
+        LlamaGen's 2-D RoPE and Qwen2-VL's M-RoPE do. The first axis keeps the 1-D position, so
+        nothing the 1-D scheme tells is lost, and text is rotated exactly as before. Offsets
+        inside a document are all that matter, so packed documents stay independent and cached
+        decoding (which sees the same positions and image_pos) matches the full forward."""
+        positions = batch["positions"].astype(jnp.int32)
+        if self.cfg.image_positions != "rope_2d":
+            return positions
+        side = self.cfg.image_side
+        idx, valid = self._image_index(batch, batch["modality"] != 0)
+        start = positions - idx
+        row = jnp.where(valid, start + idx // side, positions)
+        col = jnp.where(valid, start + idx % side, positions)
+        return jnp.stack([positions, row, col], axis=-1)
 
     def _valid_modality(self, ids):
         """Ids that have weights (with one modality every id >= 0 shares them)."""
@@ -211,10 +237,11 @@ class MultimodalLM(nn.Module):
         x = self.embed_inputs(batch, train=train)
         d = x.shape[-1]
         x = mot.sorted_layout(mot.to_sorted(x, routing), routing, b, t)
+        positions = self._rope_positions(batch)
         new_kv = []
         for i, block in enumerate(self.blocks):
             kv = None if kv_layers is None else (kv_layers[i]["k"], kv_layers[i]["v"])
-            x, kv = block(x, routing, batch["positions"], mask, kv)
+            x, kv = block(x, routing, positions, mask, kv)
             new_kv.append(kv)
         h = self.final_norm(x.reshape(-1, d), routing)
         h = mot.from_sorted(h, routing, (b, t, d))

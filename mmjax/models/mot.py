@@ -393,8 +393,8 @@ class MoTBlock(nn.Module):
     """Pre-norm transformer block, every weight per modality, global attention.
 
     x: the sorted residual stream (`sorted_layout`: [B, T, D], or [S, R, D] when padded to tiles);
-    positions [B, T] / mask in original order; `mask` is an attention.MaskSpec (attended with
-    `attention_impl`) or a dense bool [B, T, S] mask.
+    RoPE positions [B, T] (or [B, T, A]: layers.rope) / mask in original order; `mask` is an
+    attention.MaskSpec (attended with `attention_impl`) or a dense bool [B, T, S] mask.
     With `kv` = (cache_k, cache_v) [B, H, S, Dh] (decode; `mask` is attention.decode_spec's), the
     chunk attends to the cache and its keys/values are written at slots mask.kv_len - T..
     (models/kv_cache.py). Returns (x, updated (k, v) or None).
@@ -420,7 +420,7 @@ class MoTBlock(nn.Module):
     @nn.compact
     def __call__(self, x, routing: Routing, positions, mask, kv=None):
         layout = x.shape
-        batch, length = positions.shape
+        batch, length = positions.shape[:2]
         d = layout[-1]
         heads = self.num_heads
         head_dim = d // heads
