@@ -21,10 +21,13 @@ usage over the first m x K validation tokens for m in --usage_multiples, and
 `train_usage_at_multiples` on training crops (null where the train set holds fewer tokens), which
 separates the quantizer from the held-out tiles' limited content.
 
-Writes bench/results/fsq_vs_vq.json (rows + git commit + command) and fsq_vs_vq.png.
+Writes bench/results/fsq_vs_vq.json (rows + git commit + command) and fsq_vs_vq.png. A long sweep
+can be split: `--rows_from=<an earlier invocation's JSON>` starts the table with its rows (same
+settings, checked before anything trains).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -58,6 +61,14 @@ flags.DEFINE_integer("score_every", 0, "Also score usage / perplexity / PSNR at 
                      "steps (checkpoints kept), for usage against training length; 0 = the end only.")
 flags.DEFINE_string("root", "/tmp/mmjax_bench_fsq_vs_vq", "Parent of this invocation's fresh dir.")
 flags.DEFINE_string("out", None, "Output JSON (default bench/results/fsq_vs_vq.json).")
+flags.DEFINE_string("rows_from", None, "JSON of an earlier invocation at the same settings whose "
+                    "rows this one's output and plot include (a long sweep split over cores or "
+                    "machines: e.g. --quantizers=fsq, then --quantizers=vq --rows_from=<first>).")
+
+# What must match for rows of two invocations to share a table: the data, the autoencoder and the
+# VQ baseline's tricks (keys of the results), and each row's training budget.
+SHARED_SETTINGS = ("data.image_size", "data.num_train", "data.token_grid", "data.usage_multiples",
+                   "channels", "vq")
 
 
 def base_config(num_validation: int, data_dir: str):
@@ -223,6 +234,34 @@ def plot(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def include_rows(results: dict, earlier: dict, path: str, planned: set, steps: int,
+                 batch_size: int) -> None:
+    """Starts `results` with the rows of `earlier` (an invocation's JSON, read from `path`),
+    refusing, before anything trains, with one line naming the file and the field where the two
+    are run differently, or a (quantizer, log2 size) both would hold: rows share a table only at
+    the same data, autoencoder and budget."""
+    def get(tree, dotted):
+        for key in dotted.split("."):
+            tree = tree.get(key) if isinstance(tree, dict) else None
+        return tree
+
+    for field in SHARED_SETTINGS:
+        if get(earlier, field) != get(results, field):
+            raise ValueError(f"--rows_from={path}: {field} is {get(earlier, field)!r} there, "
+                             f"{get(results, field)!r} here")
+    for row in earlier.get("rows", []):
+        name = f"{row.get('quantizer')} 2^{row.get('log2_size')}"
+        for field, want in (("steps", steps), ("batch_size", batch_size)):
+            if row.get(field) != want:
+                raise ValueError(f"--rows_from={path}: row {name} has {field}={row.get(field)!r}, "
+                                 f"this run {want}")
+        if (row.get("quantizer"), row.get("log2_size")) in planned:
+            raise ValueError(f"--rows_from={path}: holds {name} already; run only what it lacks")
+    results["rows"] = list(earlier.get("rows", [])) + results["rows"]
+    results["rows_from"] = {"file": os.path.basename(path), "command": earlier.get("command"),
+                            "git_commit": earlier.get("git_commit")}
+
+
 def main(_):
     sizes = [int(s) for s in FLAGS.log2_sizes]
     bad = [s for s in sizes if s not in PAPER_LEVELS]
@@ -232,27 +271,32 @@ def main(_):
     if bad:
         raise app.UsageError(f"--quantizers: {bad}; choose from fsq, vq")
     root = os.path.join(FLAGS.root, time.strftime("%Y%m%d-%H%M%S"))
-    os.makedirs(root, exist_ok=False)
     largest = max(math.prod(PAPER_LEVELS[s]) for s in sizes)
     base = base_config(64, os.path.join(root, "data"))
     grid = image_side(base)
     top_multiple = max([FLAGS.usage_factor] + [int(m) for m in FLAGS.usage_multiples])
     num_validation = -(-top_multiple * largest // (grid * grid))
     base.data.num_validation = num_validation
-    from mmjax.data import pipeline
-    t0 = time.perf_counter()
-    pipeline.build_dataset(base.data, base.data.data_dir)
-    data_s = time.perf_counter() - t0
     command = "python -m bench.fsq_vs_vq " + " ".join(sys.argv[1:])
     results = {"command": command.strip(), "git_commit": git_commit(), "root": root,
                "data": {"name": "natural", "image_size": base.data.image_size,
                         "num_train": base.data.num_train, "num_validation": num_validation,
                         "token_grid": [grid, grid], "usage_counted_on": "validation",
-                        "usage_multiples": [int(m) for m in FLAGS.usage_multiples],
-                        "data_s": data_s},
+                        "usage_multiples": [int(m) for m in FLAGS.usage_multiples]},
                "vq": {"ema_decay": FLAGS.ema_decay, "beta": float(base.fsq.vq_beta),
                       "reseed": FLAGS.reseed, "code_dim": "len(levels) of the FSQ run"},
                "channels": list(base.fsq.channels), "rows": []}
+    if FLAGS.rows_from:
+        with open(FLAGS.rows_from) as f:
+            earlier = json.load(f)
+        include_rows(results, earlier, FLAGS.rows_from,
+                     {(q, s) for s in sizes for q in FLAGS.quantizers}, FLAGS.steps,
+                     FLAGS.batch_size)
+    os.makedirs(root, exist_ok=False)
+    from mmjax.data import pipeline
+    t0 = time.perf_counter()
+    pipeline.build_dataset(base.data, base.data.data_dir)
+    results["data"]["data_s"] = time.perf_counter() - t0
     for size in sizes:
         for q in FLAGS.quantizers:
             config = run_config(base, q, PAPER_LEVELS[size])

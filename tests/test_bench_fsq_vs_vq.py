@@ -1,5 +1,7 @@
 """`python -m bench.fsq_vs_vq` end to end at a toy budget: both quantizers train from fresh
-workdirs, rows carry usage at every token multiple (validation and train), the curve and the plot."""
+workdirs, rows carry usage at every token multiple (validation and train), the curve and the plot;
+a sweep split over two invocations (--rows_from) makes the same table, and refuses rows run at
+other settings."""
 import json
 import math
 import os
@@ -11,19 +13,32 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def bench(tmp_path, *args):
+    cmd = [sys.executable, "-m", "bench.fsq_vs_vq", "--log2_sizes=8", "--steps=2", "--num_train=64",
+           "--min_eval_images=8", "--usage_multiples=1,20", f"--root={tmp_path / 'runs'}", *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.slow
 def test_fsq_vs_vq_writes_rows_with_usage_at_token_multiples(tmp_path):
-    out = tmp_path / "fsq_vs_vq.json"
-    cmd = [sys.executable, "-m", "bench.fsq_vs_vq", "--log2_sizes=8", "--steps=2", "--score_every=1",
-           "--num_train=64", "--min_eval_images=8", "--usage_multiples=1,20",
-           f"--root={tmp_path / 'runs'}", f"--out={out}"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    first, out = tmp_path / "fsq.json", tmp_path / "fsq_vs_vq.json"
+    proc = bench(tmp_path, "--quantizers=fsq", "--score_every=1", f"--out={first}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = bench(tmp_path, "--quantizers=vq", "--score_every=1", f"--rows_from={first}",
+                 f"--out={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for args, says in ((["--quantizers=vq", "--steps=3"], "row fsq 2^8 has steps=2, this run 3"),
+                       (["--quantizers=fsq"], "holds fsq 2^8 already"),
+                       (["--quantizers=vq", "--usage_multiples=1"], "data.usage_multiples")):
+        proc = bench(tmp_path, *args, f"--rows_from={first}", f"--out={tmp_path / 'no.json'}")
+        assert proc.returncode != 0 and says in proc.stderr
+        assert not (tmp_path / "no.json").exists()  # refused before anything trained
     results = json.loads(out.read_text())
     assert (tmp_path / "fsq_vs_vq.png").stat().st_size > 0
     assert results["data"]["usage_multiples"] == [1, 20]
+    assert results["rows_from"]["file"] == "fsq.json"
     rows = {r["quantizer"]: r for r in results["rows"]}
-    assert set(rows) == {"fsq", "vq"}
+    assert [r["quantizer"] for r in results["rows"]] == ["fsq", "vq"]
     k = math.prod((8, 6, 5))
     for row in rows.values():
         assert row["codebook_size"] == k and row["steps"] == 2
