@@ -61,9 +61,10 @@ flags.DEFINE_integer("score_every", 0, "Also score usage / perplexity / PSNR at 
                      "steps (checkpoints kept), for usage against training length; 0 = the end only.")
 flags.DEFINE_string("root", "/tmp/mmjax_bench_fsq_vs_vq", "Parent of this invocation's fresh dir.")
 flags.DEFINE_string("out", None, "Output JSON (default bench/results/fsq_vs_vq.json).")
-flags.DEFINE_string("rows_from", None, "JSON of an earlier invocation at the same settings whose "
-                    "rows this one's output and plot include (a long sweep split over cores or "
-                    "machines: e.g. --quantizers=fsq, then --quantizers=vq --rows_from=<first>).")
+flags.DEFINE_list("rows_from", [], "JSONs of earlier invocations at the same settings whose rows "
+                  "this one's output and plot include: a long sweep split over cores or machines "
+                  "(e.g. --quantizers=fsq, then --quantizers=vq --rows_from=<first>; or parts run "
+                  "side by side, joined by --quantizers= --rows_from=<a>,<b>, which trains nothing).")
 
 # What must match for rows of two invocations to share a table: the data, the autoencoder and the
 # VQ baseline's tricks (keys of the results), and each row's training budget.
@@ -236,10 +237,11 @@ def plot(rows: list[dict], path: str) -> None:
 
 def include_rows(results: dict, earlier: dict, path: str, planned: set, steps: int,
                  batch_size: int) -> None:
-    """Starts `results` with the rows of `earlier` (an invocation's JSON, read from `path`),
-    refusing, before anything trains, with one line naming the file and the field where the two
-    are run differently, or a (quantizer, log2 size) both would hold: rows share a table only at
-    the same data, autoencoder and budget."""
+    """Adds the rows of `earlier` (an invocation's JSON, read from `path`) to `results`, refusing,
+    before anything trains, with one line naming the file and the field where the two are run
+    differently, or a (quantizer, log2 size) already `planned` (to run, or from another file):
+    rows share a table only at the same data, autoencoder and budget. Adds its rows to
+    `planned`."""
     def get(tree, dotted):
         for key in dotted.split("."):
             tree = tree.get(key) if isinstance(tree, dict) else None
@@ -257,9 +259,11 @@ def include_rows(results: dict, earlier: dict, path: str, planned: set, steps: i
                                  f"this run {want}")
         if (row.get("quantizer"), row.get("log2_size")) in planned:
             raise ValueError(f"--rows_from={path}: holds {name} already; run only what it lacks")
-    results["rows"] = list(earlier.get("rows", [])) + results["rows"]
-    results["rows_from"] = {"file": os.path.basename(path), "command": earlier.get("command"),
-                            "git_commit": earlier.get("git_commit")}
+        planned.add((row.get("quantizer"), row.get("log2_size")))
+    results["rows"] = results["rows"] + list(earlier.get("rows", []))
+    results.setdefault("rows_from", []).append(
+        {"file": os.path.basename(path), "command": earlier.get("command"),
+         "git_commit": earlier.get("git_commit"), "rows_from": earlier.get("rows_from", [])})
 
 
 def main(_):
@@ -286,12 +290,16 @@ def main(_):
                "vq": {"ema_decay": FLAGS.ema_decay, "beta": float(base.fsq.vq_beta),
                       "reseed": FLAGS.reseed, "code_dim": "len(levels) of the FSQ run"},
                "channels": list(base.fsq.channels), "rows": []}
-    if FLAGS.rows_from:
-        with open(FLAGS.rows_from) as f:
-            earlier = json.load(f)
-        include_rows(results, earlier, FLAGS.rows_from,
-                     {(q, s) for s in sizes for q in FLAGS.quantizers}, FLAGS.steps,
-                     FLAGS.batch_size)
+    planned = {(q, s) for s in sizes for q in FLAGS.quantizers}
+    for path in FLAGS.rows_from:
+        with open(path) as f:
+            include_rows(results, json.load(f), path, planned, FLAGS.steps, FLAGS.batch_size)
+    if not FLAGS.quantizers:  # only joins earlier parts
+        if not FLAGS.rows_from:
+            raise app.UsageError("--quantizers= (nothing to train) needs --rows_from")
+        out = write_results("fsq_vs_vq", results, FLAGS.out)
+        plot(results["rows"], os.path.splitext(out)[0] + ".png")
+        return
     os.makedirs(root, exist_ok=False)
     from mmjax.data import pipeline
     t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """`python -m bench.fsq_vs_vq` end to end at a toy budget: both quantizers train from fresh
 workdirs, rows carry usage at every token multiple (validation and train), the curve and the plot;
-a sweep split over two invocations (--rows_from) makes the same table, and refuses rows run at
-other settings."""
+a sweep split over two invocations run side by side and joined (--rows_from) makes the same
+table, and rows run at other settings, or held twice, are refused."""
 import json
 import math
 import os
@@ -24,19 +24,23 @@ def test_fsq_vs_vq_writes_rows_with_usage_at_token_multiples(tmp_path):
     first, out = tmp_path / "fsq.json", tmp_path / "fsq_vs_vq.json"
     proc = bench(tmp_path, "--quantizers=fsq", "--score_every=1", f"--out={first}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = bench(tmp_path, "--quantizers=vq", "--score_every=1", f"--rows_from={first}",
-                 f"--out={out}")
+    second = tmp_path / "vq.json"  # run beside the first; joined below
+    proc = bench(tmp_path, "--quantizers=vq", "--score_every=1", f"--out={second}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = bench(tmp_path, "--quantizers=", f"--rows_from={first},{second}", f"--out={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for args, says in ((["--quantizers=vq", "--steps=3"], "row fsq 2^8 has steps=2, this run 3"),
                        (["--quantizers=fsq"], "holds fsq 2^8 already"),
-                       (["--quantizers=vq", "--usage_multiples=1"], "data.usage_multiples")):
-        proc = bench(tmp_path, *args, f"--rows_from={first}", f"--out={tmp_path / 'no.json'}")
+                       (["--quantizers=vq", "--usage_multiples=1"], "data.usage_multiples"),
+                       (["--quantizers=", f"--rows_from={first},{first}"], "holds fsq 2^8 already"),
+                       (["--quantizers=", "--rows_from="], "needs --rows_from")):
+        proc = bench(tmp_path, f"--rows_from={first}", *args, f"--out={tmp_path / 'no.json'}")
         assert proc.returncode != 0 and says in proc.stderr
         assert not (tmp_path / "no.json").exists()  # refused before anything trained
     results = json.loads(out.read_text())
     assert (tmp_path / "fsq_vs_vq.png").stat().st_size > 0
     assert results["data"]["usage_multiples"] == [1, 20]
-    assert results["rows_from"]["file"] == "fsq.json"
+    assert [r["file"] for r in results["rows_from"]] == ["fsq.json", "vq.json"]
     rows = {r["quantizer"]: r for r in results["rows"]}
     assert [r["quantizer"] for r in results["rows"]] == ["fsq", "vq"]
     k = math.prod((8, 6, 5))
