@@ -22,8 +22,9 @@ usage over the first m x K validation tokens for m in --usage_multiples, and
 separates the quantizer from the held-out tiles' limited content.
 
 Writes bench/results/fsq_vs_vq.json (rows + git commit + command) and fsq_vs_vq.png. A long sweep
-can be split: `--rows_from=<an earlier invocation's JSON>` starts the table with its rows (same
-settings, checked before anything trains).
+can be split over invocations, run one after another or side by side: `--rows_from=A.json[,B.json]`
+adds their rows to this one's table (same settings, checked before anything trains), and
+`--quantizers= --rows_from=A.json,B.json` only joins them.
 """
 from __future__ import annotations
 
