@@ -198,8 +198,9 @@ def test_sharded_over_data_fsdp_tensor_matches_unsharded():
     np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
 
 
+# (model.image_positions, model.image_input)
 INPUT_SCHEMES = [("learned_2d", "code"), ("sincos_2d", "code"), ("rope_2d", "code"),
-                 ("none", "code+index"), ("sincos_2d", "code+index")]  # (model.image_positions, model.image_input)
+                 ("none", "code+index"), ("sincos_2d", "code+index")]
 
 
 @pytest.fixture(scope="module", params=INPUT_SCHEMES, ids=["+".join(p) for p in INPUT_SCHEMES])
