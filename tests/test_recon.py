@@ -44,8 +44,20 @@ def test_codebook_stats_rejects_bad_indices():
         recon.codebook_stats(np.array([-1, 2]), 4)
     with pytest.raises(ValueError, match="integers"):
         recon.codebook_stats(np.array([0.0, 1.0]), 4)
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match="no tokens"):
         recon.codebook_stats(np.array([], np.int32), 4)
+
+
+def test_codebook_stats_of_a_grid_too_large_for_a_dense_histogram():
+    """FSQ (8,) * 10 has 2^30 codes: a dense int64 histogram would take 8 GiB."""
+    size = 2**30
+    tokens = np.array([0, size - 1, 5, 5], np.int32)
+    stats = recon.codebook_stats(tokens, size)
+    assert stats["usage"] == 3 / size
+    entropy = -(2 * 0.25 * math.log(0.25) + 0.5 * math.log(0.5))  # p = (1/4, 1/4, 1/2)
+    assert stats["perplexity"] == pytest.approx(math.exp(entropy))
+    usage = recon.usage_by_token_count(iter([tokens[:3], tokens[3:]]), size, [2, 4])
+    assert usage == {2: 2 / size, 4: 3 / size}
 
 
 def test_usage_by_token_count_counts_exact_prefixes_across_batches():

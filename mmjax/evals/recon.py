@@ -4,10 +4,10 @@
   evaluating in batches gives the same number as evaluating at once. It is defined beside the
   autoencoder's pixel range (mmjax.tokenizers.autoencoder), whose training loss reports it too.
 - `codebook_stats`: how much of the implicit FSQ codebook a set of tokens uses (fraction of codes
-  seen at least once) and the perplexity of the code histogram (exp of its entropy, in codes:
+  seen at least once) and the perplexity of the code counts (exp of its entropy, in codes:
   equals codebook_size for a perfectly uniform use, 1 when one code takes everything).
 - `usage_by_token_count`: usage over the first n tokens for several n (usage grows with n).
-- `evaluate_autoencoder`: both over a stream of batches, accumulating a histogram.
+- `evaluate_autoencoder`: both over a stream of batches, accumulating sparse code counts.
 - `make_grid`: originals above their reconstructions as one array (mmjax.pictures writes it).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 from mmjax.tokenizers.autoencoder import psnr, psnr_from_mse  # noqa: F401 (re-exported)
 
 
-def _checked_indices(indices, codebook_size: int, caller: str = "code_histogram") -> np.ndarray:
+def _checked_indices(indices, codebook_size: int, caller: str = "code_counts") -> np.ndarray:
     """`indices` as a flat integer array, or a ValueError naming `caller` when they are not
     integers in [0, codebook_size)."""
     indices = np.asarray(indices)
@@ -32,26 +32,37 @@ def _checked_indices(indices, codebook_size: int, caller: str = "code_histogram"
     return indices.reshape(-1)
 
 
-def code_histogram(indices, codebook_size: int) -> np.ndarray:
-    """Counts (int64 [codebook_size]) of each code in an integer array of any shape."""
-    return np.bincount(_checked_indices(indices, codebook_size),
-                       minlength=codebook_size).astype(np.int64)
+def code_counts(indices, codebook_size: int) -> dict[int, int]:
+    """{code: count} of the codes present in an integer array of any shape.
+
+    Sparse, not a [codebook_size] histogram: an FSQ grid can hold 2^24-2^30 codes (wide codes
+    for 4x4-token images), far more than any evaluation has tokens, and a dense histogram of
+    that size would not fit in memory."""
+    codes, counts = np.unique(_checked_indices(indices, codebook_size), return_counts=True)
+    return dict(zip(codes.tolist(), counts.tolist()))
 
 
-def histogram_stats(histogram) -> dict[str, float]:
-    """usage (fraction of codes seen) and perplexity (exp entropy, nats) of a code histogram."""
-    histogram = np.asarray(histogram, np.float64)
-    total = histogram.sum()
+def merge_counts(total: dict[int, int], more: dict[int, int]) -> dict[int, int]:
+    """Adds `more` into `total` (in place) and returns it."""
+    for code, count in more.items():
+        total[code] = total.get(code, 0) + count
+    return total
+
+
+def counts_stats(counts: dict[int, int], codebook_size: int) -> dict[str, float]:
+    """usage (fraction of the codebook seen) and perplexity (exp entropy, nats) of code counts."""
+    counted = np.fromiter(counts.values(), np.float64, len(counts))
+    total = counted.sum()
     if total <= 0:
-        raise ValueError("histogram_stats: the histogram is empty (no tokens were counted).")
-    p = histogram[histogram > 0] / total
-    return {"usage": float((histogram > 0).mean()),
+        raise ValueError("counts_stats: no tokens were counted.")
+    p = counted[counted > 0] / total
+    return {"usage": float(np.count_nonzero(counted) / codebook_size),
             "perplexity": float(np.exp(-np.sum(p * np.log(p))))}
 
 
 def codebook_stats(indices, codebook_size: int) -> dict[str, float]:
     """Codebook usage and perplexity of the tokens in `indices` (any integer array)."""
-    return histogram_stats(code_histogram(indices, codebook_size))
+    return counts_stats(code_counts(indices, codebook_size), codebook_size)
 
 
 def usage_by_token_count(index_batches: Iterable[Any], codebook_size: int,
@@ -68,18 +79,18 @@ def usage_by_token_count(index_batches: Iterable[Any], codebook_size: int,
     want = sorted({int(n) for n in counts})
     if not want or want[0] < 1:
         raise ValueError(f"usage_by_token_count: counts must be positive integers, got {want}.")
-    seen = np.zeros(codebook_size, bool)
+    seen: set[int] = set()  # a set, not [codebook_size] flags: see code_counts
     out, total = {}, 0
     for batch in index_batches:
         flat = _checked_indices(batch, codebook_size, "usage_by_token_count")
         while want and total + flat.size >= want[0]:
             take = want[0] - total
-            seen[flat[:take]] = True
+            seen.update(np.unique(flat[:take]).tolist())
             flat, total = flat[take:], want[0]
-            out[want.pop(0)] = float(seen.mean())
+            out[want.pop(0)] = len(seen) / codebook_size
         if not want:
             return out
-        seen[flat] = True
+        seen.update(np.unique(flat).tolist())
         total += flat.size
     raise ValueError(f"usage_by_token_count: the stream ended after {total} tokens; {want[0]} "
                      "were asked for (evaluate more images).")
@@ -92,9 +103,9 @@ def evaluate_autoencoder(apply_fn: Callable[[np.ndarray], tuple[Any, Any]],
 
     `batches` yields image arrays or dicts with an "image" entry; `apply_fn(images)` returns
     `(recon, indices)` with recon in the same pixel scale as `images` (uint8 -> `max_val` 255).
-    PSNR is of the pooled MSE over every pixel seen; the histogram is pooled over every token.
+    PSNR is of the pooled MSE over every pixel seen; the code counts are pooled over every token.
     """
-    sq_err, count, histogram = 0.0, 0, np.zeros(codebook_size, np.int64)
+    sq_err, count, counts = 0.0, 0, {}
     for batch in batches:
         images = np.asarray(batch["image"] if isinstance(batch, dict) else batch)
         recon, indices = apply_fn(images)
@@ -105,12 +116,12 @@ def evaluate_autoencoder(apply_fn: Callable[[np.ndarray], tuple[Any, Any]],
         diff = recon.astype(np.float64) - images.astype(np.float64)
         sq_err += float(np.sum(diff * diff))
         count += diff.size
-        histogram += code_histogram(np.asarray(indices), codebook_size)
+        merge_counts(counts, code_counts(np.asarray(indices), codebook_size))
     if count == 0:
         raise ValueError("evaluate_autoencoder: `batches` yielded no images.")
     mse = sq_err / count
     value = math.inf if mse == 0 else 10.0 * math.log10(max_val**2 / mse)
-    return {"psnr": value, "mse": mse, **histogram_stats(histogram)}
+    return {"psnr": value, "mse": mse, **counts_stats(counts, codebook_size)}
 
 
 def make_grid(originals: np.ndarray, recons: np.ndarray, ncols: int, pad: int = 2,

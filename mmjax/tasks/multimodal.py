@@ -100,7 +100,9 @@ def packed_dataset(config, workdir, tokenizer, split: str, *, train: bool) -> gr
     obj = config.objective
     return packing.PackedDataset(
         parent, seq_len=int(config.model.max_seq_len), special=packing.special_ids(tokenizer),
-        index_to_code=image_codebook.load(config, workdir).codebook(),
+        # The lookup, not the table: an FSQ grid of 2^24+ codes (4x4-token images want wide codes)
+        # does not fit in memory as [codebook_size, dim].
+        index_to_code=image_codebook.load(config, workdir).indices_to_codes,
         t2i_prob=float(obj.t2i_prob), caption_dropout=float(obj.caption_dropout) if train else 0.0,
         seed=int(config.data.seed) + (0 if train else 1),
         t2i_caption_loss=bool(obj.t2i_caption_loss),
