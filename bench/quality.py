@@ -5,9 +5,10 @@
   python -m bench.quality --base=/tmp/mmjax_demo     # reuse the README demo's data/tokenizer/tokens
 
 A user reads the curve to decide how long to train. The data, SentencePiece model, FSQ tokenizer
-and image tokens are built once (`--spec`'s pipeline up to the tokenize stage, in a fresh
-`<root>/<timestamp>/base`, or taken from `--base`); every point then copies them into its own fresh workdir and runs the
-model stage for multiplier x the config's `train.steps` (warmup and checkpoints scaled with it)
+and image tokens are built once per tokenizer (`--spec`'s pipeline up to the tokenize stage, in a
+fresh `<root>/<timestamp>/base_<head>`: the demo's flow head reads grid4 tokens, its discrete head
+grid8 ones), or taken from `--base`; every point then copies them into its own fresh workdir and
+runs the model stage for multiplier x the config's `train.steps` (warmup and checkpoints scaled with it)
 and the sample stage (`sample.num_eval` test prompts, 512 in the demo). Nothing is resumed.
 
 Training FLOPs of a point = the analytic FLOPs per real token the trainer reports MFU with
@@ -33,7 +34,7 @@ from bench.common import git_commit, load_config, write_results
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("spec", "demo", "configs/mot_shapes.py argument of every point (the head is "
-                    "set per point: 'discrete' is added for that head).")
+                    "set per point: 'discrete' is added for that head, and 'grid4' dropped).")
 flags.DEFINE_list("multipliers", ["0.25", "1", "4"], "Model steps as multiples of the config's.")
 flags.DEFINE_list("heads", ["flow", "discrete"], "Image heads: flow and/or discrete.")
 flags.DEFINE_list("set", [], "Extra overrides of every point, FIELD=VALUE (e.g. train.lr=2e-3).")
@@ -51,6 +52,8 @@ REPORTED = ("prompt_acc", "object_acc", "count_acc", "prompt_acc_1obj", "prompt_
 def point_config(head: str, multiplier: float):
     """`--spec` with `head`, `--set` overrides and multiplier x the model steps."""
     options = [o for o in FLAGS.spec.split(",") if o and o != "discrete"]
+    if head == "discrete":  # a softmax over grid4's 2^24 codes is out of reach: it reads grid8
+        options = [o for o in options if o != "grid4"]
     config = load_config("configs/mot_shapes.py:" + ",".join(
         options + (["discrete"] if head == "discrete" else [])))
     for item in FLAGS.set:
@@ -137,15 +140,55 @@ def plot(rows: list[dict], path: str) -> None:
         ax.set_ylim(0, 100)
         ax.grid(True, alpha=0.3)
         ax.legend()
-    ceiling = next((r["recon_prompt_acc"] for r in rows if "recon_prompt_acc" in r), None)
-    if ceiling is not None:
-        axes[0].axhline(100 * ceiling, color="gray", ls=":", label="FSQ ceiling")
-        axes[0].legend()
+    for head, style in (("flow", ":"), ("discrete", "-.")):  # each head's tokenizer's ceiling
+        ceiling = next((r["recon_prompt_acc"] for r in rows
+                        if r["head"] == head and "recon_prompt_acc" in r), None)
+        if ceiling is not None:
+            axes[0].axhline(100 * ceiling, color="gray", ls=style, label=f"FSQ ceiling ({head})")
+    axes[0].legend()
     fig.suptitle(f"configs/mot_shapes.py:{FLAGS.spec} at x{', x'.join(FLAGS.multipliers)} the "
                  "model steps (labels: steps; bars: 95% Wilson)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def tokenizer_settings(head: str) -> str:
+    """What a point's data, tokenizer and image tokens depend on (JSON): heads with the same
+    settings share one base build; the demo's flow head (grid4) and discrete head (grid8) do not."""
+    import json
+    config = point_config(head, 1.0)
+    return json.dumps({block: config[block].to_dict()
+                       for block in ("data", "text", "fsq", "tokenizer_train") if block in config},
+                      sort_keys=True, default=str)
+
+
+def tokenizer_bases(root: str) -> dict[str, str]:
+    """{head: workdir holding its data, tokenizer and image tokens}: `--base`, or one fresh
+    build per distinct tokenizer_settings under root."""
+    from mmjax import stages
+    settings = {head: tokenizer_settings(head) for head in FLAGS.heads}
+    if FLAGS.base:
+        if len(set(settings.values())) > 1:
+            raise app.UsageError(f"--base serves one tokenizer, but heads {FLAGS.heads} use "
+                                 "different ones (e.g. grid4 and grid8): pass one --heads")
+        missing = [n for n in SHARED if not os.path.isdir(os.path.join(FLAGS.base, n))]
+        if missing:
+            raise app.UsageError(f"--base {FLAGS.base}: no {', '.join(missing)} (run the "
+                                 "pipeline there through --mode=tokenize first)")
+        os.makedirs(root, exist_ok=False)
+        return {head: FLAGS.base for head in FLAGS.heads}
+    bases, built = {}, {}
+    for head in FLAGS.heads:
+        if settings[head] not in built:
+            base = os.path.join(root, f"base_{head}")
+            os.makedirs(base, exist_ok=False)
+            config = point_config(head, 1.0)
+            for mode in ("tokenizer", "tokenize"):  # data + SentencePiece + tokenizer, tokens
+                stages.run_mode(config, base, mode)
+            built[settings[head]] = base
+        bases[head] = built[settings[head]]
+    return bases
 
 
 def main(_):
@@ -155,28 +198,15 @@ def main(_):
     multipliers = [float(m) for m in FLAGS.multipliers]
     if any(m <= 0 for m in multipliers):
         raise app.UsageError(f"--multipliers must be > 0, got {FLAGS.multipliers}")
-    from mmjax import stages
     root = os.path.join(FLAGS.root, time.strftime("%Y%m%d-%H%M%S"))
     t0 = time.perf_counter()
-    if FLAGS.base:
-        base = FLAGS.base
-        missing = [n for n in SHARED if not os.path.isdir(os.path.join(base, n))]
-        if missing:
-            raise app.UsageError(f"--base {base}: no {', '.join(missing)} (run the pipeline "
-                                 "there through --mode=tokenize first)")
-        os.makedirs(root, exist_ok=False)
-    else:
-        base = os.path.join(root, "base")
-        os.makedirs(base, exist_ok=False)
-        config = point_config(FLAGS.heads[0], 1.0)
-        for mode in ("tokenizer", "tokenize"):  # data + SentencePiece + FSQ tokenizer, tokens
-            stages.run_mode(config, base, mode)
+    bases = tokenizer_bases(root)
     results = {"command": "python -m bench.quality " + " ".join(sys.argv[1:]),
-               "git_commit": git_commit(), "root": root, "base": base, "spec": FLAGS.spec,
+               "git_commit": git_commit(), "root": root, "bases": bases, "spec": FLAGS.spec,
                "set": FLAGS.set, "base_s": time.perf_counter() - t0, "rows": []}
     for multiplier in sorted(multipliers):  # every head at a budget before the next budget:
         for head in FLAGS.heads:            # a cut-short study still has one curve per head
-            row = run_point(base, root, head, multiplier)
+            row = run_point(bases[head], root, head, multiplier)
             results["rows"].append(row)
             print({k: row[k] for k in ("head", "steps", "train_flops", "model_stage_s",
                                        "t2i_prompt_acc", "i2t_exact_acc") if k in row},

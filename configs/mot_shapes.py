@@ -12,12 +12,13 @@ ARG = SIZE[,OPTION...]
              the sample stage scores edit_acc / preserve_acc; data.num_* count edit chains)
            | vq (a VQ-VAE tokenizer, the FSQ paper's baseline, in place of FSQ: as many codes as
              the FSQ grid, of its width, with an EMA codebook and dead-code reseeding)
+           | grid4 | grid8 (image tokens per side: TOKEN_GRIDS; each size has its default)
 """
 import math
 
 from mmjax import config_defaults
 
-# Backbone sizes. seq = packed sequence length; 32x32 images -> 64 image tokens + caption.
+# Backbone sizes. Rows of model.max_seq_len tokens hold whole caption<->image documents.
 MODEL_SIZES = {
     "smoke": dict(num_layers=2, d_model=32, num_heads=2, mlp_dim=64, flow_width=32, flow_depth=1),
     # demo: a small flow head (2 t-samples); run at its targets only it is ~18% of a step's
@@ -41,16 +42,14 @@ TRAIN_SIZES = {
     # demo: batch 16 runs at the same real tokens/s on 2 CPU cores as batch 32 (bench.step_time:
     # 124 vs 236 ms/step), and twice the updates for the same examples gave a better model
     # (bench/results/ablation_demo.json). A tokenizer step costs about as much per image at batch
-    # 16 as at 32 (0-10% more), and the reconstruction ceiling (whole prompts) is 97% after 800
-    # steps at batch 32 but 98% after 1200 at batch 16, which sees 25% fewer images (the stage
-    # took 4.4 instead of 5.0 min in the README run); 800 steps at batch 32 already left the time
-    # of ~800 model steps to the model, whose accuracy still rises steeply with steps
-    # (bench.quality).
-    "demo": dict(steps=3800, batch_size=16, tok_steps=1200, tok_batch=16, channels=(32, 64, 64),
-                 num_train=4096),
+    # 16 as at 32. The grid4 tokenizer needs its 2400 steps: its reconstruction ceiling (whole
+    # prompts) is 73% after 1200 and 94% after 2400 (grid8: 98% after 1200).
+    "demo": dict(steps=3800, batch_size=16, tok_steps=2400, tok_batch=16, channels=(32, 64, 64),
+                 num_train=4096, grid="grid4"),
     # cpu_hour: what an hour of 2 CPU cores buys: the demo model for 5x its steps, on 4x the
     # distinct images (each then seen about as often as in the demo), and a tokenizer trained 2x
-    # longer.
+    # longer, on grid8 (what its README figures were measured with; grid4 is not yet measured
+    # at this budget).
     "cpu_hour": dict(steps=16000, batch_size=16, tok_steps=2400, tok_batch=32,
                      channels=(32, 64, 64), num_train=16384),
     "small": dict(steps=5000, batch_size=64, tok_steps=2000, tok_batch=64, channels=(32, 64, 64),
@@ -62,18 +61,29 @@ TRAIN_SIZES = {
     "1b": dict(steps=100000, batch_size=512, tok_steps=4000, tok_batch=64,
                channels=(64, 128, 128), num_train=65536),
 }
-# Rows per direction group (objective.direction_group_rows): one document per 96-token row, so a
-# group of 4 rows holds 2 or 3 text->image documents at t2i_prob 0.7 and the image heads run on 3
-# images per 4 rows instead of 4 (mmjax/targets.py). t2i_prob 0.75 would fill every slot (exactly
-# 3 of 4) but cost captions 4 points at the demo budget (bench/results/ablation_demo.json), so it
-# stays 0.7. smoke: groups of 2, which a 2-process run's 2 rows per process hold (the grouped path
-# runs in the pipeline tests). base and up: rows of 1024 tokens hold several documents each, so a
+# Image token grids of a 32x32 image: the tokenizer's downsamples and FSQ levels.
+# grid8: 8x8 = 64 tokens of 10 bits (fsq.levels' default, FSQ's recommended 2^10 levels).
+# grid4: one more 2x downsample at the last width, 4x4 = 16 tokens of 24 bits (8 channels of 8
+# levels, 2^24 codes: only the flow head can emit them; the discrete head and VQ need grid8). A
+# quarter of the tokens per image, so a 96-token row holds 2 documents instead of 1 and the
+# image heads run on a quarter of the positions: at the demo budget the model sees twice the
+# documents in the same steps and gets whole prompts right 47.1% (3 seeds) where grid8 gets
+# 26.6%, at a tokenizer ceiling of 93.6% instead of 98.0% (bench/results/ablation_demo.json).
+TOKEN_GRIDS = {"grid8": dict(extra_downsample=False, levels=None),  # None: fsq.levels' default
+               "grid4": dict(extra_downsample=True, levels=(8,) * 8)}
+# Rows per direction group (objective.direction_group_rows): at grid4, two documents per 96-token
+# row, so a group of 4 rows holds 5 or 6 text->image documents at t2i_prob 0.7 and the image
+# heads run on 6 images per 8 documents instead of 8 (mmjax/targets.py; grid8: one document per
+# row, 3 images per 4). t2i_prob 0.75 would fill every grid8 slot (exactly 3 of 4) but cost
+# captions 4 points at the demo budget (bench/results/ablation_demo.json), so it stays 0.7.
+# smoke: groups of 2, which a 2-process run's 2 rows per process hold (the grouped path runs in
+# the pipeline tests). base and up: rows of 1024 tokens hold several documents each, so a
 # row is a group already.
 DIRECTION_GROUP_ROWS = {"smoke": 2, "demo": 4, "cpu_hour": 4, "small": 4}
 # edits (demo): the budget the README's edit figures were measured with (rows hold ~3.4x the
 # tokens of a caption<->image row, so the batch is smaller than the demo's old 32).
 EDITS_DEMO_TRAIN = dict(steps=1000, batch_size=10)
-OPTIONS = ("discrete", "dense", "mot3", "digits", "edits", "vq")
+OPTIONS = ("discrete", "dense", "mot3", "digits", "edits", "vq") + tuple(TOKEN_GRIDS)
 VQ_RESEED_STEPS = 100  # vq: a code unused this many steps is reseeded (bench.fsq_vs_vq's setting)
 EDIT_INSTRUCTION_LEN = 20  # edits: instruction tokens (the longest instruction is ~14 words)
 
@@ -93,7 +103,10 @@ def get_config(arg: str = "demo"):
     c.data.num_train = t["num_train"]
     c.data.num_validation = 64 if size == "smoke" else 512
     c.data.num_test = 64 if size == "smoke" else 512
-    c.fsq.channels = t["channels"]
+    grid = _token_grid(t.get("grid", "grid8"), options)
+    c.fsq.channels = t["channels"] + ((t["channels"][-1],) if grid["extra_downsample"] else ())
+    if grid["levels"]:
+        c.fsq.levels = grid["levels"]
     c.tokenizer_train.steps = t["tok_steps"]
     c.tokenizer_train.batch_size = t["tok_batch"]
     c.tokenizer_train.warmup_steps = min(100, t["tok_steps"] // 10)
@@ -123,6 +136,19 @@ def get_config(arg: str = "demo"):
         c.fsq.vq_dim = len(c.fsq.levels)
         c.fsq.vq_reseed = VQ_RESEED_STEPS
     return c
+
+
+def _token_grid(default: str, options: set) -> dict:
+    """TOKEN_GRIDS entry: the one named in options, else grid8 for the discrete head and VQ
+    (2^24 codes are too many for a softmax or a learned table), else the size's default."""
+    named = sorted(options & set(TOKEN_GRIDS))
+    if len(named) > 1:
+        raise ValueError(f"configs/mot_shapes.py: options {named} exclude each other")
+    needs_grid8 = sorted(options & {"discrete", "vq"})
+    if named == ["grid4"] and needs_grid8:
+        raise ValueError(f"configs/mot_shapes.py: option(s) {needs_grid8} need grid8 "
+                         "(grid4's 2^24 FSQ codes are too many for a softmax or a VQ table)")
+    return TOKEN_GRIDS[named[0] if named else ("grid8" if needs_grid8 else default)]
 
 
 def _set_budget(c, steps: int, batch_size: int) -> None:

@@ -88,10 +88,14 @@ def test_direction_groups_from_config():
     """The demo's image capacity is per group of objective.direction_group_rows rows; a batch
     that is not whole groups is refused naming both fields; edit documents have no groups."""
     from configs import mot_shapes
-    config = mot_shapes.get_config("demo")
+    config = mot_shapes.get_config("demo,grid8")  # one 92-token document per 96-token row
     assert config_validation.target_capacity(config) == targets.TargetCapacity(192, 31, 4)
     config.objective.t2i_prob = 0.8  # 3.2 of 4 documents: room for 4
     assert config_validation.target_capacity(config) == targets.TargetCapacity(256, 31, 4)
+    # grid4 (the demo's): 16-token images, 48-token documents, 2 per row: a group of 4 rows holds
+    # 8 documents, 5.6 of them text->image, so room for 6 images of 16 targets
+    grid4 = mot_shapes.get_config("demo")
+    assert config_validation.target_capacity(grid4) == targets.TargetCapacity(96, 62, 4)
     config.train.batch_size = 18
     with pytest.raises(config_validation.ConfigError,
                        match=r"train.batch_size=18: must be a multiple of "
