@@ -2,14 +2,14 @@
 
   python -m bench.quality                                   # demo; model steps x0.25, x1, x4; both heads
   python -m bench.quality --multipliers=0.25,1 --heads=flow --spec=demo
-  python -m bench.quality --base=/tmp/mmjax_demo     # reuse the README demo's data/tokenizer/tokens
+  python -m bench.quality --base=/tmp/mmjax_demo --heads=flow  # the README demo's tokens
 
 A user reads the curve to decide how long to train. The data, SentencePiece model, FSQ tokenizer
 and image tokens are built once per tokenizer (`--spec`'s pipeline up to the tokenize stage, in a
 fresh `<root>/<timestamp>/base_<head>`: the demo's flow head reads grid4 tokens, its discrete head
 grid8 ones), or taken from `--base`; every point then copies them into its own fresh workdir and
-runs the model stage for multiplier x the config's `train.steps` (warmup and checkpoints scaled with it)
-and the sample stage (`sample.num_eval` test prompts, 512 in the demo). Nothing is resumed.
+runs the model stage for multiplier x the config's `train.steps` (warmup and checkpoints scaled
+with it) and the sample stage (`sample.num_eval` test prompts, 512 in the demo). Nothing is resumed.
 
 Training FLOPs of a point = the analytic FLOPs per real token the trainer reports MFU with
 (`MultimodalTask.flops_per_token`: backbone, attention, heads at their targets, x3 for training)
