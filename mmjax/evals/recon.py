@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -32,21 +33,15 @@ def _checked_indices(indices, codebook_size: int, caller: str = "code_counts") -
     return indices.reshape(-1)
 
 
-def code_counts(indices, codebook_size: int) -> dict[int, int]:
-    """{code: count} of the codes present in an integer array of any shape.
+def code_counts(indices, codebook_size: int) -> Counter:
+    """Counter {code: count} of the codes present in an integer array of any shape (pool several
+    with `Counter.update`).
 
     Sparse, not a [codebook_size] histogram: an FSQ grid can hold 2^24-2^30 codes (wide codes
     for 4x4-token images), far more than any evaluation has tokens, and a dense histogram of
     that size would not fit in memory."""
     codes, counts = np.unique(_checked_indices(indices, codebook_size), return_counts=True)
-    return dict(zip(codes.tolist(), counts.tolist()))
-
-
-def merge_counts(total: dict[int, int], more: dict[int, int]) -> dict[int, int]:
-    """Adds `more` into `total` (in place) and returns it."""
-    for code, count in more.items():
-        total[code] = total.get(code, 0) + count
-    return total
+    return Counter(dict(zip(codes.tolist(), counts.tolist())))
 
 
 def counts_stats(counts: dict[int, int], codebook_size: int) -> dict[str, float]:
@@ -105,7 +100,7 @@ def evaluate_autoencoder(apply_fn: Callable[[np.ndarray], tuple[Any, Any]],
     `(recon, indices)` with recon in the same pixel scale as `images` (uint8 -> `max_val` 255).
     PSNR is of the pooled MSE over every pixel seen; the code counts are pooled over every token.
     """
-    sq_err, count, counts = 0.0, 0, {}
+    sq_err, count, counts = 0.0, 0, Counter()
     for batch in batches:
         images = np.asarray(batch["image"] if isinstance(batch, dict) else batch)
         recon, indices = apply_fn(images)
@@ -116,7 +111,7 @@ def evaluate_autoencoder(apply_fn: Callable[[np.ndarray], tuple[Any, Any]],
         diff = recon.astype(np.float64) - images.astype(np.float64)
         sq_err += float(np.sum(diff * diff))
         count += diff.size
-        merge_counts(counts, code_counts(np.asarray(indices), codebook_size))
+        counts.update(code_counts(np.asarray(indices), codebook_size))
     if count == 0:
         raise ValueError("evaluate_autoencoder: `batches` yielded no images.")
     mse = sq_err / count
