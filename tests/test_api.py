@@ -118,3 +118,30 @@ def test_training_metrics_count_real_tokens_and_periodic_samples(workdir, run):
     assert grid.dtype == np.uint8 and grid.ndim == 3 and grid.shape[-1] == 3
     assert "periodic_t2i_prompt_acc" in report["scalars"]
     assert len(report["text"]["samples/image_to_caption"].split("\n\n")) == 4
+
+
+def test_sample_settings_bench_scores_as_the_sample_stage(workdir, run):
+    """bench.sample_settings' reference setting reproduces the sample stage's text->image scores
+    (same prompts, seed and weights); another setting is scored on the same checkpoint with its
+    paired difference; an unknown field is named in one line."""
+    import json
+
+    from absl import app
+
+    from bench import sample_settings
+    results = sample_settings.compare([workdir], [("default", {}), ("cfg1", {"cfg_scale": 1})],
+                                      "test", 8, 0)
+    with open(os.path.join(workdir, "samples", "eval.json")) as f:
+        stage = json.load(f)["metrics"]
+    default, cfg1 = results["rows"]
+    for key in sample_settings.SCORES:
+        assert default[key] == pytest.approx(stage[f"t2i_{key}"])
+        assert default[f"{key}_lo"] <= default[key] <= default[f"{key}_hi"]
+    assert default["prompts"] == cfg1["prompts"] == stage["num_eval"] == 8
+    summary = results["summary"]["cfg1"]["prompt_acc"]
+    assert summary["paired_diff_points"] == [round(100 * (cfg1["prompt_acc"]
+                                                          - default["prompt_acc"]), 2)]
+    with pytest.raises(app.UsageError, match="no sample field 'cfgscale'"):
+        sample_settings.settings_for(run, "typo", {"cfgscale": 1.5})
+    with pytest.raises(app.UsageError, match="NAME:FIELD=VALUE"):
+        sample_settings.parse_setting("cfg_scale=1.5")

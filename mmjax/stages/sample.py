@@ -80,6 +80,16 @@ def validation_losses(config, workdir, tokenizer, model, params, special) -> dic
     return out
 
 
+def prompts_of(run_: api.Run, records) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids [N, max_caption_len], lengths [N]) of the records' captions as the text->image
+    prompts the eval feeds the sampler (data.long_captions "drop" cuts long prompts here)."""
+    policy = multimodal_task.long_caption_policy(run_.config)
+    encoded = [multimodal_task.encode_caption(run_.tokenizer, r["caption"], run_.max_caption_len,
+                                              "truncate" if policy == "drop" else policy)
+               for r in records]
+    return np.stack([e[0] for e in encoded]), np.array([e[1] for e in encoded], np.int32)
+
+
 def run(config, workdir) -> dict:
     """Samples, scores and writes <workdir>/samples/*; returns the metrics (see module doc)."""
     if config.data.name == "shapes_edits":  # A + instruction -> B, scored by edit rules
@@ -97,12 +107,7 @@ def run(config, workdir) -> dict:
         raise InputError("the test split is empty: nothing to sample (data.num_test)")
     recs = [records[i] for i in range(n_eval)]
     true_tokens = np.stack([token_ds[i] for i in range(n_eval)]).astype(np.int32)
-    policy = multimodal_task.long_caption_policy(config)  # "drop": long prompts are cut here
-    encoded = [multimodal_task.encode_caption(tok, r["caption"], run_.max_caption_len,
-                                              "truncate" if policy == "drop" else policy)
-               for r in recs]
-    ids = np.stack([e[0] for e in encoded])
-    lengths = np.array([e[1] for e in encoded], np.int32)
+    ids, lengths = prompts_of(run_, recs)
     if run_.settings.max_text_len < run_.max_caption_len + 1:
         logging.warning("sample.max_text_len=%d < data.max_caption_len + 1 = %d: longer captions "
                         "(and their <eos>) are cut off, which caps the i2t accuracies.",
