@@ -2,7 +2,7 @@
 
 Usage: python -m mmjax.main --config=configs/mot_shapes.py:ARG --workdir=DIR [--mode=pipeline]
 ARG = SIZE[,OPTION...]
-  SIZE:    smoke (seconds; tests) | demo (README; about 19.5 min on 2 CPU cores)
+  SIZE:    smoke (seconds; tests) | demo (README; about 19 min on 2 CPU cores)
            | cpu_hour (the demo model trained 5x longer: about an hour on 2 CPU cores) | small
            | base | 300m | 1b (accelerators; bf16, remat)
   OPTIONS: discrete (FSQ-index head instead of the flow head) | dense (one modality)
@@ -46,8 +46,8 @@ TRAIN_SIZES = {
     # prompts) is 73% after 1200 and 94% after 2400 (grid8: 98% after 1200). 16384 distinct
     # images, not 4096: on grid4 a step holds 32 documents, so 4096 images were each seen ~30
     # times and the model over-fitted (validation image loss 0.089 against 0.061 in training);
-    # with 4x the images whole prompts go from 47.1% to 63.0% (3 seeds) for about a minute more
-    # of data building and tokenizing (bench/results/ablation_demo.json).
+    # with 4x the images whole prompts go from 47.1% to 63.0% (3 seeds) for about 31 s more of
+    # data building and tokenizing (bench/results/ablation_demo.json).
     "demo": dict(steps=3800, batch_size=16, tok_steps=2400, tok_batch=16, channels=(32, 64, 64),
                  num_train=16384, grid="grid4"),
     # cpu_hour: what an hour of 2 CPU cores buys: the demo model for 5x its steps, on the
