@@ -11,7 +11,7 @@ from mmjax import config_validation
 @pytest.mark.parametrize("arg, side, codes", [
     ("demo", 4, 2**24), ("demo,grid8", 8, 1000), ("demo,discrete", 8, 1000),
     ("demo,vq", 8, 1000), ("demo,edits", 4, 2**24), ("smoke", 8, 1000), ("smoke,grid4", 4, 2**24),
-    ("cpu_hour", 8, 1000)])
+    ("cpu_hour", 4, 2**24), ("cpu_hour,grid8", 8, 1000)])
 def test_grid_of_each_size_and_option(arg, side, codes):
     config = config_validation.validate(mot_shapes.get_config(arg))
     assert config_validation.image_side(config) == side
