@@ -31,6 +31,7 @@ import numpy as np
 from absl import app, flags
 
 from bench.common import git_commit, load_config, write_results
+from mmjax import parallel
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("spec", "demo", "configs/mot_shapes.py argument of every point (the head is "
@@ -198,6 +199,8 @@ def main(_):
     multipliers = [float(m) for m in FLAGS.multipliers]
     if any(m <= 0 for m in multipliers):
         raise app.UsageError(f"--multipliers must be > 0, got {FLAGS.multipliers}")
+    # The stages run in this process: split the CPU host as `mmjax` would, before JAX starts.
+    parallel.split_cpu_host(int(point_config(FLAGS.heads[0], 1.0).mesh.cpu_devices))
     root = os.path.join(FLAGS.root, time.strftime("%Y%m%d-%H%M%S"))
     t0 = time.perf_counter()
     bases = tokenizer_bases(root)

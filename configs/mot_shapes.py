@@ -85,6 +85,11 @@ TOKEN_GRIDS = {"grid8": dict(extra_downsample=False, levels=None),  # None: fsq.
 # the pipeline tests). base and up: rows of 1024 tokens hold several documents each, so a
 # row is a group already.
 DIRECTION_GROUP_ROWS = {"smoke": 2, "demo": 4, "cpu_hour": 4, "small": 4}
+# CPU sizes: one XLA device per core of the README's 2-core host (mesh.cpu_devices), so the
+# tokenizer's small convolutions run data-parallel: 5.8 -> 8.5 steps/s (1.46x), about 2 min off
+# the demo, while the model's steps run at the same speed on 1 or 2 devices (4 devices:
+# tokenizer 9.0, model 19% slower; bench/results/cpu_devices.json).
+CPU_DEVICES = {"demo": 2, "cpu_hour": 2}
 # edits (demo): the budget the README's edit figures were measured with (rows hold ~3.4x the
 # tokens of a caption<->image row, so the batch is smaller than the demo's old 32).
 EDITS_DEMO_TRAIN = dict(steps=1000, batch_size=10)
@@ -128,6 +133,7 @@ def get_config(arg: str = "demo"):
         c.data.image_size = 64
     _set_budget(c, t["steps"], t["batch_size"])
     c.objective.direction_group_rows = DIRECTION_GROUP_ROWS.get(size, 1)
+    c.mesh.cpu_devices = CPU_DEVICES.get(size, 0)
     c.train.eval_batches = 2 if size == "smoke" else 8
     c.sample.num_samples = 4 if size == "smoke" else 16
     c.sample.ode_steps = 4 if size == "smoke" else 16

@@ -169,6 +169,10 @@ def mesh_config() -> ml_collections.ConfigDict:
     c.fsdp = 1  # ZeRO-3 style sharding of params and optimizer state (and the batch).
     c.tensor = 1  # Tensor parallelism over heads / mlp.
     c.dcn_data = 1  # Multi-slice: TPU slices (GPU: processes) the data axis spans over DCN.
+    # CPU-only hosts: XLA CPU devices to split each process into, so the data axis runs over
+    # cores (parallel.split_cpu_host; the command line applies it before JAX starts). 0: XLA's
+    # default (one device, or XLA_FLAGS' count). Accelerator runs ignore it.
+    c.cpu_devices = 0
     return c
 
 

@@ -163,6 +163,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for axis in ("data", "fsdp", "tensor"):
         _require(config, f"mesh.{axis}", lambda v: v == -1 or v >= 1,
                  "must be a positive size or -1 (the rest of the devices)")
+    _require(config, "mesh.cpu_devices", lambda v: int(v) == v and v >= 0,
+             "must be an integer >= 0 (0: XLA's default CPU devices)")
     return config
 
 

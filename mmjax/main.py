@@ -104,6 +104,7 @@ def main(argv) -> None:
     _configure_logging()
     cloud.check_path(FLAGS.workdir, write=True)  # no credentials / no bucket: one line, at once
     from mmjax import compilation_cache, parallel
+    parallel.split_cpu_host(int(FLAGS.config.mesh.get("cpu_devices", 0)))
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id)
     cache = compilation_cache.directory_for(FLAGS.config, FLAGS.workdir)

@@ -142,6 +142,27 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
     return {k: put(v) for k, v in batch.items() if np.asarray(v).dtype != object}
 
 
+def split_cpu_host(num_devices: int) -> None:
+    """Splits a CPU host into `num_devices` XLA devices (jax_num_cpu_devices), so the mesh's data
+    axis runs over cores.
+
+    Why: one XLA CPU device spreads an op over cores with its intra-op thread pool, which small
+    convolutions use poorly (the demo's FSQ tokenizer: 1.17x from a second core); as data
+    parallel over 2 devices its step runs 1.46x faster on 2 cores, while the transformer runs
+    at the same speed either way (bench/results/cpu_devices.json). Only the CPU backend reads the
+    setting, so accelerator runs ignore it. It must be set before JAX starts its backends: when
+    they are running already (a notebook that used JAX) the run goes on with the devices it has.
+    0 keeps XLA's default (one device, or XLA_FLAGS' --xla_force_host_platform_device_count).
+    """
+    if num_devices <= 0:
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", num_devices)
+    except RuntimeError as e:  # backends already initialized
+        logging.warning("mesh.cpu_devices=%d not applied (%s); going on with %d CPU device(s)",
+                        num_devices, str(e).split(" i.e.")[0], len(jax.devices("cpu")))
+
+
 def initialize_distributed(coordinator_address: str = "", num_processes: int = 0,
                            process_id: int = -1) -> None:
     """Starts JAX's multi-host runtime when asked to (flags, env, or a cluster JAX detects).

@@ -277,6 +277,8 @@ def train(config, workdir, task: Task, *, mesh=None, stop_at_step: int | None = 
     wd = workdir if isinstance(workdir, Workdir) else Workdir.from_config(config, workdir)
     tc = task.train_config
     mesh = mesh or parallel.create_mesh(config.mesh)
+    logging.info("%s: mesh %s over %d %s device(s)", task.name, dict(mesh.shape), mesh.size,
+                 mesh.devices.flat[0].platform)
     rules = parallel.logical_rules()
     run_dir = wd.run_dir(task.name)
     local_bs = _check_batch(tc, mesh)

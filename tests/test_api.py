@@ -20,10 +20,22 @@ def workdir(tmp_path_factory):
     res = subprocess.run([sys.executable, "-m", "mmjax.main", "--config=configs/mot_shapes.py:smoke",
                           f"--workdir={wd}", "--mode=pipeline", "--config.sample.num_eval=8",
                           "--config.train.ema_decay=0.9",  # sampling reads the EMA weights
-                          "--config.sample.batch_size=4", "--config.sample.interleaved_rounds=0"],
+                          "--config.sample.batch_size=4", "--config.sample.interleaved_rounds=0",
+                          "--config.mesh.cpu_devices=2"],  # the demo's split of a CPU host
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
+    with open(os.path.join(wd, "pipeline.log"), "w") as f:
+        f.write(res.stderr)
     return wd
+
+
+def test_the_command_line_splits_the_cpu_host(workdir):
+    """mesh.cpu_devices=2 reached JAX before it started: both trained stages ran data-parallel
+    over 2 CPU devices (without it this process has one)."""
+    with open(os.path.join(workdir, "pipeline.log")) as f:
+        log = f.read()
+    for stage in ("tokenizer", "model"):
+        assert f"{stage}: mesh {{'data': 2, 'fsdp': 1, 'tensor': 1}} over 2 cpu device(s)" in log
 
 
 @pytest.fixture(scope="module")

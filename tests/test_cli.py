@@ -29,6 +29,8 @@ CASES = {
                       r"--config\.fsq\.nope: no such config field 'nope'"),
     "malformed_value": ([FSQ, WD, "--config.tokenizer_train.steps=abc"],
                         r"--config\.tokenizer_train\.steps=abc: invalid literal"),
+    "negative_cpu_devices": ([FSQ, WD, "--config.mesh.cpu_devices=-2"],
+                             r"config\.mesh\.cpu_devices=-2: must be an integer >= 0"),
     "unknown_size": (["--config=configs/fsq_shapes.py:huge", WD],
                      r"configs/fsq_shapes\.py: unknown size 'huge'; choose from"),
     "unknown_option": (["--config=configs/mot_shapes.py:smoke,bogus", WD],

@@ -10,6 +10,8 @@ cost here: train steps are compiled once per mesh; params are initialised once a
 """
 import os
 import shutil
+import subprocess
+import sys
 
 import grain
 import jax
@@ -283,3 +285,21 @@ def test_bad_mesh_configs_name_the_field(reference):
         setup_for(wide, task, make_mesh((1, 8, 1)))
     with pytest.raises(ValueError, match=r"dimension 2 .* change mesh\.tensor"):
         setup_for(config, task, make_mesh((2, 1, 4)))
+
+
+def test_split_cpu_host_before_jax_starts_wins_over_xla_flags():
+    """In a fresh process, mesh.cpu_devices decides the CPU device count (XLA_FLAGS asks for 8)."""
+    code = ("from mmjax import parallel; parallel.split_cpu_host({n}); import jax; "
+            "print(jax.device_count())")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}
+    counts = [subprocess.run([sys.executable, "-c", code.format(n=n)], env=env, check=True,
+                             capture_output=True, text=True).stdout.split()[-1] for n in (3, 0)]
+    assert counts == ["3", "8"]  # 0 leaves XLA's setting alone
+
+
+def test_split_cpu_host_after_jax_started_warns_and_keeps_the_devices(caplog):
+    before = jax.device_count()
+    parallel.split_cpu_host(3)
+    assert jax.device_count() == before
+    assert any("mesh.cpu_devices=3 not applied" in r.getMessage() for r in caplog.records)

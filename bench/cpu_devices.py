@@ -1,0 +1,110 @@
+"""Train steps/s of the demo's two trained stages with the CPU host split into 1, 2, 4 devices.
+
+  python -m bench.cpu_devices                        # demo, counts 1,2,4, 2 rounds
+  python -m bench.cpu_devices --counts=1,2 --rounds=3 --config=configs/mot_shapes.py:cpu_hour
+
+Why: one XLA CPU device spreads each op over the cores with its intra-op thread pool; the FSQ
+tokenizer's small convolutions use a second core poorly that way, data parallel over one device
+per core does better (mesh.cpu_devices, mmjax.parallel.split_cpu_host). The device count is fixed
+per process, so every measurement is its own `mmjax --mode=tokenizer|model` process, and the
+counts alternate within each round so that load drifting on the host hits them alike.
+steps/s is read from the stage's train_metrics.jsonl, leaving out the first logged interval (it
+holds the compile). Data, a short tokenizer and its image tokens are built once in --workdir:
+the model's step time does not depend on the tokenizer's quality.
+Writes bench/results/cpu_devices.json.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+
+from absl import app, flags
+
+from bench.common import write_results
+from mmjax.metrics_writer import read_jsonl
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("config", "configs/mot_shapes.py:demo", "Config the stages run with.")
+flags.DEFINE_list("counts", ["1", "2", "4"], "mesh.cpu_devices values to compare.")
+flags.DEFINE_integer("rounds", 2, "Alternating rounds over --counts.")
+flags.DEFINE_integer("tokenizer_steps", 300, "Tokenizer steps per measurement.")
+flags.DEFINE_integer("model_steps", 400, "Model steps per measurement.")
+flags.DEFINE_string("workdir", "/tmp/mmjax_bench_cpu_devices", "Root of the runs' workdirs.")
+flags.DEFINE_string("out", None, "Output JSON (default bench/results/cpu_devices.json).")
+
+SHARED = ("data", "tokenizer", "image_tokens")  # built once, copied into every model run
+LOG_EVERY = 50
+
+
+def mmjax(workdir: str, mode: str, *overrides: str) -> None:
+    """One mmjax process (its own device count); its output goes to <workdir>/<mode>.log."""
+    os.makedirs(workdir, exist_ok=True)
+    log_path = os.path.join(workdir, f"{mode}.log")
+    with open(log_path, "w") as log:
+        done = subprocess.run([sys.executable, "-m", "mmjax.main", f"--config={FLAGS.config}",
+                               f"--workdir={workdir}", f"--mode={mode}", *overrides],
+                              stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode:
+        with open(log_path) as log:
+            raise RuntimeError(f"--mode={mode} in {workdir} failed: {log.read()[-600:]}")
+
+
+def steps_per_sec(run_dir: str) -> float:
+    """Mean steps/s over the logged intervals after the first (which includes the compile)."""
+    rows = [r for r in read_jsonl(os.path.join(run_dir, "train_metrics.jsonl"))
+            if "steps_per_sec" in r]
+    if len(rows) < 2:
+        raise RuntimeError(f"{run_dir}: fewer than 2 train-metric rows; raise the steps")
+    return statistics.mean(r["steps_per_sec"] for r in rows[1:])
+
+
+def measure(stage: str, count: int, base: str, root: str) -> float:
+    workdir = os.path.join(root, f"{stage}_{count}")
+    shutil.rmtree(workdir, ignore_errors=True)
+    if stage == "tokenizer":
+        shutil.copytree(os.path.join(base, "data"), os.path.join(workdir, "data"))
+        steps = FLAGS.tokenizer_steps
+        block = "tokenizer_train"
+    else:
+        for name in SHARED:
+            shutil.copytree(os.path.join(base, name), os.path.join(workdir, name))
+        steps = FLAGS.model_steps
+        block = "train"
+    mmjax(workdir, stage, f"--config.mesh.cpu_devices={count}", f"--config.{block}.steps={steps}",
+          f"--config.{block}.log_every={LOG_EVERY}", f"--config.{block}.checkpoint_every={steps}",
+          f"--config.{block}.eval_batches=1")
+    return steps_per_sec(os.path.join(workdir, stage))
+
+
+def main(_):
+    counts = [int(c) for c in FLAGS.counts]
+    if not counts or min(counts) < 1:
+        raise app.UsageError(f"--counts must be positive integers, got {FLAGS.counts}")
+    root = FLAGS.workdir
+    base = os.path.join(root, "base")
+    if not all(os.path.isdir(os.path.join(base, n)) for n in SHARED):
+        for mode in ("tokenizer", "tokenize"):  # data + SentencePiece + tokenizer, image tokens
+            mmjax(base, mode, "--config.tokenizer_train.steps=50")
+    runs = {stage: {c: [] for c in counts} for stage in ("tokenizer", "model")}
+    for _ in range(FLAGS.rounds):
+        for stage in runs:
+            for count in counts:
+                runs[stage][count].append(measure(stage, count, base, root))
+                print(f"{stage} cpu_devices={count}: {runs[stage][count][-1]:.2f} steps/s",
+                      flush=True)
+    results = {"config": FLAGS.config, "rounds": FLAGS.rounds,
+               "steps": {"tokenizer": FLAGS.tokenizer_steps, "model": FLAGS.model_steps},
+               "command": "python -m bench.cpu_devices " + " ".join(sys.argv[1:])}
+    for stage, by_count in runs.items():
+        one = statistics.mean(by_count[counts[0]])
+        results[stage] = {str(c): {"steps_per_sec": statistics.mean(v), "per_round": v,
+                                   f"speedup_vs_{counts[0]}": statistics.mean(v) / one}
+                          for c, v in by_count.items()}
+    write_results("cpu_devices", results, FLAGS.out)
+
+
+if __name__ == "__main__":
+    app.run(main)
