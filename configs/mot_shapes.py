@@ -2,7 +2,7 @@
 
 Usage: python -m mmjax.main --config=configs/mot_shapes.py:ARG --workdir=DIR [--mode=pipeline]
 ARG = SIZE[,OPTION...]
-  SIZE:    smoke (seconds; tests) | demo (README; about 19 min on 2 CPU cores)
+  SIZE:    smoke (seconds; tests) | demo (README; about 16 min on 2 CPU cores)
            | cpu_hour (the demo model trained 5x longer: about an hour on 2 CPU cores) | small
            | base | 300m | 1b (accelerators; bf16, remat)
   OPTIONS: discrete (FSQ-index head instead of the flow head) | dense (one modality)
