@@ -117,6 +117,7 @@ def run_point(base: str, root: str, head: str, multiplier: float) -> dict:
 
 def plot(rows: list[dict], path: str) -> None:
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -136,6 +137,7 @@ def plot(rows: list[dict], path: str) -> None:
                 ax.annotate(f"{r['steps']}", (xi, yi), textcoords="offset points",
                             xytext=(4, 4), fontsize=7)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labels collide in a decade
         ax.set_xlabel("training FLOPs (analytic, real tokens)")
         ax.set_ylabel(f"{title} accuracy (%)")
         ax.set_ylim(0, 100)
