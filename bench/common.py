@@ -37,6 +37,20 @@ def environment() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "git_commit": git_commit()}
 
 
+def window_rates(run_dir: str) -> list[float]:
+    """steps/s of every logged window of a trained stage (<run_dir>/train_metrics.jsonl), in
+    order; the first window holds the compile."""
+    from mmjax.metrics_writer import read_jsonl
+    rows = read_jsonl(os.path.join(run_dir, "train_metrics.jsonl"))
+    return [r["steps_per_sec"] for r in rows if "steps_per_sec" in r]
+
+
+def steady_rates(run_dir: str) -> list[float]:
+    """The windows after the first (compile), or the first alone when it is the only one."""
+    rates = window_rates(run_dir)
+    return rates[1:] or rates
+
+
 def write_results(name: str, results: dict, out: str | None = None, quiet: bool = False) -> str:
     """Write results + environment as JSON; quiet=True for the partial writes a long run makes
     after each item, so a run cut off by a time limit still leaves what it measured."""

@@ -23,8 +23,7 @@ import sys
 
 from absl import app, flags
 
-from bench.common import write_results
-from mmjax.metrics_writer import read_jsonl
+from bench.common import window_rates, write_results
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "configs/mot_shapes.py:demo", "Config the stages run with.")
@@ -54,11 +53,10 @@ def mmjax(workdir: str, mode: str, *overrides: str) -> None:
 
 def steps_per_sec(run_dir: str) -> float:
     """Mean steps/s over the logged intervals after the first (which includes the compile)."""
-    rows = [r for r in read_jsonl(os.path.join(run_dir, "train_metrics.jsonl"))
-            if "steps_per_sec" in r]
-    if len(rows) < 2:
+    rates = window_rates(run_dir)
+    if len(rates) < 2:
         raise RuntimeError(f"{run_dir}: fewer than 2 train-metric rows; raise the steps")
-    return statistics.mean(r["steps_per_sec"] for r in rows[1:])
+    return statistics.mean(rates[1:])
 
 
 def measure(stage: str, count: int, base: str, root: str) -> float:

@@ -14,9 +14,8 @@ import time
 
 from absl import app, flags
 
-from bench.common import load_config, write_results
+from bench.common import load_config, steady_rates, write_results
 from mmjax import stages
-from mmjax.metrics_writer import read_jsonl
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("runs", ["demo:8,5,5,5", "demo:8,8,8,5,5,5"], "budget:levels")
@@ -39,10 +38,7 @@ def run_one(budget: str, levels: tuple[int, ...], root: str) -> dict:
     start = time.perf_counter()
     results = stages.run_mode(config, workdir, "tokenizer")
     wall = time.perf_counter() - start
-    rows = [r for r in read_jsonl(os.path.join(workdir, "tokenizer", "train_metrics.jsonl"))
-            if "steps_per_sec" in r]
-    # The first logging window includes compilation; report the steady state after it.
-    steady = [r["steps_per_sec"] for r in rows[1:]] or [rows[-1]["steps_per_sec"]]
+    steady = steady_rates(os.path.join(workdir, "tokenizer"))  # after the compile's window
     metrics = results["tokenizer"]
     return {"budget": budget, "levels": list(levels), "codebook_size": metrics["codebook_size"],
             "steps": metrics["step"], "batch_size": config.tokenizer_train.batch_size,

@@ -36,7 +36,7 @@ import time
 
 from absl import app, flags
 
-from bench.common import git_commit, load_config, write_results
+from bench.common import git_commit, load_config, steady_rates, write_results
 from mmjax.config_validation import image_side
 
 FLAGS = flags.FLAGS
@@ -108,7 +108,6 @@ def run_config(base, quantizer: str, levels: tuple[int, ...]):
 def run_one(config, workdir: str, eval_images: int) -> dict:
     from mmjax import train
     from mmjax.config_validation import validate
-    from mmjax.metrics_writer import read_jsonl
     from mmjax import stages
     from mmjax.stages.tokenizer import evaluate as evaluate_tokenizer, load_tokenizer
     from mmjax.tasks.tokenizer import TokenizerTask
@@ -132,9 +131,7 @@ def run_one(config, workdir: str, eval_images: int) -> dict:
                                       "usage": metrics["validation_usage"],
                                       "perplexity": metrics["validation_perplexity"],
                                       "psnr": metrics["validation_psnr"]}]
-    rows = [r for r in read_jsonl(os.path.join(workdir, "tokenizer", "train_metrics.jsonl"))
-            if "steps_per_sec" in r]
-    steady = [r["steps_per_sec"] for r in rows[1:]] or [rows[-1]["steps_per_sec"]]
+    steady = steady_rates(os.path.join(workdir, "tokenizer"))
     grid = image_side(config)
     return {"quantizer": config.fsq.quantizer, "codebook_size": int(metrics["codebook_size"]),
             "levels": list(config.fsq.levels) if config.fsq.quantizer == "fsq" else None,

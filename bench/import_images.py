@@ -14,7 +14,6 @@ Writes bench/results/import_images.json with the command and git commit.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import git_commit, load_config, write_results  # noqa: E402
+from bench.common import git_commit, load_config, window_rates, write_results  # noqa: E402
 
 
 def write_source(root: str, n: int) -> None:
@@ -64,9 +63,7 @@ def train_speed(work: str, data: dict, steps: int) -> dict:
     wd = Workdir.from_config(config, work)
     stages.data.run(config, wd)  # builds shapes; checks an imported set is there
     train.train(config, wd, TokenizerTask(config, wd.data_dir))
-    with open(os.path.join(work, "tokenizer", "train_metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if "steps_per_sec" in line]
-    rates = [r["steps_per_sec"] for r in rows][1:]
+    rates = window_rates(os.path.join(work, "tokenizer"))[1:]
     return {"steps_per_sec": float(np.mean(rates)), "windows": rates, **data}
 
 
