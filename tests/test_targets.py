@@ -168,7 +168,9 @@ def test_gathered_losses_and_gradients_equal_all_positions(head, group):
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     for name in ref_m:
         np.testing.assert_allclose(m[name], ref_m[name], rtol=1e-5, atol=1e-7, err_msg=name)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g, ref_g)
+    # float32 sums in another order: each leaf's error scales with its largest entries
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max())), g, ref_g)
     assert float(m["targets_over_capacity"]) == 0.0
 
 
