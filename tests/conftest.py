@@ -1,5 +1,5 @@
-"""Test-wide set-up: CPU only, 8 simulated devices so sharded tests run in the same process, and
-one persistent XLA compilation cache for the whole run.
+"""Test-wide set-up: CPU only, 8 simulated devices so sharded tests run in the same process, fast
+(unoptimised) CPU code generation, and one persistent XLA compilation cache for the whole run.
 
 Why the shared cache: most slow tests start `mmjax.main` (or a bench) as subprocesses at the smoke
 size, and each subprocess would compile the same train, eval and sampling programs again; with a
@@ -15,7 +15,14 @@ import tempfile
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
-    os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+    flags += " --xla_force_host_platform_device_count=8"
+# LLVM at -O0: the suite compiles hundreds of small programs and runs each a few steps, so code
+# generation, not execution, is its time (tests/test_targets.py, test_precision.py and
+# test_sampling.py: 213 s -> 162 s on 2 cores). It changes no HLO pass, and every equivalence a
+# test checks runs both sides under the same flags. Children inherit it (tests/child_env.py).
+if "xla_backend_optimization_level" not in flags:
+    flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = flags.strip()
 
 _OWN_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

@@ -9,7 +9,8 @@ import os
 import sys
 
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+# 2 device(s), after the flags the test passed on (tests/child_env.py: no count of its own)
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
 sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402

@@ -16,7 +16,8 @@ import sys
 import time
 
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+# 1 device(s), after the flags the test passed on (tests/child_env.py: no count of its own)
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1").strip()
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from child_env import child_env
 
 pytestmark = pytest.mark.slow  # trains the smoke pipeline first
 
@@ -15,7 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     wd = str(tmp_path_factory.mktemp("api"))
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = child_env()
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     res = subprocess.run([sys.executable, "-m", "mmjax.main", "--config=configs/mot_shapes.py:smoke",
                           f"--workdir={wd}", "--mode=pipeline", "--config.sample.num_eval=8",

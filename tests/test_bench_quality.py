@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from child_env import child_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,7 +21,7 @@ def test_quality_builds_one_base_per_tokenizer_and_scores_both_heads(tmp_path):
     from mmjax import api
     from mmjax.tokenizers.fsq import FSQ
     out = tmp_path / "quality.json"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = child_env()
     env.update(JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-m", "bench.quality", "--spec=smoke,grid4", "--multipliers=1",

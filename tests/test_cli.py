@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from child_env import child_env
 
 pytestmark = pytest.mark.slow  # end to end: `-m 'not slow'` skips it
 
@@ -69,7 +70,7 @@ def _run(name, tmp):
     args, _ = CASES[name]
     wd = os.path.join(tmp, name)
     args = [a.format(wd=wd, tmp=tmp) for a in args]
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "MMJAX_TRACEBACK")}
+    env = child_env(drop_prefixes=("MMJAX_TRACEBACK",))
     env["JAX_PLATFORMS"] = "cpu"
     return subprocess.run([sys.executable, "-m", "mmjax.main", *args], capture_output=True,
                           text=True, cwd=REPO, env=env, timeout=300)

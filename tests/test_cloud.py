@@ -14,6 +14,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from gcs_server import fake_gcs, list_objects, read_object
 from mmjax import cloud, io
 from mmjax.errors import StorageError
+from child_env import child_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "test-bucket"
@@ -132,8 +133,7 @@ def _cli(args, env, cwd):
 
 
 def _clean_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"
-           and not k.startswith(("STORAGE_EMULATOR", "TENSORSTORE_GCS", "GOOGLE_", "GCSFS_"))}
+    env = child_env(drop_prefixes=("STORAGE_EMULATOR", "TENSORSTORE_GCS", "GOOGLE_", "GCSFS_"))
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([REPO, env.get("PYTHONPATH", "")]))
     env.update(extra)
     return env

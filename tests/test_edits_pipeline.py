@@ -8,6 +8,7 @@ import sys
 
 import pytest
 from PIL import Image
+from child_env import child_env
 
 pytestmark = pytest.mark.slow  # end to end: `-m 'not slow'` skips it
 
@@ -17,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     wd = str(tmp_path_factory.mktemp("edits"))
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = child_env()
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([REPO, env.get("PYTHONPATH", "")]))
     res = subprocess.run([sys.executable, "-m", "mmjax.main", "--config=configs/mot_shapes.py:smoke,edits",
                           f"--workdir={wd}", "--mode=pipeline", "--config.sample.num_eval=6",

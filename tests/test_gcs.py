@@ -13,6 +13,7 @@ import time
 import pytest
 
 from gcs_server import fake_gcs, list_objects, read_object
+from child_env import child_env
 
 pytestmark = pytest.mark.slow  # end to end: `-m 'not slow'` skips it
 
@@ -28,8 +29,8 @@ ARGS = [f"--config={REPO}/configs/mot_shapes.py:smoke", f"--workdir=gs://{BUCKET
 
 def _env(url, cache):
     # no test-wide JAX_COMPILATION_CACHE_DIR: the run keeps its cache in the bucket (checked)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and not k.startswith(
-        ("JAX_COMPILATION_CACHE", "STORAGE_EMULATOR", "TENSORSTORE_GCS", "GOOGLE_", "GCSFS_"))}
+    env = child_env(drop_prefixes=(
+        "JAX_COMPILATION_CACHE", "STORAGE_EMULATOR", "TENSORSTORE_GCS", "GOOGLE_", "GCSFS_"))
     env.update(JAX_PLATFORMS="cpu", STORAGE_EMULATOR_HOST=url, MMJAX_CACHE_DIR=cache,
                PYTHONPATH=os.pathsep.join([REPO, env.get("PYTHONPATH", "")]))
     return env

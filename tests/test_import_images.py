@@ -18,6 +18,7 @@ from mmjax import config_defaults
 
 sys.path.insert(0, os.path.dirname(__file__))
 import import_fixtures as fx  # noqa: E402
+from child_env import child_env  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 12
@@ -34,7 +35,7 @@ FORMATS = {
 
 
 def _env():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = child_env()
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([REPO, env.get("PYTHONPATH", "")]))
     return env
 

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 
 import pytest
+from child_env import child_env
 
 pytestmark = pytest.mark.slow  # end to end: `-m 'not slow'` skips it
 
@@ -22,7 +23,7 @@ def free_port() -> int:
 
 def run_workers(nproc: int, workdir: str) -> list[float]:
     address = f"127.0.0.1:{free_port()}"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = child_env()
     os.makedirs(workdir, exist_ok=True)
     # Logs go to files: a full stderr pipe would block one process while the other waits for it.
     logs = [open(os.path.join(workdir, f"process_{i}.log"), "w+") for i in range(nproc)]

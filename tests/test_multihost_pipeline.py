@@ -20,6 +20,7 @@ from mmjax import io
 from mmjax.data import image_tokens, pipeline
 from mmjax.stages import tokenize
 from mmjax.workdir import Workdir
+from child_env import child_env
 
 pytestmark = pytest.mark.slow  # end to end: `-m 'not slow'` skips it
 
@@ -28,7 +29,7 @@ CONFIG = "configs/mot_shapes.py:smoke"
 
 
 def _env():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = child_env()
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
 

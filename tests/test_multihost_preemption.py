@@ -14,6 +14,7 @@ import time
 import pytest
 
 from test_reliability import REPO, complete_checkpoints, loss_rows, worker_cmd
+from child_env import child_env
 
 pytestmark = pytest.mark.slow  # end to end: `-m 'not slow'` skips it
 
@@ -34,7 +35,7 @@ def start_pair(tmp_path, name, workdir, service=True,
     address = f"127.0.0.1:{free_port()}"
     procs = []
     for i in range(2):
-        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        env = child_env()
         env.update(MMJAX_COORDINATOR=address, MMJAX_NUM_PROCESSES="2", MMJAX_PROCESS_ID=str(i),
                    JAX_ENABLE_PREEMPTION_SERVICE="true" if service else "false")
         log_path = str(tmp_path / f"{name}_{i}.log")

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from child_env import child_env
+
 from bench.common import load_config
 from mmjax.evals import text_metrics
 
@@ -55,7 +57,7 @@ OVERRIDES = {"num_eval": NUM_EVAL, "batch_size": 3, "interleaved_rounds": 1}
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("mm_eval"))
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = child_env()
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([REPO, env.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", WORKER, workdir, json.dumps(OVERRIDES)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=900)

@@ -5,6 +5,7 @@ import nbformat
 from nbclient import NotebookClient
 
 import pytest
+from child_env import child_env
 
 pytestmark = pytest.mark.slow  # end to end: `-m 'not slow'` skips it
 
@@ -17,7 +18,7 @@ def _execute(name, tmp_path, monkeypatch):
     monkeypatch.setenv("MMJAX_NOTEBOOK_WORKDIR", str(tmp_path / "work"))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     # One device in the kernel: smoke batch sizes are not divisible by conftest's 8 fake devices.
-    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", child_env()["XLA_FLAGS"])
     monkeypatch.delenv("MMJAX_SWEEP_DIR", raising=False)
     nb = nbformat.read(os.path.join(NOTEBOOKS, f"{name}.ipynb"), as_version=4)
     nbformat.validate(nb)

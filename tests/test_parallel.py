@@ -264,7 +264,12 @@ def test_checkpoint_restores_onto_a_smaller_mesh(reference, full_run, tmp_path):
     for x, y in zip(jax.tree.leaves(resumed["state"]["params"]),
                     jax.tree.leaves(full_run["params"])):
         assert len(x.sharding.device_set) == 2
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+        # float32 sums in another order on the other mesh, and Adam divides each entry's update
+        # by its own gradient scale, so an entry with a near-zero gradient moves by up to ~lr per
+        # step on rounding alone (seen: 1.3e-6 at lr 3e-3, CPU at -O0). 0.1% of lr is far below
+        # what another batch or lost optimizer state would change (O(lr) per entry).
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4,
+                                   atol=1e-3 * config.train.lr)
 
 
 def test_bad_mesh_configs_name_the_field(reference):

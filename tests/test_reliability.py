@@ -26,6 +26,7 @@ from flax import linen as nn
 
 from mmjax import checkpointing, train
 from test_train import ToyTask, one_device_mesh, toy_config
+from child_env import child_env
 
 pytestmark = pytest.mark.slow  # end to end: `-m 'not slow'` skips it
 
@@ -49,7 +50,7 @@ class Worker:
 
     def __init__(self, log_path, cmd):
         self.log_path = log_path
-        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        env = child_env()
         with open(log_path, "w") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                                          env=env)
@@ -246,7 +247,7 @@ def _unshare_mount_works(tmp_path) -> bool:
 def _in_private_tmpfs(tmp_path, script: str) -> str:
     if not _unshare_mount_works(tmp_path):
         pytest.skip("cannot mount a private tmpfs (unshare --user --mount unavailable)")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = child_env()
     res = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -16,6 +16,7 @@ from mmjax.errors import InputError, MissingArtifactError
 from mmjax.tokenizers.fsq import FSQ
 from mmjax.tokenizers.vq import LearnedCodebook
 from mmjax.workdir import Workdir
+from child_env import child_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLE = np.random.default_rng(0).normal(size=(37, 3)).astype(np.float32)
@@ -94,7 +95,7 @@ def test_a_vq_model_needs_its_codebook_to_sample():
 @pytest.fixture(scope="module")
 def vq_workdir(tmp_path_factory):
     wd = str(tmp_path_factory.mktemp("vq_pipeline"))
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = child_env()
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([REPO, env.get("PYTHONPATH", "")]))
     res = subprocess.run([sys.executable, "-m", "mmjax.main",
                           "--config=configs/mot_shapes.py:smoke,vq", f"--workdir={wd}",
