@@ -188,3 +188,18 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
     logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count())
+    meet_other_processes()
+
+
+def meet_other_processes() -> None:
+    """One collective over every device, right after the processes have connected.
+
+    Why now: on CPU, Gloo builds its cross-process context at the first collective and gives each
+    process 30 s to join it (a fixed key-value timeout). When that first collective came later
+    (orbax's barrier as the checkpoint manager starts), one process compiling on a loaded 2-core
+    host reached it more than 30 s after the other and the job failed (`GetKeyValue() timed out
+    with key: cpu:gloo/...`). Just after `jax.distributed.initialize`, which waits for every
+    process, they are in step. Elsewhere it is a cheap barrier.
+    """
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("mmjax_processes_connected")

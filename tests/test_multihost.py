@@ -45,3 +45,36 @@ def test_two_processes_match_one(tmp_path):
     multi = run_workers(2, str(tmp_path / "multi"))  # 2 processes x 2 devices
     assert len(single) == len(multi) == 5
     np.testing.assert_allclose(multi, single, rtol=2e-5, atol=1e-6)
+
+
+LATE_WORKER = """
+import sys, time
+from jax.experimental import multihost_utils
+from mmjax import parallel
+address, process_id = sys.argv[1], int(sys.argv[2])
+parallel.initialize_distributed(address, 2, process_id)
+if process_id == 1:
+    time.sleep(GLOO_JOIN_TIMEOUT_S + 5)  # e.g. a first compile on a loaded host
+multihost_utils.sync_global_devices("first collective after start-up")
+print("joined")
+"""
+GLOO_JOIN_TIMEOUT_S = 30  # Gloo's fixed wait for the other processes at its context's creation
+
+
+def test_a_process_reaching_its_first_collective_late_still_joins(tmp_path):
+    """The first collective of a job may come far apart in two processes (one compiles longer);
+    initialize_distributed meets the others at once, so Gloo's 30 s join window is not spent
+    there. Without that meeting this fails with 'Gloo context initialization failed'."""
+    address = f"127.0.0.1:{free_port()}"
+    script = LATE_WORKER.replace("GLOO_JOIN_TIMEOUT_S", str(GLOO_JOIN_TIMEOUT_S))
+    env = child_env(JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-c", script, address, str(i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:  # a process left waiting for the other must not outlive the test
+        for p in procs:
+            p.kill()
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0 and out.strip().endswith("joined"), out[-3000:]
