@@ -16,10 +16,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     flags += " --xla_force_host_platform_device_count=8"
-# LLVM at -O0: the suite compiles hundreds of small programs and runs each a few steps, so code
-# generation, not execution, is its time (tests/test_targets.py, test_precision.py and
-# test_sampling.py: 213 s -> 162 s on 2 cores). It changes no HLO pass, and every equivalence a
-# test checks runs both sides under the same flags. Children inherit it (tests/child_env.py).
+# LLVM at -O0: the suite compiles hundreds of small programs and runs each a few steps, so
+# compiling is most of its time (the whole suite on 2 cores: 1583 s -> 1050 s, 2026-12-07). Every
+# equivalence a test checks runs both sides under the same flags. Children inherit it
+# (tests/child_env.py).
 if "xla_backend_optimization_level" not in flags:
     flags += " --xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = flags.strip()
