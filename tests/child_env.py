@@ -15,6 +15,11 @@ def xla_flags_without_device_count(flags: str) -> str:
     return " ".join(f for f in flags.split() if not f.startswith(DEVICE_COUNT_FLAG))
 
 
+def xla_flags_with_device_count(flags: str, count: int) -> str:
+    """`flags` with exactly `count` forced host devices (a worker that needs its own count)."""
+    return f"{xla_flags_without_device_count(flags)} {DEVICE_COUNT_FLAG}={count}".strip()
+
+
 def child_env(*, drop_prefixes: tuple[str, ...] = (), **extra: str) -> dict[str, str]:
     """os.environ for a child process: XLA_FLAGS without the device count, no variable starting
     with one of `drop_prefixes`, then `extra` set."""

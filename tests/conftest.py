@@ -12,10 +12,12 @@ import os
 import shutil
 import tempfile
 
+from child_env import DEVICE_COUNT_FLAG
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in flags:
-    flags += " --xla_force_host_platform_device_count=8"
+if DEVICE_COUNT_FLAG not in flags:
+    flags += f" {DEVICE_COUNT_FLAG}=8"
 # LLVM at -O0: the suite compiles hundreds of small programs and runs each a few steps, so
 # compiling is most of its time (the whole suite on 2 cores: 1583 s -> 1050 s, 2026-12-07). Every
 # equivalence a test checks runs both sides under the same flags. Children inherit it

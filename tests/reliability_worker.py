@@ -16,9 +16,11 @@ import sys
 import time
 
 os.environ["JAX_PLATFORMS"] = "cpu"
-# 1 device(s), after the flags the test passed on (tests/child_env.py: no count of its own)
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1").strip()
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from child_env import xla_flags_with_device_count  # noqa: E402
+
+# 1 device(s), after the flags the test passed on (child_env: no count of its own)
+os.environ["XLA_FLAGS"] = xla_flags_with_device_count(os.environ.get("XLA_FLAGS", ""), 1)
 
 
 def get_config(arg: str = "12"):

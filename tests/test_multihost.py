@@ -51,10 +51,10 @@ LATE_WORKER = """
 import sys, time
 from jax.experimental import multihost_utils
 from mmjax import parallel
-address, process_id = sys.argv[1], int(sys.argv[2])
+address, process_id, delay_s = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 parallel.initialize_distributed(address, 2, process_id)
 if process_id == 1:
-    time.sleep(GLOO_JOIN_TIMEOUT_S + 5)  # e.g. a first compile on a loaded host
+    time.sleep(delay_s)  # e.g. a first compile on a loaded host
 multihost_utils.sync_global_devices("first collective after start-up")
 print("joined")
 """
@@ -66,9 +66,9 @@ def test_a_process_reaching_its_first_collective_late_still_joins(tmp_path):
     initialize_distributed meets the others at once, so Gloo's 30 s join window is not spent
     there. Without that meeting this fails with 'Gloo context initialization failed'."""
     address = f"127.0.0.1:{free_port()}"
-    script = LATE_WORKER.replace("GLOO_JOIN_TIMEOUT_S", str(GLOO_JOIN_TIMEOUT_S))
     env = child_env(JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen([sys.executable, "-c", script, address, str(i)], env=env,
+    late = str(GLOO_JOIN_TIMEOUT_S + 5)
+    procs = [subprocess.Popen([sys.executable, "-c", LATE_WORKER, address, str(i), late], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     try:
