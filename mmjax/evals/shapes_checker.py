@@ -17,6 +17,7 @@ attributes), so per-attribute accuracies are well defined even for wrong images.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -51,21 +52,35 @@ def classify_shape(component: np.ndarray, pad: int = 2) -> int:
     """
     ys, xs = np.nonzero(component)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    crop = np.pad(component[y0:y1, x0:x1], pad)
-    cy, cx = (y1 - y0) / 2 + pad, (x1 - x0) / 2 + pad
+    crop = np.pad(component[y0:y1, x0:x1], pad).reshape(-1).astype(np.int32)
+    templates, areas = _templates(int(y1 - y0), int(x1 - x0), pad)
+    inter = templates @ crop  # [shapes, candidates]
+    iou = inter / np.maximum(areas + crop.sum() - inter, 1)
+    return int(np.argmax(iou.max(axis=-1)))
+
+
+@functools.lru_cache(maxsize=None)
+def _templates(height: int, width: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """(int32 [shapes, candidates, pixels] templates, their [shapes, candidates] areas) over a
+    `height` x `width` bounding box padded by `pad`.
+
+    Why cached: the candidates depend only on the box's size (centres and half-extents are set
+    relative to it), and a checker run meets a few dozen sizes, so each is rendered once rather
+    than once per detected object (most of the checker's time before).
+    """
+    cy, cx = height / 2 + pad, width / 2 + pad
     # Candidate grid on the leading axes [centre_y, centre_x, extent], pixels on the last two.
     oy = _CENTRE_OFFSETS[:, None, None, None, None]
     ox = _CENTRE_OFFSETS[None, :, None, None, None]
-    r = (max(y1 - y0, x1 - x0) / 2 + _EXTENT_OFFSETS)[None, None, :, None, None]
-    dy = (np.arange(crop.shape[0]) + 0.5)[:, None] - cy - oy
-    dx = (np.arange(crop.shape[1]) + 0.5)[None, :] - cx - ox
-    best = []
-    for shape in range(len(shapes.SHAPES)):
-        mask = shapes.shape_mask(shape, dx, dy, r)
-        inter = (mask & crop).sum(axis=(-2, -1))
-        union = (mask | crop).sum(axis=(-2, -1))
-        best.append((inter / np.maximum(union, 1)).max())
-    return int(np.argmax(best))
+    r = (max(height, width) / 2 + _EXTENT_OFFSETS)[None, None, :, None, None]
+    dy = (np.arange(height + 2 * pad) + 0.5)[:, None] - cy - oy
+    dx = (np.arange(width + 2 * pad) + 0.5)[None, :] - cx - ox
+    pixels = (height + 2 * pad) * (width + 2 * pad)
+    templates = np.stack([
+        np.broadcast_to(shapes.shape_mask(shape, dx, dy, r),
+                        np.broadcast_shapes(dx.shape, dy.shape, r.shape)).reshape(-1, pixels)
+        for shape in range(len(shapes.SHAPES))]).astype(np.int32)
+    return templates, templates.sum(-1)
 
 
 def detect_objects(image: np.ndarray, min_area_fraction: float = 0.3) -> np.ndarray:
@@ -80,12 +95,13 @@ def detect_objects(image: np.ndarray, min_area_fraction: float = 0.3) -> np.ndar
     found = []
     for color in range(len(shapes.COLORS)):
         components, count = ndimage.label(labels == color)
-        for k in range(1, count + 1):
-            component = components == k
-            area = component.sum()
-            if area < min_area:
+        areas = np.bincount(components.reshape(-1), minlength=count + 1)
+        for k, box in enumerate(ndimage.find_objects(components), start=1):
+            if areas[k] < min_area:
                 continue
+            component = components[box] == k
             ys, xs = np.nonzero(component)
+            ys, xs = ys + box[0].start, xs + box[1].start
             extent = max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1) / cell
             x_cell = min(int((xs.mean() + 0.5) // cell), shapes.GRID - 1)
             y_cell = min(int((ys.mean() + 0.5) // cell), shapes.GRID - 1)
