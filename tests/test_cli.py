@@ -1,9 +1,8 @@
 """Bad input to `python -m mmjax.main` gives one clear line and exit code 2, never a traceback.
 
-Every case is a real subprocess; they run concurrently (most fail in config validation before
-jax is imported, in well under a second).
+Every case is a real subprocess of its own test, so pytest-xdist spreads them over its workers
+(most fail in config validation before jax is imported, in about a second).
 """
-import concurrent.futures
 import os
 import re
 import subprocess
@@ -76,18 +75,10 @@ def _run(name, tmp):
                           text=True, cwd=REPO, env=env, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    tmp = str(tmp_path_factory.mktemp("cli"))
-    open(os.path.join(tmp, "a_file"), "w").close()
-    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-        futures = {name: pool.submit(_run, name, tmp) for name in CASES}
-        return {name: f.result() for name, f in futures.items()}
-
-
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_is_one_clear_line_with_exit_code_2(results, name):
-    res = results[name]
+def test_bad_input_is_one_clear_line_with_exit_code_2(tmp_path, name):
+    open(tmp_path / "a_file", "w").close()
+    res = _run(name, str(tmp_path))
     output = res.stdout + res.stderr
     assert "Traceback" not in output, output[-3000:]
     errors = [line for line in res.stderr.splitlines() if line.startswith("mmjax: error:")]
