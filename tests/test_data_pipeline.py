@@ -73,6 +73,17 @@ def test_reading_an_unbuilt_embedded_set_names_the_data_stage(tmp_path):
     assert list(tmp_path.iterdir()) == []  # reading never generates
 
 
+def test_building_and_reading_leave_no_temporary_directory(tmp_path, monkeypatch):
+    # TFDS's DatasetInfo.initialize_from_bucket made one empty tmp*tfds per unbuilt builder.
+    scratch = tmp_path / "system_tmp"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    with pytest.raises(MissingArtifactError):
+        pipeline.image_caption_dataset(_cfg(num_train=8), "train", tmp_path / "data")
+    assert len(_dataset(_cfg(num_train=8), "train", str(tmp_path / "work"))) == 8
+    assert list(scratch.iterdir()) == []
+
+
 def test_digits_via_pipeline(workdir):
     ds = _dataset(_cfg(name="digits", num_train=40, num_test=500), "test", workdir)
     assert len(ds) == 180  # cap above the fixed split size

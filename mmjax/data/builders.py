@@ -50,6 +50,19 @@ def _features(image_size: int, max_objects: int) -> tfds.features.FeaturesDict:
     )
 
 
+class _GeneratedInfo(tfds.core.DatasetInfo):
+    """DatasetInfo of a dataset generated on this machine.
+
+    Why: a TFDS builder whose directory has no dataset_info.json yet (every build, and every
+    look before one) calls `initialize_from_bucket`, which makes a temp directory for metadata
+    from the TFDS bucket and never removes it: one empty /tmp/tmp*tfds per data stage, test or
+    notebook run. An embedded dataset is never in that bucket, so there is nothing to fetch.
+    """
+
+    def initialize_from_bucket(self) -> None:
+        return None
+
+
 class _EmbeddedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Shared plumbing: info from the config, one generator per non-empty split."""
 
@@ -65,7 +78,7 @@ class _EmbeddedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _info(self) -> tfds.core.DatasetInfo:
         cfg = self.builder_config
-        return tfds.core.DatasetInfo(
+        return _GeneratedInfo(
             builder=self,
             description=self.DESCRIPTION,
             features=_features(cfg.image_size, cfg.max_objects),
