@@ -31,7 +31,11 @@ def _env(url, cache):
     # no test-wide JAX_COMPILATION_CACHE_DIR: the run keeps its cache in the bucket (checked)
     env = child_env(drop_prefixes=(
         "JAX_COMPILATION_CACHE", "STORAGE_EMULATOR", "TENSORSTORE_GCS", "GOOGLE_", "GCSFS_"))
-    env.update(JAX_PLATFORMS="cpu", STORAGE_EMULATOR_HOST=url, MMJAX_CACHE_DIR=cache,
+    # TMPDIR: the SIGKILLed run cannot remove its local event-file directory (metrics_writer),
+    # so it is left in the test's own tmp, not in the machine's /tmp.
+    tmp = cache + "_tmp"
+    os.makedirs(tmp, exist_ok=True)
+    env.update(JAX_PLATFORMS="cpu", STORAGE_EMULATOR_HOST=url, MMJAX_CACHE_DIR=cache, TMPDIR=tmp,
                PYTHONPATH=os.pathsep.join([REPO, env.get("PYTHONPATH", "")]))
     return env
 
