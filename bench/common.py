@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import platform
+import subprocess
+import sys
 import time
 
 import jax
@@ -49,6 +50,28 @@ def steady_rates(run_dir: str) -> list[float]:
     """The windows after the first (compile), or the first alone when it is the only one."""
     rates = window_rates(run_dir)
     return rates[1:] or rates
+
+
+def run_stage(config: str, workdir: str, mode: str, *overrides: str) -> None:
+    """One `mmjax` process (its own device count, its own compile) running `mode` of `config` in
+    `workdir`; its output goes to <workdir>/<mode>.log, and a failure raises with its tail."""
+    os.makedirs(workdir, exist_ok=True)
+    log_path = os.path.join(workdir, f"{mode}.log")
+    with open(log_path, "w") as log:
+        done = subprocess.run([sys.executable, "-m", "mmjax.main", f"--config={config}",
+                               f"--workdir={workdir}", f"--mode={mode}", *overrides],
+                              stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode:
+        with open(log_path) as log:
+            raise RuntimeError(f"--mode={mode} in {workdir} failed: {log.read()[-600:]}")
+
+
+def stage_steps_per_sec(run_dir: str) -> float:
+    """Mean steps/s of a trained stage over its logged windows after the first (the compile)."""
+    rates = window_rates(run_dir)
+    if len(rates) < 2:
+        raise RuntimeError(f"{run_dir}: fewer than 2 train-metric rows; raise the steps")
+    return sum(rates[1:]) / len(rates[1:])
 
 
 def write_results(name: str, results: dict, out: str | None = None, quiet: bool = False) -> str:

@@ -18,12 +18,11 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 
 from absl import app, flags
 
-from bench.common import window_rates, write_results
+from bench.common import run_stage, stage_steps_per_sec, write_results
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "configs/mot_shapes.py:demo", "Config the stages run with.")
@@ -38,27 +37,6 @@ SHARED = ("data", "tokenizer", "image_tokens")  # built once, copied into every 
 LOG_EVERY = 50
 
 
-def mmjax(workdir: str, mode: str, *overrides: str) -> None:
-    """One mmjax process (its own device count); its output goes to <workdir>/<mode>.log."""
-    os.makedirs(workdir, exist_ok=True)
-    log_path = os.path.join(workdir, f"{mode}.log")
-    with open(log_path, "w") as log:
-        done = subprocess.run([sys.executable, "-m", "mmjax.main", f"--config={FLAGS.config}",
-                               f"--workdir={workdir}", f"--mode={mode}", *overrides],
-                              stdout=log, stderr=subprocess.STDOUT)
-    if done.returncode:
-        with open(log_path) as log:
-            raise RuntimeError(f"--mode={mode} in {workdir} failed: {log.read()[-600:]}")
-
-
-def steps_per_sec(run_dir: str) -> float:
-    """Mean steps/s over the logged intervals after the first (which includes the compile)."""
-    rates = window_rates(run_dir)
-    if len(rates) < 2:
-        raise RuntimeError(f"{run_dir}: fewer than 2 train-metric rows; raise the steps")
-    return statistics.mean(rates[1:])
-
-
 def measure(stage: str, count: int, base: str, root: str) -> float:
     workdir = os.path.join(root, f"{stage}_{count}")
     shutil.rmtree(workdir, ignore_errors=True)
@@ -71,10 +49,10 @@ def measure(stage: str, count: int, base: str, root: str) -> float:
             shutil.copytree(os.path.join(base, name), os.path.join(workdir, name))
         steps = FLAGS.model_steps
         block = "train"
-    mmjax(workdir, stage, f"--config.mesh.cpu_devices={count}", f"--config.{block}.steps={steps}",
+    run_stage(FLAGS.config, workdir, stage, f"--config.mesh.cpu_devices={count}", f"--config.{block}.steps={steps}",
           f"--config.{block}.log_every={LOG_EVERY}", f"--config.{block}.checkpoint_every={steps}",
           f"--config.{block}.eval_batches=1")
-    return steps_per_sec(os.path.join(workdir, stage))
+    return stage_steps_per_sec(os.path.join(workdir, stage))
 
 
 def main(_):
@@ -85,7 +63,7 @@ def main(_):
     base = os.path.join(root, "base")
     if not all(os.path.isdir(os.path.join(base, n)) for n in SHARED):
         for mode in ("tokenizer", "tokenize"):  # data + SentencePiece + tokenizer, image tokens
-            mmjax(base, mode, "--config.tokenizer_train.steps=50")
+            run_stage(FLAGS.config, base, mode, "--config.tokenizer_train.steps=50")
     runs = {stage: {c: [] for c in counts} for stage in ("tokenizer", "model")}
     for _ in range(FLAGS.rounds):
         for stage in runs:
