@@ -2,7 +2,7 @@
 
 Usage: python -m mmjax.main --config=configs/mot_shapes.py:ARG --workdir=DIR [--mode=pipeline]
 ARG = SIZE[,OPTION...]
-  SIZE:    smoke (seconds; tests) | demo (README; about 16 min on 2 CPU cores)
+  SIZE:    smoke (seconds; tests) | demo (README; about 14-15 min on 2 idle CPU cores)
            | cpu_hour (the demo model trained 5x longer: about an hour on 2 CPU cores) | small
            | base | 300m | 1b (accelerators; bf16, remat)
   OPTIONS: discrete (FSQ-index head instead of the flow head) | dense (one modality)
@@ -41,14 +41,19 @@ TRAIN_SIZES = {
                   num_train=64),
     # demo: batch 16 runs at the same real tokens/s on 2 CPU cores as batch 32 (bench.step_time:
     # 124 vs 236 ms/step), and twice the updates for the same examples gave a better model
-    # (bench/results/ablation_demo.json). A tokenizer step costs about as much per image at batch
-    # 16 as at 32. The grid4 tokenizer needs its 2400 steps: its reconstruction ceiling (whole
-    # prompts) is 73% after 1200 and 94% after 2400 (grid8: 98% after 1200). 16384 distinct
-    # images, not 4096: on grid4 a step holds 32 documents, so 4096 images were each seen ~30
-    # times and the model over-fitted (validation image loss 0.089 against 0.061 in training);
-    # with 4x the images whole prompts go from 47.1% to 63.0% (3 seeds) for about 31 s more of
-    # data building and tokenizing (bench/results/ablation_demo.json).
-    "demo": dict(steps=3800, batch_size=16, tok_steps=2400, tok_batch=16, channels=(32, 64, 64),
+    # (bench/results/ablation_demo.json). The tokenizer's full-resolution level has 16 channels,
+    # not 32: XLA CPU runs the backward pass of 3x3 convolutions slowly and that level held most
+    # of a step, so a step trains 1.64x the images per second (python -m bench.tokenizer_width)
+    # and 3600 steps take about the time 2400 took. Its reconstruction ceiling (whole prompts on
+    # the 512 test images) is then 97.1% (90.2% after 2400 steps; 32 channels: 89-94% after
+    # 2400), and the model on its tokens learns faster: 75.2% whole prompts after 3800 steps
+    # (seed 0; 62.3% on the 32-channel tokenizer), so the model trains 3000 steps and the demo
+    # fits its 15 minutes (tokenizer_width_2026_12_07 in bench/results/ablation_demo.json).
+    # 16384 distinct images, not 4096: on grid4 a step holds 32 documents, so 4096 images were
+    # each seen ~30 times and the model over-fitted (validation image loss 0.089 against 0.061 in
+    # training); with 4x the images whole prompts go from 47.1% to 63.0% (3 seeds) for about
+    # 31 s more of data building and tokenizing (bench/results/ablation_demo.json).
+    "demo": dict(steps=3000, batch_size=16, tok_steps=3600, tok_batch=16, channels=(16, 64, 64),
                  num_train=16384, grid="grid4"),
     # cpu_hour: what an hour of 2 CPU cores buys: the demo model for 5x its steps, on the
     # demo's 16384 distinct images, and a tokenizer trained on 2x the images per step (its
