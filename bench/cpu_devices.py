@@ -49,9 +49,9 @@ def measure(stage: str, count: int, base: str, root: str) -> float:
             shutil.copytree(os.path.join(base, name), os.path.join(workdir, name))
         steps = FLAGS.model_steps
         block = "train"
-    run_stage(FLAGS.config, workdir, stage, f"--config.mesh.cpu_devices={count}", f"--config.{block}.steps={steps}",
-          f"--config.{block}.log_every={LOG_EVERY}", f"--config.{block}.checkpoint_every={steps}",
-          f"--config.{block}.eval_batches=1")
+    run_stage(FLAGS.config, workdir, stage, f"--config.mesh.cpu_devices={count}",
+              f"--config.{block}.steps={steps}", f"--config.{block}.log_every={LOG_EVERY}",
+              f"--config.{block}.checkpoint_every={steps}", f"--config.{block}.eval_batches=1")
     return stage_steps_per_sec(os.path.join(workdir, stage))
 
 

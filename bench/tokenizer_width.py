@@ -49,10 +49,10 @@ def measure(channels: tuple[int, ...], batch: int, data: str, root: str) -> floa
     shutil.rmtree(workdir, ignore_errors=True)
     shutil.copytree(data, os.path.join(workdir, "data"))
     run_stage(FLAGS.config, workdir, "tokenizer", f"--config.fsq.channels={channels}",
-          f"--config.tokenizer_train.batch_size={batch}",
-          f"--config.tokenizer_train.steps={FLAGS.steps}",
-          f"--config.tokenizer_train.log_every={LOG_EVERY}",
-          f"--config.tokenizer_train.checkpoint_every={FLAGS.steps}")
+              f"--config.tokenizer_train.batch_size={batch}",
+              f"--config.tokenizer_train.steps={FLAGS.steps}",
+              f"--config.tokenizer_train.log_every={LOG_EVERY}",
+              f"--config.tokenizer_train.checkpoint_every={FLAGS.steps}")
     return stage_steps_per_sec(os.path.join(workdir, "tokenizer"))
 
 
