@@ -2,7 +2,7 @@
 
 Usage: python -m mmjax.main --config=configs/mot_shapes.py:ARG --workdir=DIR [--mode=pipeline]
 ARG = SIZE[,OPTION...]
-  SIZE:    smoke (seconds; tests) | demo (README; about 14-15 min on 2 idle CPU cores)
+  SIZE:    smoke (seconds; tests) | demo (README; 14-21 min on 2 idle CPU cores, by host)
            | cpu_hour (the demo model trained 5x longer: about an hour on 2 CPU cores) | small
            | base | 300m | 1b (accelerators; bf16, remat)
   OPTIONS: discrete (FSQ-index head instead of the flow head) | dense (one modality)
