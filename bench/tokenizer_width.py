@@ -43,9 +43,14 @@ def parse_variant(spec: str) -> tuple[tuple[int, ...], int]:
         raise app.UsageError(f"--variants={spec!r}: expected CHANNELS:BATCH, e.g. 16,64,64,64:16")
 
 
+def variant_name(channels: tuple[int, ...], batch: int) -> str:
+    """'16-64-64-64_b16': the variant's workdir and the name its ratio is keyed by."""
+    return f"{'-'.join(map(str, channels))}_b{batch}"
+
+
 def measure(channels: tuple[int, ...], batch: int, data: str, root: str) -> float:
     """Steady tokenizer steps/s of one fresh run of the variant."""
-    workdir = os.path.join(root, f"{'-'.join(map(str, channels))}_b{batch}")
+    workdir = os.path.join(root, variant_name(channels, batch))
     shutil.rmtree(workdir, ignore_errors=True)
     shutil.copytree(data, os.path.join(workdir, "data"))
     run_stage(FLAGS.config, workdir, "tokenizer", f"--config.fsq.channels={channels}",
@@ -75,7 +80,7 @@ def main(_):
         rows.append({"channels": list(channels), "batch_size": batch,
                      "steps_per_sec": statistics.mean(per_round), "per_round": per_round,
                      "images_per_sec": statistics.mean(images),
-                     f"images_per_sec_vs_{'-'.join(map(str, first[0]))}_b{first[1]}":
+                     f"images_per_sec_vs_{variant_name(*first)}":
                          statistics.mean(i / (f * first[1]) for i, f in zip(images, rates[first]))})
     write_results("tokenizer_width", {
         "config": FLAGS.config, "rounds": FLAGS.rounds, "steps": FLAGS.steps, "runs": rows,

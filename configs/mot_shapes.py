@@ -47,8 +47,9 @@ TRAIN_SIZES = {
     # and 3600 steps take about the time 2400 took. Its reconstruction ceiling (whole prompts on
     # the 512 test images) is then 97.1% (90.2% after 2400 steps; 32 channels: 89-94% after
     # 2400), and the model on its tokens learns faster: 75.2% whole prompts after 3800 steps
-    # (seed 0; 62.3% on the 32-channel tokenizer), so the model trains 3000 steps and the demo
-    # fits its 15 minutes (tokenizer_width_2026_12_07 in bench/results/ablation_demo.json).
+    # (seed 0; 62.3% on the 32-channel tokenizer), so the model trains 3000 steps: ~14 min
+    # estimated on the faster 2-core host, ~21 min from stage times on the slower one
+    # (tokenizer_width_2026_12_07 in bench/results/ablation_demo.json).
     # 16384 distinct images, not 4096: on grid4 a step holds 32 documents, so 4096 images were
     # each seen ~30 times and the model over-fitted (validation image loss 0.089 against 0.061 in
     # training); with 4x the images whole prompts go from 47.1% to 63.0% (3 seeds) for about
