@@ -16,13 +16,12 @@ Writes bench/results/cpu_devices.json.
 from __future__ import annotations
 
 import os
-import shutil
 import statistics
 import sys
 
 from absl import app, flags
 
-from bench.common import run_stage, stage_steps_per_sec, write_results
+from bench.common import STAGE_INPUTS, run_stage, timed_stage, write_results
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "configs/mot_shapes.py:demo", "Config the stages run with.")
@@ -33,26 +32,10 @@ flags.DEFINE_integer("model_steps", 400, "Model steps per measurement.")
 flags.DEFINE_string("workdir", "/tmp/mmjax_bench_cpu_devices", "Root of the runs' workdirs.")
 flags.DEFINE_string("out", None, "Output JSON (default bench/results/cpu_devices.json).")
 
-SHARED = ("data", "tokenizer", "image_tokens")  # built once, copied into every model run
-LOG_EVERY = 50
-
-
 def measure(stage: str, count: int, base: str, root: str) -> float:
-    workdir = os.path.join(root, f"{stage}_{count}")
-    shutil.rmtree(workdir, ignore_errors=True)
-    if stage == "tokenizer":
-        shutil.copytree(os.path.join(base, "data"), os.path.join(workdir, "data"))
-        steps = FLAGS.tokenizer_steps
-        block = "tokenizer_train"
-    else:
-        for name in SHARED:
-            shutil.copytree(os.path.join(base, name), os.path.join(workdir, name))
-        steps = FLAGS.model_steps
-        block = "train"
-    run_stage(FLAGS.config, workdir, stage, f"--config.mesh.cpu_devices={count}",
-              f"--config.{block}.steps={steps}", f"--config.{block}.log_every={LOG_EVERY}",
-              f"--config.{block}.checkpoint_every={steps}", f"--config.{block}.eval_batches=1")
-    return stage_steps_per_sec(os.path.join(workdir, stage))
+    steps = FLAGS.tokenizer_steps if stage == "tokenizer" else FLAGS.model_steps
+    return timed_stage(FLAGS.config, base, os.path.join(root, f"{stage}_{count}"), stage, steps,
+                       f"--config.mesh.cpu_devices={count}")["steps_per_sec"]
 
 
 def main(_):
@@ -61,7 +44,7 @@ def main(_):
         raise app.UsageError(f"--counts must be positive integers, got {FLAGS.counts}")
     root = FLAGS.workdir
     base = os.path.join(root, "base")
-    if not all(os.path.isdir(os.path.join(base, n)) for n in SHARED):
+    if not all(os.path.isdir(os.path.join(base, n)) for n in STAGE_INPUTS["model"]):
         for mode in ("tokenizer", "tokenize"):  # data + SentencePiece + tokenizer, image tokens
             run_stage(FLAGS.config, base, mode, "--config.tokenizer_train.steps=50")
     runs = {stage: {c: [] for c in counts} for stage in ("tokenizer", "model")}

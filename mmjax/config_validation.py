@@ -165,6 +165,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                  "must be a positive size or -1 (the rest of the devices)")
     _require(config, "mesh.cpu_devices", lambda v: int(v) == v and v >= 0,
              "must be an integer >= 0 (0: XLA's default CPU devices)")
+    _require(config, "mesh.malloc_hugepages", lambda v: isinstance(v, bool), "must be True or False")
     return config
 
 

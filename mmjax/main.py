@@ -97,6 +97,9 @@ def _check_args(argv) -> None:
 
 def main(argv) -> None:
     _check_args(argv)
+    if FLAGS.config.mesh.get("malloc_hugepages", False) is True:
+        from mmjax import host_malloc  # glibc reads it only at start: restart before any import
+        host_malloc.restart_with_hugepages()  # of JAX or I/O (the flags parse again, ~0.3 s)
     from mmjax import cloud
     cloud.configure()  # before any storage client is imported (gcsfs reads its env at import)
     from mmjax import config_validation

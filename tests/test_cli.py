@@ -31,6 +31,8 @@ CASES = {
                         r"--config\.tokenizer_train\.steps=abc: invalid literal"),
     "negative_cpu_devices": ([FSQ, WD, "--config.mesh.cpu_devices=-2"],
                              r"config\.mesh\.cpu_devices=-2: must be an integer >= 0"),
+    "malloc_hugepages_not_bool": ([FSQ, WD, "--config.mesh.malloc_hugepages=3"],
+                                  r"--config\.mesh\.malloc_hugepages=3: .*Non-boolean"),
     "unknown_size": (["--config=configs/fsq_shapes.py:huge", WD],
                      r"configs/fsq_shapes\.py: unknown size 'huge'; choose from"),
     "unknown_option": (["--config=configs/mot_shapes.py:smoke,bogus", WD],

@@ -87,6 +87,10 @@ def test_sample_block_rules_live_in_the_validator_only():
     config.sample.image_temperature = -1.0  # once checked only by SampleSettings itself
     with pytest.raises(config_validation.ConfigError, match="sample.image_temperature"):
         config_validation.validate(config)
+    config = config_defaults.base_config()
+    config.mesh.malloc_hugepages = None  # a Python-built config (the API): True or False only
+    with pytest.raises(config_validation.ConfigError, match="mesh.malloc_hugepages=None"):
+        config_validation.validate(config)
     with pytest.raises(config_validation.ConfigError, match="objective.flow_t_dist"):
         config_validation.objective_config(dict(config_defaults.objective_config().to_dict(),
                                                 flow_t_dist="beta"))
