@@ -5,12 +5,15 @@ Why: XLA CPU mallocs each executable's temp buffer afresh at every run (the demo
 each step maps new memory and the kernel backs it with 4 KiB pages on first touch: ~35,000 minor
 page faults per demo step, a fifth of the model stage's CPU time spent in the kernel. glibc's
 `glibc.malloc.hugetlb=1` tunable marks the memory it maps MADV_HUGEPAGE, so where transparent huge
-pages are in `madvise` mode (the common distribution default) the same buffer takes a few dozen
-2 MiB faults, and the demo's model stage trains ~1.3-1.5x faster (bench/results/host_malloc.json).
+pages are in `madvise` mode (Debian's and Ubuntu's default) the same buffer takes a few dozen
+2 MiB faults: the demo's model stage then takes ~1,800 faults per step instead of ~35,000, a
+third of the system CPU time, and trains 1.25x faster (1.19-1.38x over 3 alternating rounds; its
+tokenizer stage, whose buffers stay under the ceiling, 0.97x: 0.92-1.01x;
+`python -m bench.host_malloc`, bench/results/host_malloc.json).
 
 glibc reads tunables once, when the process starts, so the command line re-executes itself with
 the variable set before it imports JAX. Nothing else changes: the same program, arguments and
-pid; results are bitwise those of a run without it. A `glibc.malloc.hugetlb` the user set wins.
+pid; results are bitwise those of a run without it (the demo's losses and accuracies are). A `glibc.malloc.hugetlb` the user set wins.
 """
 from __future__ import annotations
 
