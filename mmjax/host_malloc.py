@@ -13,7 +13,9 @@ tokenizer stage, whose buffers stay under the ceiling, 0.97x: 0.92-1.01x;
 
 glibc reads tunables once, when the process starts, so the command line re-executes itself with
 the variable set before it imports JAX. Nothing else changes: the same program, arguments and
-pid; results are bitwise those of a run without it (the demo's losses and accuracies are). A `glibc.malloc.hugetlb` the user set wins.
+pid; results are bitwise those of a run without it (the demo's losses and accuracies are). It
+restarts only where it can help (glibc >= 2.35, huge pages in `madvise` mode), and a
+`glibc.malloc.hugetlb` the user set wins.
 """
 from __future__ import annotations
 
@@ -52,10 +54,12 @@ def glibc_version() -> tuple[int, ...] | None:
         return None
 
 
-def hugepage_environ(environ: Mapping[str, str], glibc: tuple[int, ...] | None) -> dict | None:
+def hugepage_environ(environ: Mapping[str, str], glibc: tuple[int, ...] | None,
+                     thp: str | None) -> dict | None:
     """`environ` with glibc.malloc.hugetlb=1 added to GLIBC_TUNABLES, or None when there is
-    nothing to change: no glibc that reads it, or the user chose a value already."""
-    if glibc is None or glibc < FIRST_GLIBC:
+    nothing to change: no glibc that reads it, a kernel whose huge pages do not wait for the
+    madvise (`always`: they come anyway; `never`), or the user chose a value already."""
+    if glibc is None or glibc < FIRST_GLIBC or thp != "madvise":
         return None
     tunables = [t for t in environ.get(ENV, "").split(":") if t]
     if any(t.split("=", 1)[0] == TUNABLE for t in tunables):
@@ -66,7 +70,7 @@ def hugepage_environ(environ: Mapping[str, str], glibc: tuple[int, ...] | None) 
 def restart_with_hugepages() -> None:
     """Re-executes this process (same interpreter, flags and arguments) with the tunable set;
     returns without doing anything when it is set already or the C library has no use for it."""
-    environ = hugepage_environ(os.environ, glibc_version())
+    environ = hugepage_environ(os.environ, glibc_version(), thp_mode())
     if environ is None or not sys.executable or not sys.platform.startswith("linux"):
         return
     sys.stdout.flush()

@@ -12,14 +12,16 @@ from mmjax import host_malloc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_hugepage_environ_adds_the_tunable_once_and_keeps_the_users():
-    on = f"{host_malloc.TUNABLE}=1"
-    assert host_malloc.hugepage_environ({"A": "1"}, (2, 36)) == {"A": "1", host_malloc.ENV: on}
-    kept = host_malloc.hugepage_environ({host_malloc.ENV: "glibc.malloc.arena_max=2"}, (2, 35))
+    on, env = f"{host_malloc.TUNABLE}=1", host_malloc.hugepage_environ
+    assert env({"A": "1"}, (2, 36), "madvise") == {"A": "1", host_malloc.ENV: on}
+    kept = env({host_malloc.ENV: "glibc.malloc.arena_max=2"}, (2, 35), "madvise")
     assert kept == {host_malloc.ENV: f"glibc.malloc.arena_max=2:{on}"}
     for users in (on, f"{host_malloc.TUNABLE}=0", f"glibc.malloc.arena_max=2:{host_malloc.TUNABLE}=0"):
-        assert host_malloc.hugepage_environ({host_malloc.ENV: users}, (2, 36)) is None
-    assert host_malloc.hugepage_environ({}, (2, 34)) is None  # too old to read it: no restart
-    assert host_malloc.hugepage_environ({}, None) is None  # not glibc
+        assert env({host_malloc.ENV: users}, (2, 36), "madvise") is None
+    assert env({}, (2, 34), "madvise") is None  # too old to read it: no restart
+    assert env({}, None, "madvise") is None  # not glibc
+    for thp in ("always", "never", None):  # huge pages without the madvise, or none at all
+        assert env({}, (2, 36), thp) is None
 
 
 # A child that maps, fills and frees a 64 MiB block 4 times (above glibc's 32 MB mmap ceiling,
@@ -46,11 +48,12 @@ def _faults(tunables: str | None) -> int:
     return int(done.stdout.strip())
 
 
-@pytest.mark.skipif(host_malloc.glibc_version() is None
-                    or host_malloc.glibc_version() < host_malloc.FIRST_GLIBC,
-                    reason="needs glibc >= 2.35 (the hugetlb malloc tunable)")
-@pytest.mark.skipif(host_malloc.thp_mode() != "madvise",
-                    reason=f"the kernel's huge pages are not in madvise mode ({host_malloc.thp_mode()})")
+RESTARTS = host_malloc.hugepage_environ({}, host_malloc.glibc_version(), host_malloc.thp_mode())
+NO_RESTART = (f"the tunable cannot help here (glibc {host_malloc.glibc_version()}, transparent huge "
+              f"pages {host_malloc.thp_mode()}): the CLI does not restart")
+
+
+@pytest.mark.skipif(RESTARTS is None, reason=NO_RESTART)
 def test_the_tunable_cuts_the_page_faults_of_a_fresh_large_block():
     plain = _faults(None)
     huge = _faults(f"{host_malloc.TUNABLE}=1")
@@ -83,8 +86,7 @@ def _cli_report(tmp_path, *args: str, tunables: str | None = None) -> list[list[
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(host_malloc.hugepage_environ({}, host_malloc.glibc_version()) is None,
-                    reason="no glibc that reads the hugetlb tunable: the CLI does not restart")
+@pytest.mark.skipif(RESTARTS is None, reason=NO_RESTART)
 def test_the_cli_restarts_once_with_the_tunable_unless_told_not_to(tmp_path):
     on = f"{host_malloc.TUNABLE}=1"
     first, again, stages = _cli_report(tmp_path)
