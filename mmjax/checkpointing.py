@@ -17,22 +17,30 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from mmjax import cloud
 from mmjax.errors import InputError, MissingArtifactError, StorageError
 
 STATE, DATA, CONFIG = "state", "data", "config"
+
+
+def check_writable(directory: epath.Path) -> None:
+    """Creates `directory` and writes and deletes a probe file in it, or raises one clear line.
+    Every process of a multi-host job probes the shared directory at once, so each probe has
+    its own name (cloud.write_probe)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = epath.Path(cloud.write_probe(str(directory)))
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise StorageError(f"checkpoint directory {directory} is not writable: {e}") from e
 
 
 def make_manager(directory: str, keep: int, *, read_only: bool = False) -> ocp.CheckpointManager:
     """A manager for <directory>; fails clearly when the directory cannot be written."""
     path = epath.Path(directory)
     if not read_only:
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            probe = path / ".write_probe"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as e:
-            raise StorageError(f"checkpoint directory {directory} is not writable: {e}") from e
+        check_writable(path)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=not read_only, read_only=read_only,
         enable_async_checkpointing=True)

@@ -103,6 +103,12 @@ def _require_credentials(path) -> None:
             f"and no {EMULATOR} is set") from e
 
 
+def write_probe(directory: str) -> str:
+    """A fresh file name under `directory` to test writing with. Unique per call: processes (and
+    threads) that probe one shared directory at once must not delete each other's probe."""
+    return f"{directory.rstrip('/')}/.mmjax_write_probe-{uuid.uuid4().hex[:8]}"
+
+
 def check_path(path, *, write: bool = False) -> None:
     """For a gs:// path: credentials exist, its bucket exists and (write=True) an object can be
     written there. Local paths and other schemes pass through (their errors name them later)."""
@@ -122,7 +128,7 @@ def check_path(path, *, write: bool = False) -> None:
         raise StorageError(f"{text}: cannot reach bucket gs://{bucket}: "
                            f"{type(e).__name__}: {e}") from e
     if write:
-        probe = f"{text.rstrip('/')}/.mmjax_write_probe-{uuid.uuid4().hex[:8]}"
+        probe = write_probe(text)
         try:
             fs.pipe_file(probe, b"ok")
             fs.rm_file(probe)

@@ -97,7 +97,7 @@ def _check_args(argv) -> None:
 
 def main(argv) -> None:
     _check_args(argv)
-    if FLAGS.config.mesh.get("malloc_hugepages", False) is True:
+    if (FLAGS.config.get("mesh") or {}).get("malloc_hugepages") is True:  # no mesh: not a run
         from mmjax import host_malloc  # glibc reads it only at start: restart before any import
         host_malloc.restart_with_hugepages()  # of JAX or I/O (the flags parse again, ~0.3 s)
     from mmjax import cloud

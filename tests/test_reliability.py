@@ -450,3 +450,24 @@ def test_no_pickle_in_the_source():
                  for p in files for m in [PICKLE_USE.search(p.read_text())] if m}
     assert not offenders, offenders
     assert PICKLE_USE.search("x = np.load(f, allow_pickle=True)")  # the pattern can fire
+
+
+# Processes of one job probing their shared checkpoint directory at once (each process of a
+# multi-host run does, as train() starts); a probe with one fixed name made one process delete
+# the other's probe, and that process then failed with "is not writable".
+RACE = """
+import sys
+from etils import epath
+from mmjax import checkpointing
+for _ in range(int(sys.argv[2])):
+    checkpointing.check_writable(epath.Path(sys.argv[1]))
+"""
+
+
+def test_processes_probing_one_checkpoint_directory_at_once_all_succeed(tmp_path):
+    directory = tmp_path / "ckpt"
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(directory), "300"],
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, "\n".join(errors)[-2000:]
+    assert not list(directory.iterdir())  # every probe removed
