@@ -69,9 +69,9 @@ def hugepage_environ(environ: Mapping[str, str], glibc: tuple[int, ...] | None,
 
 def restart_with_hugepages() -> None:
     """Re-executes this process (same interpreter, flags and arguments) with the tunable set;
-    returns without doing anything when it is set already or the C library has no use for it."""
+    returns without doing anything where `hugepage_environ` changes nothing."""
     environ = hugepage_environ(os.environ, glibc_version(), thp_mode())
-    if environ is None or not sys.executable or not sys.platform.startswith("linux"):
+    if environ is None or not sys.executable:
         return
     sys.stdout.flush()
     sys.stderr.flush()
