@@ -11,6 +11,8 @@ from child_env import child_env
 from mmjax import host_malloc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def test_hugepage_environ_adds_the_tunable_once_and_keeps_the_users():
     on, env = f"{host_malloc.TUNABLE}=1", host_malloc.hugepage_environ
     assert env({"A": "1"}, (2, 36), "madvise") == {"A": "1", host_malloc.ENV: on}
