@@ -71,6 +71,19 @@ STAGE_BLOCK = {"tokenizer": "tokenizer_train", "model": "train"}
 LOG_EVERY = 50  # steps per logged window: the first one holds the compile
 
 
+def stage_inputs_ready(base: str) -> bool:
+    """Whether `base` holds the finished inputs of every timed stage (data, tokenizer, tokens)."""
+    return all(os.path.isdir(os.path.join(base, n)) for n in STAGE_INPUTS["model"])
+
+
+def build_stage_inputs(config: str, base: str) -> None:
+    """Data, a 50-step tokenizer and its image tokens in `base`, unless it holds them already:
+    the step time of the stages timed on them does not depend on the tokenizer's quality."""
+    if not stage_inputs_ready(base):
+        for mode in ("tokenizer", "tokenize"):
+            run_stage(config, base, mode, "--config.tokenizer_train.steps=50")
+
+
 def timed_stage(config: str, base: str, workdir: str, stage: str, steps: int,
                 *overrides: str) -> dict:
     """Trains `stage` ("tokenizer" or "model") of `config` for `steps` in a fresh `workdir` that

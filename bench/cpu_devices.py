@@ -21,7 +21,7 @@ import sys
 
 from absl import app, flags
 
-from bench.common import STAGE_INPUTS, run_stage, timed_stage, write_results
+from bench.common import build_stage_inputs, timed_stage, write_results
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "configs/mot_shapes.py:demo", "Config the stages run with.")
@@ -44,9 +44,7 @@ def main(_):
         raise app.UsageError(f"--counts must be positive integers, got {FLAGS.counts}")
     root = FLAGS.workdir
     base = os.path.join(root, "base")
-    if not all(os.path.isdir(os.path.join(base, n)) for n in STAGE_INPUTS["model"]):
-        for mode in ("tokenizer", "tokenize"):  # data + SentencePiece + tokenizer, image tokens
-            run_stage(FLAGS.config, base, mode, "--config.tokenizer_train.steps=50")
+    build_stage_inputs(FLAGS.config, base)
     runs = {stage: {c: [] for c in counts} for stage in ("tokenizer", "model")}
     for _ in range(FLAGS.rounds):
         for stage in runs:

@@ -21,7 +21,8 @@ import sys
 
 from absl import app, flags
 
-from bench.common import STAGE_INPUTS, run_stage, timed_stage, write_results
+from bench.common import (STAGE_INPUTS, build_stage_inputs, stage_inputs_ready, timed_stage,
+                          write_results)
 from mmjax import host_malloc
 
 FLAGS = flags.FLAGS
@@ -49,11 +50,9 @@ def main(_):
         raise app.UsageError(f"--stages must be among {sorted(STAGE_INPUTS)}, got {FLAGS.stages}")
     os.environ.pop(host_malloc.ENV, None)  # the children get only what their config asks for
     base = FLAGS.base or os.path.join(FLAGS.workdir, "base")
-    if not all(os.path.isdir(os.path.join(base, n)) for n in STAGE_INPUTS["model"]):
-        if FLAGS.base:
-            raise app.UsageError(f"--base={base} lacks one of {STAGE_INPUTS['model']}")
-        for mode in ("tokenizer", "tokenize"):
-            run_stage(FLAGS.config, base, mode, "--config.tokenizer_train.steps=50")
+    if FLAGS.base and not stage_inputs_ready(base):
+        raise app.UsageError(f"--base={base} lacks one of {STAGE_INPUTS['model']}")
+    build_stage_inputs(FLAGS.config, base)
     steps = {"tokenizer": FLAGS.tokenizer_steps, "model": FLAGS.model_steps}
     runs = {stage: {name: [] for name in SETTINGS} for stage in FLAGS.stages}
     for _ in range(FLAGS.rounds):

@@ -41,11 +41,16 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def _faults(tunables: str | None) -> int:
+def _env(tunables: str | None) -> dict[str, str]:
+    """A child's environment with exactly these GLIBC_TUNABLES (none: unset)."""
     env = child_env(drop_prefixes=(host_malloc.ENV,))
     if tunables:
         env[host_malloc.ENV] = tunables
-    done = subprocess.run([sys.executable, "-c", FILL], env=env, capture_output=True, text=True,
+    return env
+
+
+def _faults(tunables: str | None) -> int:
+    done = subprocess.run([sys.executable, "-c", FILL], env=_env(tunables), capture_output=True, text=True,
                           timeout=60, check=True)
     return int(done.stdout.strip())
 
@@ -78,11 +83,8 @@ main.entry()
 
 
 def _cli_report(tmp_path, *args: str, tunables: str | None = None) -> list[list[str]]:
-    env = child_env(drop_prefixes=(host_malloc.ENV,))
-    if tunables:
-        env[host_malloc.ENV] = tunables
-    done = subprocess.run([sys.executable, "-c", REPORT, str(tmp_path), *args], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", REPORT, str(tmp_path), *args], env=_env(tunables),
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return [line.split() for line in done.stdout.splitlines()]
 

@@ -87,13 +87,16 @@ def test_sample_block_rules_live_in_the_validator_only():
     config.sample.image_temperature = -1.0  # once checked only by SampleSettings itself
     with pytest.raises(config_validation.ConfigError, match="sample.image_temperature"):
         config_validation.validate(config)
+    with pytest.raises(config_validation.ConfigError, match="objective.flow_t_dist"):
+        config_validation.objective_config(dict(config_defaults.objective_config().to_dict(),
+                                                flow_t_dist="beta"))
+
+
+def test_malloc_hugepages_is_true_or_false():
     config = config_defaults.base_config()
     config.mesh.malloc_hugepages = None  # a Python-built config (the API): True or False only
     with pytest.raises(config_validation.ConfigError, match="mesh.malloc_hugepages=None"):
         config_validation.validate(config)
-    with pytest.raises(config_validation.ConfigError, match="objective.flow_t_dist"):
-        config_validation.objective_config(dict(config_defaults.objective_config().to_dict(),
-                                                flow_t_dist="beta"))
 
 
 def test_a_head_is_driven_by_its_registry_entry_alone():
