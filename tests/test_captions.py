@@ -31,13 +31,19 @@ def test_truncation_is_the_longest_word_prefix_that_fits(tok):
 def test_drop_and_error(tok):
     caps = ["a red circle", "a large red circle in the top left and a small blue square below it",
             "a blue square"]
-    kept, counts = captions.scan(tok, caps, MAX, "drop", "train")
-    assert kept.tolist() == [0, 2] and counts["dropped"] == 1 and counts["truncated"] == 0
-    kept, counts = captions.scan(tok, caps, MAX, "truncate", "train")
-    assert kept.tolist() == [0, 1, 2] and counts["truncated"] == 1
+    dropped = captions.scan(tok, caps, MAX, "drop", "train")
+    assert dropped.kept.tolist() == [0, 2]
+    assert dropped.counts["dropped"] == 1 and dropped.counts["truncated"] == 0
+    truncated = captions.scan(tok, caps, MAX, "truncate", "train")
+    assert truncated.kept.tolist() == [0, 1, 2] and truncated.counts["truncated"] == 1
     with pytest.raises(ValueError, match="split 'train' record 1: .*data.long_captions='error'"):
         captions.scan(tok, caps, MAX, "error", "train")
-    assert isinstance(kept, np.ndarray)
+    assert isinstance(truncated.kept, np.ndarray)
+    # The scan keeps the ids it fitted, for each kept record, in order.
+    assert [dropped.fitted[j].tolist() for j in range(len(dropped.fitted))] == [
+        tok.encode(caps[0]), tok.encode(caps[2])]
+    assert [truncated.fitted[j].tolist() for j in range(3)] == [
+        captions.fit_caption(tok, c, MAX, "truncate")[0] for c in caps]
 
 
 def test_training_examples_follow_the_policy(tmp_path):
@@ -84,6 +90,10 @@ def test_training_examples_follow_the_policy(tmp_path):
     kept = multimodal_task.tokenized_examples(config, workdir, tok, "train")
     assert len(kept) == len(records)
     assert all(0 < int(kept[j]["caption_len"]) <= 9 for j in range(len(kept)))
+    for j in range(len(kept)):  # the ids the scan kept == encoding the record's caption now
+        ids, n = multimodal_task.encode_caption(tok, records[j]["caption"], 9, "truncate")
+        assert int(kept[j]["caption_len"]) == n
+        np.testing.assert_array_equal(kept[j]["caption_ids"], ids)
     config.data.long_captions = "error"
     with pytest.raises(ValueError, match="data.long_captions='error'"):
         multimodal_task.tokenized_examples(config, workdir, tok, "train")

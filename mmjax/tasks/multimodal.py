@@ -47,20 +47,21 @@ def encode_caption(tokenizer, caption: str, max_len: int,
 
 def tokenized_examples(config, workdir, tokenizer, split: str) -> grain.MapDataset:
     """{caption_ids, caption_len, image_indices} per kept record of `split` (data.long_captions;
-    records and tokens must exist: the data and tokenize stages wrote them)."""
+    records and tokens must exist: the data and tokenize stages wrote them). The caption ids are
+    the ones the split's scan fitted (captions.FittedCaptions): no record is read here."""
     records = pipeline.image_caption_dataset(config.data, split, workdir.data_dir)
     tokens = image_tokens.load_tokens(workdir, split, len(records))
     max_len = int(config.data.max_caption_len)
-    policy = long_caption_policy(config)
-    kept, _ = _scan(config, workdir, tokenizer, split, max_len, policy)
-    policy = "error" if policy == "drop" else policy  # the scan removed the long ones
+    found = _scan(config, workdir, tokenizer, split, max_len, long_caption_policy(config))
 
     def make(j: int) -> dict:
-        i = int(kept[j])
-        ids, n = encode_caption(tokenizer, records[i]["caption"], max_len, policy)
-        return {"caption_ids": ids, "caption_len": np.int32(n), "image_indices": tokens[i]}
+        ids = found.fitted[j]
+        padded = np.zeros(max_len, np.int32)
+        padded[:len(ids)] = ids
+        return {"caption_ids": padded, "caption_len": np.int32(len(ids)),
+                "image_indices": tokens[int(found.kept[j])]}
 
-    return grain.MapDataset.range(len(kept)).map(make)
+    return grain.MapDataset.range(len(found.kept)).map(make)
 
 
 @functools.lru_cache(maxsize=16)
@@ -73,7 +74,7 @@ def _scan_cached(data_json: str, data_dir: str, split: str, tokenizer, max_len: 
 
 
 def _scan(config, workdir, tokenizer, split, max_len, policy):
-    """Kept record indices and caption counts of `split`, computed once per process."""
+    """`split`'s caption scan (kept records, their fitted ids, counts), once per process."""
     data_dir = workdir.data_dir
     return _scan_cached(config.data.to_json(), "" if data_dir is None else str(data_dir), split,
                         tokenizer, max_len, policy)
@@ -82,7 +83,7 @@ def _scan(config, workdir, tokenizer, split, max_len, policy):
 def caption_counts(config, workdir, tokenizer, split: str) -> dict:
     """How many captions of `split` are too long, truncated or dropped (logged at training start)."""
     return _scan(config, workdir, tokenizer, split, int(config.data.max_caption_len),
-                 long_caption_policy(config))[1]
+                 long_caption_policy(config)).counts
 
 
 def packed_dataset(config, workdir, tokenizer, split: str, *, train: bool) -> grain.MapDataset:
