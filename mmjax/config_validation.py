@@ -127,7 +127,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             "is it a config for another entry point?")
     _require(config, "data.name", lambda v: isinstance(v, str) and v, "must name a dataset")
     _pos(config, ["data.image_size", "data.num_train", "data.num_validation", "data.num_test",
-                  "data.max_objects", "data.sp_vocab_size"])
+                  "data.max_objects", "data.sp_vocab_size", "data.read_threads"])
+    _nonneg(config, ["data.worker_count"])
     _require(config, "data.image_size", lambda v: v >= 8, "must be at least 8 pixels")
     _require(config, "data.max_objects", lambda v: v <= 9, "at most 9 (one shape per 3x3 cell)")
     if "eval" in config:

@@ -287,7 +287,8 @@ def train(config, workdir, task: Task, *, mesh=None, stop_at_step: int | None = 
     iterator = iter(batched_iterator(train_ds, int(tc.batch_size), seed=config.data.shuffle_seed,
                                      shuffle=True, shuffle_block=_group_rows(train_ds),
                                      process_index=pid, process_count=nproc,
-                                     worker_count=int(config.data.get("worker_count", 0))))
+                                     worker_count=int(config.data.worker_count),
+                                     read_threads=int(config.data.read_threads)))
     example = _local_example(train_ds, local_bs)
     setup = build_setup(task, example, mesh, rules)
     checkpoints = wd.checkpoints(task.name)

@@ -191,6 +191,17 @@ def test_batches_deterministic_shuffled_and_resumable(train_ds):
     assert _ids([next(other_seed)]) != _ids(first[:1])
 
 
+def test_read_threads_change_neither_the_batches_nor_the_resume_point(train_ds):
+    """data.read_threads is a speed knob: 1 thread yields the batches 4 do, and a run may resume
+    with another thread count from the iterator state of the first."""
+    make = lambda n: iter(pipeline.batched_iterator(train_ds, 8, seed=3, shuffle=True, read_threads=n))
+    four, one = make(4), make(1)
+    assert _ids([next(four) for _ in range(10)]) == _ids([next(one) for _ in range(10)])
+    resumed = make(1)
+    resumed.set_state(four.get_state())
+    assert _ids([next(resumed) for _ in range(4)]) == _ids([next(four) for _ in range(4)])
+
+
 def test_orbax_checkpoint_of_iterator(train_ds, tmp_path):
     import orbax.checkpoint as ocp
 
