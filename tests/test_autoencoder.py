@@ -146,3 +146,17 @@ def test_training_codes_gradients_and_tokenize():
     stats = recon_eval.evaluate_autoencoder(recon_fn, [images], fsq.codebook_size)
     assert stats["psnr"] > 10 * np.log10(4 / losses[0])  # trained model beats the initial one
     assert 0 < stats["usage"] <= 1
+
+
+def test_the_tokenize_stage_encodes_data_parallel_over_local_devices():
+    """local_encoder: the batch split over every local device (8 in the tests) gives the indices
+    one device gives, also for batches the device count does not divide."""
+    from mmjax.stages.tokenize import local_encoder
+    assert jax.local_device_count() > 1  # conftest simulates several CPU devices
+    model = tiny((8, 16))
+    params = nn.unbox(ae.init_params(model, jax.random.PRNGKey(0), 16))
+    images = structured_images(13, 16)
+    expected = np.asarray(jax.jit(lambda x: ae.tokenize(model, params, x))(images))
+    encode = local_encoder(model, params)
+    np.testing.assert_array_equal(encode(images), expected)
+    np.testing.assert_array_equal(encode(images[:3]), expected[:3])  # fewer images than devices

@@ -15,6 +15,8 @@ import logging
 import jax
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mmjax import checkpointing, image_codebook, io, multihost
 from mmjax.data import pipeline
@@ -64,6 +66,29 @@ def _write_records(path, rows) -> None:
         writer.close()
 
 
+def local_encoder(model, params):
+    """uint8 images [n, H, W, 3] -> int32 token indices [n, tokens], data-parallel over this
+    process's devices.
+
+    Why not one device: a process encodes its whole share of the records, and on a host of 8
+    accelerators, or a CPU host split into one XLA device per core (mesh.cpu_devices), the first
+    device alone leaves the rest idle (the demo's 16384 images: python -m bench.tokenize_stage).
+    A batch that the device count does not divide is padded with blank images and trimmed.
+    """
+    mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ("images",))
+    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("images"))
+    params = jax.device_put(params, replicated)
+    encode = jax.jit(lambda p, images: ae.tokenize(model, p, ae.images_to_float(images)),
+                     in_shardings=(replicated, split), out_shardings=split)
+
+    def run(images: np.ndarray) -> np.ndarray:
+        pad = -len(images) % mesh.size
+        padded = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+        return np.asarray(encode(params, padded))[:len(images)]
+
+    return run
+
+
 def tokenize_split(config, workdir, split: str, model, params, step: int,
                    batch_size: int = 128) -> dict:
     """Writes the token files of one split (skips when identical ones exist)."""
@@ -76,7 +101,7 @@ def tokenize_split(config, workdir, split: str, model, params, step: int,
     pid, nproc = jax.process_index(), jax.process_count()
     files = [workdir.image_token_shard(split, i, nproc) for i in range(nproc)]
     start, stop = multihost.shard_range(len(ds), pid, nproc)
-    encode = jax.jit(lambda imgs: ae.tokenize(model, params, ae.images_to_float(imgs)))
+    encode = local_encoder(model, params)
 
     def rows():
         for lo in range(start, stop, batch_size):
