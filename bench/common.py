@@ -106,6 +106,30 @@ def timed_stage(config: str, base: str, workdir: str, stage: str, steps: int,
             "minor_faults": after.ru_minflt - before.ru_minflt}
 
 
+def alternating_runs(config: str, base: str, workdir: str, stage: str, steps: int,
+                     settings: dict[str, tuple[str, ...]], rounds: int) -> dict[str, list[dict]]:
+    """`timed_stage` runs of `stage` under each of `settings` (name: config overrides), the
+    settings alternating within each of `rounds` rounds, so that load drifting on the host hits
+    them alike. Returns each setting's runs in round order."""
+    runs = {name: [] for name in settings}
+    for _ in range(rounds):
+        for name, overrides in settings.items():
+            run = timed_stage(config, base, os.path.join(workdir, f"{stage}_{name}"), stage, steps,
+                              *overrides)
+            runs[name].append(run)
+            print(f"{stage} {name}: {run['steps_per_sec']:.2f} steps/s, user {run['user_s']:.0f} s,"
+                  f" system {run['system_s']:.0f} s", flush=True)
+    return runs
+
+
+def round_summary(runs: list[dict]) -> dict:
+    """Means of one setting's runs over the rounds, with the per-round values."""
+    import statistics
+    keys = runs[0].keys()
+    return {**{k: statistics.mean(r[k] for r in runs) for k in keys},
+            "per_round": {k: [r[k] for r in runs] for k in keys}}
+
+
 def stage_steps_per_sec(run_dir: str) -> float:
     """Mean steps/s of a trained stage over its logged windows after the first (the compile)."""
     rates = window_rates(run_dir)

@@ -16,13 +16,12 @@ Writes bench/results/host_malloc.json.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 
 from absl import app, flags
 
-from bench.common import (STAGE_INPUTS, build_stage_inputs, stage_inputs_ready, timed_stage,
-                          write_results)
+from bench.common import (STAGE_INPUTS, alternating_runs, build_stage_inputs, round_summary,
+                          stage_inputs_ready, write_results)
 from mmjax import host_malloc
 
 FLAGS = flags.FLAGS
@@ -35,14 +34,8 @@ flags.DEFINE_integer("model_steps", 300, "Model steps per measurement.")
 flags.DEFINE_string("workdir", "/tmp/mmjax_bench_host_malloc", "Root of the runs' workdirs.")
 flags.DEFINE_string("out", None, "Output JSON (default bench/results/host_malloc.json).")
 
-SETTINGS = {"4k_pages": False, "huge_pages": True}  # name: mesh.malloc_hugepages
-
-
-def summary(runs: list[dict]) -> dict:
-    """Means over the rounds, with the per-round values."""
-    keys = runs[0].keys()
-    return {**{k: statistics.mean(r[k] for r in runs) for k in keys},
-            "per_round": {k: [r[k] for r in runs] for k in keys}}
+SETTINGS = {name: (f"--config.mesh.malloc_hugepages={on}",)
+            for name, on in (("4k_pages", False), ("huge_pages", True))}
 
 
 def main(_):
@@ -54,23 +47,16 @@ def main(_):
         raise app.UsageError(f"--base={base} lacks one of {STAGE_INPUTS['model']}")
     build_stage_inputs(FLAGS.config, base)
     steps = {"tokenizer": FLAGS.tokenizer_steps, "model": FLAGS.model_steps}
-    runs = {stage: {name: [] for name in SETTINGS} for stage in FLAGS.stages}
-    for _ in range(FLAGS.rounds):
-        for stage in FLAGS.stages:
-            for name, on in SETTINGS.items():
-                run = timed_stage(FLAGS.config, base, os.path.join(FLAGS.workdir, f"{stage}_{name}"),
-                                  stage, steps[stage], f"--config.mesh.malloc_hugepages={on}")
-                run["minor_faults_per_step"] = run["minor_faults"] / steps[stage]
-                runs[stage][name].append(run)
-                print(f"{stage} {name}: {run['steps_per_sec']:.2f} steps/s, "
-                      f"{run['minor_faults_per_step']:.0f} faults/step, user {run['user_s']:.0f} s, "
-                      f"system {run['system_s']:.0f} s", flush=True)
     results = {"config": FLAGS.config, "rounds": FLAGS.rounds, "steps": steps,
                "command": "python -m bench.host_malloc " + " ".join(sys.argv[1:]),
                "thp_mode": host_malloc.thp_mode(),
                "glibc": ".".join(map(str, host_malloc.glibc_version() or ())) or None}
-    for stage, by_setting in runs.items():
-        results[stage] = {name: summary(r) for name, r in by_setting.items()}
+    for stage in FLAGS.stages:
+        by_setting = alternating_runs(FLAGS.config, base, FLAGS.workdir, stage, steps[stage],
+                                      SETTINGS, FLAGS.rounds)
+        for run in (r for runs in by_setting.values() for r in runs):
+            run["minor_faults_per_step"] = run["minor_faults"] / steps[stage]
+        results[stage] = {name: round_summary(r) for name, r in by_setting.items()}
         plain, huge = (results[stage][n]["steps_per_sec"] for n in SETTINGS)
         results[stage]["speedup"] = huge / plain
         results[stage]["speedup_per_round"] = [

@@ -31,8 +31,8 @@ def data_config() -> ml_collections.ConfigDict:
     c.worker_count = 0  # grain worker processes (0 = in-process; deterministic either way).
     # Threads that build batches in the training process (grain ReadOptions.num_threads). Rows
     # are built in Python, so more threads mostly contend for the GIL: on the 2-core demo 4
-    # threads spend 2x the CPU of 1 per batch, yet the model stage ran 7% faster with 4
-    # (bench/results/data_loading.json). For loaders that need more, use worker_count.
+    # threads spend 2x the CPU of 1 per batch, and the model stage runs at the same speed with
+    # either (bench/results/data_loading.json). For loaders that need more, use worker_count.
     c.read_threads = 4
     # SentencePiece text tokenizer.
     c.sp_model_path = ""  # Path to a user .model file; "" -> train one from the captions.
