@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -76,6 +77,16 @@ def stage_inputs_ready(base: str) -> bool:
     return all(os.path.isdir(os.path.join(base, n)) for n in STAGE_INPUTS["model"])
 
 
+def stage_base(config: str, base: str | None, workdir: str) -> str:
+    """The workdir whose finished inputs the timed stages copy: `base` (a finished run, which
+    must hold them: a ValueError names what it lacks) or <workdir>/base, built once."""
+    if base and not stage_inputs_ready(base):
+        raise ValueError(f"--base={base} lacks one of {STAGE_INPUTS['model']}")
+    base = base or os.path.join(workdir, "base")
+    build_stage_inputs(config, base)
+    return base
+
+
 def build_stage_inputs(config: str, base: str) -> None:
     """Data, a 50-step tokenizer and its image tokens in `base`, unless it holds them already:
     the step time of the stages timed on them does not depend on the tokenizer's quality."""
@@ -124,7 +135,6 @@ def alternating_runs(config: str, base: str, workdir: str, stage: str, steps: in
 
 def round_summary(runs: list[dict]) -> dict:
     """Means of one setting's runs over the rounds, with the per-round values."""
-    import statistics
     keys = runs[0].keys()
     return {**{k: statistics.mean(r[k] for r in runs) for k in keys},
             "per_round": {k: [r[k] for r in runs] for k in keys}}

@@ -21,7 +21,7 @@ import sys
 
 from absl import app, flags
 
-from bench.common import build_stage_inputs, timed_stage, write_results
+from bench.common import stage_base, timed_stage, write_results
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "configs/mot_shapes.py:demo", "Config the stages run with.")
@@ -43,8 +43,7 @@ def main(_):
     if not counts or min(counts) < 1:
         raise app.UsageError(f"--counts must be positive integers, got {FLAGS.counts}")
     root = FLAGS.workdir
-    base = os.path.join(root, "base")
-    build_stage_inputs(FLAGS.config, base)
+    base = stage_base(FLAGS.config, None, root)
     runs = {stage: {c: [] for c in counts} for stage in ("tokenizer", "model")}
     for _ in range(FLAGS.rounds):
         for stage in runs:

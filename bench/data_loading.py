@@ -18,14 +18,12 @@ bench/results/data_loading.json.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 
 from absl import app, flags
 
-from bench.common import (alternating_runs, build_stage_inputs, load_config, round_summary,
-                          stage_inputs_ready, write_results)
+from bench.common import alternating_runs, load_config, round_summary, stage_base, write_results
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "configs/mot_shapes.py:demo", "Config the model stage runs with.")
@@ -74,10 +72,7 @@ def loader_costs(config_spec: str, base: str, threads: list[int], batches: int) 
 
 def main(_):
     threads = [int(t) for t in FLAGS.read_threads]
-    base = FLAGS.base or os.path.join(FLAGS.workdir, "base")
-    if FLAGS.base and not stage_inputs_ready(base):
-        raise app.UsageError(f"--base={base} lacks data/, tokenizer/ or image_tokens/")
-    build_stage_inputs(FLAGS.config, base)
+    base = stage_base(FLAGS.config, FLAGS.base, FLAGS.workdir)
     results = {"config": FLAGS.config, "rounds": FLAGS.rounds, "model_steps": FLAGS.model_steps,
                "command": "python -m bench.data_loading " + " ".join(sys.argv[1:]),
                "loader": loader_costs(FLAGS.config, base, threads, FLAGS.batches)}

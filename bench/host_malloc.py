@@ -20,8 +20,8 @@ import sys
 
 from absl import app, flags
 
-from bench.common import (STAGE_INPUTS, alternating_runs, build_stage_inputs, round_summary,
-                          stage_inputs_ready, write_results)
+from bench.common import (STAGE_INPUTS, alternating_runs, round_summary, stage_base,
+                          write_results)
 from mmjax import host_malloc
 
 FLAGS = flags.FLAGS
@@ -42,10 +42,7 @@ def main(_):
     if not set(FLAGS.stages) <= set(STAGE_INPUTS):
         raise app.UsageError(f"--stages must be among {sorted(STAGE_INPUTS)}, got {FLAGS.stages}")
     os.environ.pop(host_malloc.ENV, None)  # the children get only what their config asks for
-    base = FLAGS.base or os.path.join(FLAGS.workdir, "base")
-    if FLAGS.base and not stage_inputs_ready(base):
-        raise app.UsageError(f"--base={base} lacks one of {STAGE_INPUTS['model']}")
-    build_stage_inputs(FLAGS.config, base)
+    base = stage_base(FLAGS.config, FLAGS.base, FLAGS.workdir)
     steps = {"tokenizer": FLAGS.tokenizer_steps, "model": FLAGS.model_steps}
     results = {"config": FLAGS.config, "rounds": FLAGS.rounds, "steps": steps,
                "command": "python -m bench.host_malloc " + " ".join(sys.argv[1:]),
