@@ -2,7 +2,7 @@
 
     import mmjax
     run = mmjax.load("/tmp/mmjax_demo")                 # newest checkpoint (or step=...)
-    images = run.text_to_image(["a large red circle in the top left"])   # uint8 [1, H, W, 3]
+    images = run.text_to_image(["a large red circle at the top left"])   # uint8 [1, H, W, 3]
     captions = run.caption(images)                      # list[str]
     recons = run.reconstruct(images)                    # through the FSQ tokenizer
     chain = run.interleave("a small blue square", rounds=2)
