@@ -17,10 +17,8 @@ SIZES = {
 
 
 def get_config(arg: str = "demo"):
-    parts = [p for p in (arg or "demo").split(",") if p]
-    size = parts[0] if parts else "demo"
-    if size not in SIZES:
-        raise ValueError(f"configs/fsq_shapes.py: unknown size {size!r}; choose from {sorted(SIZES)}")
+    size, options = config_defaults.size_and_options(
+        arg, config_file="configs/fsq_shapes.py", sizes=SIZES, options=("big",), default="demo")
     s = SIZES[size]
     c = config_defaults.base_config()
     del c.model, c.objective, c.train, c.sample  # tokenizer-only config
@@ -28,7 +26,7 @@ def get_config(arg: str = "demo"):
     c.data.num_validation = 64 if size == "smoke" else 512
     c.data.num_test = 64 if size == "smoke" else 512
     c.fsq.channels = s["channels"]
-    if "big" in parts:
+    if "big" in options:
         c.fsq.levels = (8, 8, 8, 5, 5, 5)
     c.tokenizer_train.steps = s["steps"]
     c.tokenizer_train.batch_size = s["batch_size"]

@@ -105,14 +105,9 @@ EDIT_INSTRUCTION_LEN = 20  # edits: instruction tokens (the longest instruction 
 
 
 def get_config(arg: str = "demo"):
-    parts = [p for p in (arg or "demo").split(",") if p]
-    size, options = (parts[0] if parts else "demo"), set(parts[1:])
-    if size not in MODEL_SIZES:
-        raise ValueError(f"configs/mot_shapes.py: unknown size {size!r}; "
-                         f"choose from {list(MODEL_SIZES)}")
-    if options - set(OPTIONS):
-        raise ValueError(f"configs/mot_shapes.py: unknown option(s) {sorted(options - set(OPTIONS))}"
-                         f"; choose from {OPTIONS}")
+    size, options = config_defaults.size_and_options(
+        arg, config_file="configs/mot_shapes.py", sizes=MODEL_SIZES, options=OPTIONS,
+        default="demo")
     t = TRAIN_SIZES[size]
     c = config_defaults.base_config()
     c.data.name = "digits" if "digits" in options else "shapes"

@@ -30,14 +30,9 @@ RUNS = {
 
 
 def get_config(arg: str = "tiny"):
-    parts = [p for p in (arg or "tiny").split(",") if p]
-    size, options = (parts[0] if parts else "tiny"), set(parts[1:])
-    if size not in SIZES:
-        raise ValueError(f"configs/sweep_mot_vs_dense.py: unknown size {size!r}; "
-                         f"choose from {list(SIZES)}")
-    if options - {"discrete"}:
-        raise ValueError(f"configs/sweep_mot_vs_dense.py: unknown option(s) "
-                         f"{sorted(options - {'discrete'})}; choose from ('discrete',)")
+    size, options = config_defaults.size_and_options(
+        arg, config_file="configs/sweep_mot_vs_dense.py", sizes=SIZES, options=("discrete",),
+        default="tiny")
     r = RUNS[size]
     c = config_defaults.sweep_config()
     c.base = "configs/mot_shapes.py:smoke"

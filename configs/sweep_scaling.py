@@ -65,14 +65,8 @@ OPTIONS = ("dense", "both", "discrete")
 
 
 def get_config(arg: str = "tiny"):
-    parts = [p for p in (arg or "tiny").split(",") if p]
-    size, options = (parts[0] if parts else "tiny"), set(parts[1:])
-    if size not in SIZES:
-        raise ValueError(f"configs/sweep_scaling.py: unknown size {size!r}; "
-                         f"choose from {list(SIZES)}")
-    if options - set(OPTIONS):
-        raise ValueError(f"configs/sweep_scaling.py: unknown option(s) "
-                         f"{sorted(options - set(OPTIONS))}; choose from {OPTIONS}")
+    size, options = config_defaults.size_and_options(
+        arg, config_file="configs/sweep_scaling.py", sizes=SIZES, options=OPTIONS, default="tiny")
     s = SHARED[size]
     c = config_defaults.sweep_config()
     c.base = "configs/mot_shapes.py:smoke"

@@ -10,7 +10,27 @@ typed blocks (ModelConfig, ObjectiveConfig, SampleSettings) the code reads.
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 import ml_collections
+
+
+def size_and_options(arg: str | None, *, config_file: str, sizes: Iterable[str],
+                     options: Iterable[str], default: str) -> tuple[str, set[str]]:
+    """`SIZE[,OPTION...]` (the `:arg` of `--config=configs/X.py:arg`) -> (size, options).
+
+    The one parser of every config file's argument, so each rejects an unknown size or option
+    the same way: one line naming the file and the choices (an option is never ignored).
+    """
+    parts = [p for p in (arg or default).split(",") if p]
+    size, chosen = (parts[0] if parts else default), set(parts[1:])
+    sizes, options = list(sizes), tuple(options)
+    if size not in sizes:
+        raise ValueError(f"{config_file}: unknown size {size!r}; choose from {sizes}")
+    if chosen - set(options):
+        raise ValueError(f"{config_file}: unknown option(s) {sorted(chosen - set(options))}; "
+                         f"choose from {options}")
+    return size, chosen
 
 
 def data_config() -> ml_collections.ConfigDict:

@@ -41,6 +41,8 @@ CASES = {
                      r"configs/fsq_shapes\.py: unknown size 'huge'; choose from"),
     "unknown_option": (["--config=configs/mot_shapes.py:smoke,bogus", WD],
                        r"unknown option\(s\) \['bogus'\]"),
+    "unknown_fsq_option": (["--config=configs/fsq_shapes.py:demo,bgi", WD],
+                           r"configs/fsq_shapes\.py: unknown option\(s\) \['bgi'\]; choose from"),
     "missing_config_file": (["--config=configs/nope.py:smoke", WD],
                             r"--config: no such config file 'configs/nope\.py'"),
     "missing_config_flag": ([WD], r"--config is required"),
