@@ -127,7 +127,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             "is it a config for another entry point?")
     _require(config, "data.name", lambda v: isinstance(v, str) and v, "must name a dataset")
     _pos(config, ["data.image_size", "data.num_train", "data.num_validation", "data.num_test",
-                  "data.max_objects", "data.sp_vocab_size", "data.read_threads"])
+                  "data.max_objects", "data.sp_vocab_size", "data.read_threads",
+                  "data.max_caption_len", "data.sp_max_sentences"])
     _nonneg(config, ["data.worker_count"])
     _require(config, "data.image_size", lambda v: v >= 8, "must be at least 8 pixels")
     _require(config, "data.max_objects", lambda v: v <= 9, "at most 9 (one shape per 3x3 cell)")
@@ -146,7 +147,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              lambda v: v % (2 ** (len(_get(config, "fsq.channels")) - 1)) == 0
              if "fsq" in config else True,
              "must be divisible by the FSQ downsampling factor 2**(len(fsq.channels)-1)")
-    _nonneg(config, ["fsq.num_res_blocks"])
+    _nonneg(config, ["fsq.num_res_blocks", "fsq.l1_weight"])
+    _require(config, "fsq.norm_groups",
+             lambda v: int(v) == v and v >= 1 and all(c % v == 0 for c in _get(config, "fsq.channels")),
+             "must be a positive integer dividing every width in fsq.channels (GroupNorm groups)")
     _one_of(config, "fsq.loss")
     _validate_vq(config)
     _validate_model(config)
@@ -164,6 +168,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for axis in ("data", "fsdp", "tensor"):
         _require(config, f"mesh.{axis}", lambda v: v == -1 or v >= 1,
                  "must be a positive size or -1 (the rest of the devices)")
+    _pos(config, ["mesh.dcn_data"])
     _require(config, "mesh.cpu_devices", lambda v: int(v) == v and v >= 0,
              "must be an integer >= 0 (0: XLA's default CPU devices)")
     _require(config, "mesh.malloc_hugepages", lambda v: isinstance(v, bool), "must be True or False")
@@ -183,12 +188,14 @@ def _validate_model(config) -> None:
                   "image_input"):
         _one_of(config, f"model.{field}")
     _nonneg(config, ["model.noise_aug"])
+    for p in ("model.rope_theta", "model.norm_eps"):
+        _require(config, p, lambda v: v > 0, "must be > 0")
 
 
 def _validate_objective(config) -> None:
     _one_of(config, "objective.flow_t_dist")
     _nonneg(config, ["objective.text_weight", "objective.image_weight"])
-    _pos(config, ["objective.direction_group_rows"])
+    _pos(config, ["objective.direction_group_rows", "objective.direction_redraws"])
     for p in ("objective.t2i_prob", "objective.caption_dropout", "objective.edit_chain_prob"):
         _require(config, p, lambda v: 0 <= v <= 1, "must be a probability in [0, 1]")
 
@@ -198,7 +205,8 @@ def _validate_sample(config) -> None:
                      "sample.image_temperature", "sample.image_top_k",
                      "sample.flow_temperature", "sample.noise_aug"])
     _require(config, "sample.top_p", lambda v: 0 < v <= 1, "must be in (0, 1]")
-    _pos(config, ["sample.ode_steps", "sample.num_samples", "sample.max_text_len"])
+    _pos(config, ["sample.ode_steps", "sample.num_samples", "sample.max_text_len",
+                  "sample.batch_size"])
     _one_of(config, "sample.ode_solver")
     _one_of(config, "sample.cfg_schedule")
     _one_of(config, "sample.weights")

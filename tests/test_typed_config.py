@@ -92,6 +92,29 @@ def test_sample_block_rules_live_in_the_validator_only():
                                                 flow_t_dist="beta"))
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("data.max_caption_len", 0, "must be a positive integer"),
+    ("data.sp_max_sentences", 0, "must be a positive integer"),
+    ("fsq.l1_weight", -1.0, "must be >= 0"),
+    ("fsq.norm_groups", 3, "dividing every width in fsq.channels"),
+    ("fsq.norm_groups", 0, "dividing every width in fsq.channels"),
+    ("model.rope_theta", 0.0, "must be > 0"),
+    ("model.norm_eps", -1.0, "must be > 0"),
+    ("objective.direction_redraws", 0, "must be a positive integer"),
+    ("sample.batch_size", 0, "must be a positive integer"),
+    ("mesh.dcn_data", 0, "must be a positive integer"),
+])
+def test_values_that_once_failed_late_or_silently_fail_in_validate(field, value, message):
+    """Each of these once passed validate() and then ran wrong (an empty train set, a tokenizer
+    fitted on one caption, NaN rotations, pure-noise images) or failed deep in a stage."""
+    config = config_defaults.base_config()
+    block, name = field.split(".")
+    config_validation.validate(config)  # the defaults pass
+    config[block][name] = value
+    with pytest.raises(config_validation.ConfigError, match=rf"config\.{field}=.*{message}"):
+        config_validation.validate(config)
+
+
 def test_malloc_hugepages_is_true_or_false():
     config = config_defaults.base_config()
     config.mesh.malloc_hugepages = None  # a Python-built config (the API): True or False only
