@@ -41,6 +41,8 @@ def load(workdir, *, step: int | None = None, config=None) -> "Run":
     step: the model checkpoint to load (default: the newest readable one). config: defaults to
     the config stored beside that checkpoint.
     """
+    if step is not None and (isinstance(step, bool) or not isinstance(step, (int, np.integer))):
+        raise InputError(f"step={step!r} must be an integer checkpoint step (or None: the newest)")
     root = Workdir.from_config({}, workdir)  # where the checkpoints are
     if config is None:
         checkpointing.require_directory(root.model_checkpoints)
@@ -112,9 +114,17 @@ class Run:
 
     # ---- settings and compiled samplers ---------------------------------------------------------
     def settings_with(self, **overrides) -> sampling.SampleSettings:
-        """The run's sampling settings with the non-None `overrides` replaced."""
+        """The run's sampling settings with the non-None `overrides` replaced, checked by the
+        sample block's own rules (config_validation.sample_settings): ode_steps=0 or a
+        negative temperature is one InputError, never noise images or an inverted softmax."""
         changes = {k: v for k, v in overrides.items() if v is not None}
-        return dataclasses.replace(self.settings, **changes) if changes else self.settings
+        if not changes:
+            return self.settings
+        try:
+            return config_validation.sample_settings(
+                {**dataclasses.asdict(self.settings), **changes})
+        except config_validation.ConfigError as e:
+            raise InputError(f"sampling override {e}") from None
 
     @functools.lru_cache(maxsize=8)
     def sampler(self, settings: sampling.SampleSettings) -> sampling.Sampler:
@@ -132,6 +142,13 @@ class Run:
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str):
                 raise InputError(f"prompt {i} is a {type(prompt).__name__}, not a string")
+            if not prompt.strip():
+                raise InputError(f"prompt {i} is empty (the unconditional prompt is the "
+                                 "sampler's own <uncond> marker, not an empty caption)")
+            unknown = self.tokenizer.unknown_pieces(prompt)
+            if unknown:
+                raise InputError(f"prompt {i} holds pieces the run's SentencePiece model cannot "
+                                 f"encode ({', '.join(map(repr, unknown))}): {prompt!r}")
             tokens = self.tokenizer.encode(prompt)
             if len(tokens) > self.max_caption_len:
                 raise InputError(f"prompt {i} has {len(tokens)} tokens, more than the model's "
@@ -141,7 +158,10 @@ class Run:
 
     def check_images(self, images) -> np.ndarray:
         """uint8 [N, S, S, 3] with S = data.image_size, or one clear ValueError."""
-        images = np.asarray(images)
+        try:
+            images = np.asarray(images)
+        except ValueError as e:  # a ragged list
+            raise InputError(f"images must be one uint8 array [N, S, S, 3]: {e}") from None
         want = (self.image_size, self.image_size, 3)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != want or not len(images):
             raise InputError(f"images must be uint8 [N, {want[0]}, {want[1]}, 3] with N >= 1 "
@@ -207,8 +227,8 @@ class Run:
         caption} (each caption describes the image before it)."""
         if not isinstance(prompt, str):
             raise InputError("interleave takes one prompt string")
-        if int(rounds) < 1:
-            raise InputError(f"rounds={rounds} must be >= 1")
+        if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or rounds < 1:
+            raise InputError(f"rounds={rounds!r} must be an integer >= 1")
         ids, lengths = self.encode_prompts([prompt])
         chain = jax.device_get(self.sampler(self.settings).interleaved(
             self.params, ids, lengths, jax.random.PRNGKey(int(seed)), rounds=int(rounds)))

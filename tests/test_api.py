@@ -81,6 +81,19 @@ def test_bad_input_is_one_clear_sentence(run):
         run.caption(np.zeros((2, 16, 16, 3), np.uint8))
     with pytest.raises(ValueError, match="uint8"):
         run.reconstruct(np.zeros((1, 32, 32, 3), np.float32))
+    with pytest.raises(ValueError, match="one uint8 array"):
+        run.caption([np.zeros((32, 32, 3), np.uint8), np.zeros((16, 16, 3), np.uint8)])
+    # Input that once generated silently from something else than what was asked:
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        run.text_to_image(["a small blue square", "  "])
+    with pytest.raises(ValueError, match=r"prompt 0 holds pieces .* cannot encode \(.*'42'"):
+        run.text_to_image(["a small blue square 42"])
+    with pytest.raises(ValueError, match=r"sampling override config\.sample\.ode_steps=0"):
+        run.text_to_image(["a small blue square"], ode_steps=0)
+    with pytest.raises(ValueError, match=r"config\.sample\.temperature=-1"):
+        run.caption(np.zeros((1, 32, 32, 3), np.uint8), temperature=-1)
+    with pytest.raises(ValueError, match=r"rounds='2' must be an integer >= 1"):
+        run.interleave("a small blue square", rounds="2")
 
 
 def test_load_a_given_step_and_a_missing_one(workdir, run):
@@ -89,6 +102,8 @@ def test_load_a_given_step_and_a_missing_one(workdir, run):
     assert again.step == run.step
     with pytest.raises(ValueError, match="no checkpoint for step 999"):
         mmjax.load(workdir, step=999)
+    with pytest.raises(ValueError, match=r"step='last' must be an integer checkpoint step"):
+        mmjax.load(workdir, step="last")
     with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
         mmjax.load(os.path.join(workdir, "nowhere"))
 

@@ -130,6 +130,13 @@ class TextTokenizer:
         """Piece ids of `text`, without bos/eos."""
         return list(self._sp.encode(str(text)))
 
+    def unknown_pieces(self, text: str) -> list[str]:
+        """The pieces of `text` the model maps to its unknown id (characters never seen in the
+        captions it was trained on): a prompt holding them would be generated from a guess."""
+        unk = self._sp.unk_id()
+        return [piece for i, piece in zip(self._sp.encode(str(text)),
+                                          self._sp.encode(str(text), out_type=str)) if i == unk]
+
     def decode(self, ids) -> str:
         """Text of `ids` up to the first eos; pad/bos/<boi>/<eoi>/<uncond> and out-of-vocabulary ids are skipped."""
         kept = []
