@@ -19,7 +19,7 @@ import ml_collections
 
 from mmjax import image_heads
 from mmjax.choices import CHOICES
-from mmjax.data import packing
+from mmjax.data import contract, packing
 from mmjax.errors import InputError
 from mmjax.models.config import ModelConfig
 from mmjax.objectives import ObjectiveConfig
@@ -130,7 +130,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                   "data.max_objects", "data.sp_vocab_size", "data.read_threads",
                   "data.max_caption_len", "data.sp_max_sentences"])
     _nonneg(config, ["data.worker_count"])
-    _require(config, "data.image_size", lambda v: v >= 8, "must be at least 8 pixels")
+    _require(config, "data.image_size", lambda v: v >= contract.MIN_IMAGE_SIZE,
+             f"must be at least {contract.MIN_IMAGE_SIZE} pixels")
     _require(config, "data.max_objects", lambda v: v <= 9, "at most 9 (one shape per 3x3 cell)")
     if "eval" in config:
         _pos(config, ["eval.fid_batch_size", "eval.kid_subset_size"])

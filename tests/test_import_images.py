@@ -126,7 +126,8 @@ def test_splits_are_deterministic_by_key():
     assert a == [ii.split_of(k, SPLITS) for k in keys]
     assert abs(a.count("train") / len(a) - 0.6) < 0.05  # the fractions are honoured
     assert ii.parse_splits("train:0.98,validation:0.01,test:0.01")[0] == ("train", 0.98)
-    for bad in ("train:0.5", "train:x", "train:0.5,train:0.5", "Train:1"):
+    for bad in ("train:0.5", "train:x", "train:0.5,train:0.5", "Train:1", "train:nan,validation:1",
+                "train:1", "train:0.5,valid:0.3,test:0.2", "train:1,validation:0,test:0"):
         with pytest.raises(ValueError, match="--splits"):
             ii.parse_splits(bad)
 
@@ -222,6 +223,27 @@ def test_bad_flags_are_one_line(tmp_path):
     assert proc.returncode == 2 and "is not a directory" in proc.stderr.strip().splitlines()[-1]
     proc = _cli("--format=parquet", f"--source={tmp_path}/*.parquet", "--name=Bad-Name", f"--data_dir={tmp_path}")
     assert proc.returncode == 2 and "--name='Bad-Name'" in proc.stderr
+    for change, says in ((dict(name="natural"), "embedded dataset's name"),
+                         (dict(resize=3), "--resize=3: 0 .* or at least 8 pixels")):
+        with pytest.raises(ValueError, match=says):
+            ii.import_dataset(_settings("folder", str(tmp_path), tmp_path / "tfds", **change))
+
+
+def test_a_mistyped_source_does_not_block_the_corrected_rerun(tmp_path):
+    """The source is read before the staging dir exists: a typo leaves no interrupted import
+    whose settings the corrected command would have to match."""
+    fx.write_folder(str(tmp_path / "photos"), 4)
+    typo = _settings("folder", str(tmp_path / "phtos"), tmp_path / "tfds", name="mine")
+    with pytest.raises(ValueError, match="is not a directory"):
+        ii.import_dataset(typo)
+    assert not os.path.exists(ii.staging_dir(typo))
+    summary = ii.import_dataset(_settings("folder", str(tmp_path / "photos"), tmp_path / "tfds",
+                                          name="mine"))
+    assert sum(summary["splits"].values()) == 4
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(ValueError, match=r"no \.jpg / \.jpeg / \.png / \.webp file under it"):
+        ii.import_dataset(_settings("folder", str(tmp_path / "empty"), tmp_path / "tfds",
+                                    name="nothing"))
 
 
 def test_missing_parquet_column_names_the_file(tmp_path):

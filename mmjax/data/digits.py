@@ -18,8 +18,9 @@ import re
 import numpy as np
 from PIL import Image
 
+from mmjax.data.contract import SPLITS
+
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-SPLITS = ("train", "validation", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # Shares of the 1797 images per split (train gets the rest).
 SPLIT_SEED = 20240601  # Fixed: the permutation that assigns images to splits.
 MAX_VALUE = 16  # load_digits pixel range is 0..16.

@@ -15,9 +15,9 @@ import grain
 import numpy as np
 
 from mmjax import io
+from mmjax.data.contract import SPLITS
 from mmjax.errors import InputError, MissingArtifactError
 
-SPLITS = ("train", "validation", "test")
 # The sidecar fields that say what the tokens are (`files` only says where they are stored).
 # A VQ tokenizer's tokens add "quantizer", "codebook_size" and "code_dim" (FSQ sidecars omit them).
 CONTENT_KEYS = ("dataset", "image_size", "levels", "grid", "num_records", "tokenizer_step",

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -44,6 +45,8 @@ import time
 import numpy as np
 
 from mmjax.data import import_sources
+from mmjax.data.contract import MIN_IMAGE_SIZE, SPLITS
+from mmjax.workdir import EMBEDDED_DATASETS
 
 VERSION = "1.0.0"
 ON_ERROR = ("skip", "error")
@@ -84,7 +87,11 @@ class Settings:
 
 # ---- pure pieces --------------------------------------------------------------------------------
 def parse_splits(text: str) -> tuple[tuple[str, float], ...]:
-    """'train:0.98,validation:0.01,test:0.01' -> ((name, fraction), ...), fractions summing to 1."""
+    """'train:0.98,validation:0.01,test:0.01' -> ((name, fraction), ...), fractions summing to 1.
+
+    Every split the stages read (contract.SPLITS) needs a share > 0 and no other name is taken:
+    a run trains on train, scores on validation and holds test out, so an import without one of
+    them (or with a typo such as `valid`) would only fail when training starts."""
     out = []
     for part in text.split(","):
         name, _, frac = part.partition(":")
@@ -92,11 +99,16 @@ def parse_splits(text: str) -> tuple[tuple[str, float], ...]:
             value = float(frac)
         except ValueError:
             value = -1.0
-        if not re.fullmatch(r"[a-z][a-z0-9_]*", name.strip()) or value < 0:
-            raise ImportFailure(f"--splits={text!r}: each entry must be name:fraction, e.g. train:0.98")
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", name.strip()) or not 0 <= value <= 1:
+            raise ImportFailure(f"--splits={text!r}: each entry must be name:fraction with a "
+                                "fraction in [0, 1], e.g. train:0.98")
         out.append((name.strip(), value))
     if len({n for n, _ in out}) != len(out) or abs(sum(v for _, v in out) - 1.0) > 1e-6:
         raise ImportFailure(f"--splits={text!r}: names must be distinct and fractions sum to 1")
+    shares = dict(out)
+    if set(shares) != set(SPLITS) or not all(shares[n] > 0 for n in SPLITS):
+        raise ImportFailure(f"--splits={text!r}: give each of {', '.join(SPLITS)} (and no other "
+                            "name) a fraction > 0; runs train, validate and test on them")
     return tuple(out)
 
 
@@ -242,8 +254,9 @@ def _check_settings(s: Settings) -> None:
         raise ImportFailure(f"--format={s.format!r} must be one of {import_sources.FORMATS}")
     if not re.fullmatch(r"[a-z][a-z0-9_]*", s.name):
         raise ImportFailure(f"--name={s.name!r} must be snake_case (a TFDS dataset name)")
-    if s.name in ("shapes", "digits"):
-        raise ImportFailure(f"--name={s.name!r} is an embedded dataset name; pick another")
+    if s.name in EMBEDDED_DATASETS:
+        raise ImportFailure(f"--name={s.name!r} is an embedded dataset's name (runs would build "
+                            f"that one instead: {', '.join(EMBEDDED_DATASETS)}); pick another")
     if not s.data_dir:
         raise ImportFailure("--data_dir is required")
     if s.on_error not in ON_ERROR or s.long_captions not in LONG_CAPTIONS:
@@ -252,6 +265,9 @@ def _check_settings(s: Settings) -> None:
         raise ImportFailure(f"--process_index={s.process_index} must be in [0, --process_count={s.process_count})")
     if s.unit_size < 1 or s.resize < 0 or s.max_caption_words < 0:
         raise ImportFailure("--unit_size must be >= 1 and --resize, --max_caption_words >= 0")
+    if 0 < s.resize < MIN_IMAGE_SIZE:
+        raise ImportFailure(f"--resize={s.resize}: 0 (keep the images as they came) or at least "
+                            f"{MIN_IMAGE_SIZE} pixels, the smallest data.image_size")
     if os.path.exists(final_dir(s)) and not s.overwrite:
         raise ImportFailure(f"dataset {s.name} {VERSION} already exists in {final_dir(s)}; "
                             "pass --overwrite to replace it")
@@ -353,9 +369,13 @@ def _spec(s: Settings) -> import_sources.SourceSpec:
 def run_share(s: Settings) -> dict:
     """This process's units (skipping those already done); writes its process marker."""
     _check_settings(s)
+    # The first unit is read before the staging dir exists, so a --source that is not there
+    # fails without leaving an interrupted import whose settings would block the corrected rerun.
+    units = import_sources.units(_spec(s))
+    first = next(units, None)
     parts = _open_staging(s)
     started, totals, logged, mine = time.time(), _Counter(), [0], []
-    for k, unit in enumerate(import_sources.units(_spec(s))):
+    for k, unit in enumerate(itertools.chain([first] if first else [], units)):
         if k % s.process_count != s.process_index:
             continue
         mine.append(unit.uid)
@@ -407,6 +427,10 @@ def finalize(s: Settings) -> dict:
         _add(totals, done)
         for split, n in done["splits"].items():
             shards[split].append((os.path.join(parts, f"{uid}.{split}.array_record"), n))
+    if not sum(totals.splits.values()) and not totals.bad:
+        found = (f"no {' / '.join(import_sources.IMAGE_EXTENSIONS)} file under it"
+                 if s.format == "folder" else "no records in it")
+        raise ImportFailure(f"--source={s.source!r} (--format={s.format}): {found}")
     if not sum(totals.splits.values()):
         raise ImportFailure(f"--source={s.source!r}: no usable record ({totals.bad} bad; first: "
                             f"{totals.bad_examples[:1]})")

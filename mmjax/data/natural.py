@@ -23,8 +23,8 @@ import numpy as np
 from PIL import Image
 
 from mmjax.data import digits
+from mmjax.data.contract import SPLITS
 
-SPLITS = ("train", "validation", "test")
 PHOTOS = ("china", "flower")  # load_sample_images() order
 TILE_GRID = (4, 4)  # rows x columns of tiles per photo (tiles of ~106 x 160 pixels)
 HELD_OUT_TILES = 2  # tiles per photo for validation, and as many for test

@@ -28,6 +28,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from mmjax.data import builders, remote
+from mmjax.data.contract import SPLITS
 from mmjax.errors import InputError, MissingArtifactError
 
 
@@ -79,7 +80,7 @@ def build_dataset(data_cfg, data_dir) -> dict[str, int]:
     else:
         builder = _standard_builder(data_cfg, None if data_dir is None else os.fspath(data_dir))
     return {split: len(image_caption_dataset(data_cfg, split, data_dir))
-            for split in ("train", "validation", "test") if split in builder.info.splits}
+            for split in SPLITS if split in builder.info.splits}
 
 
 def image_caption_dataset(data_cfg, split: str, data_dir) -> grain.MapDataset:

@@ -22,6 +22,8 @@ import re
 
 import numpy as np
 
+from mmjax.data.contract import SPLITS
+
 # --- Attribute vocabulary (ids are row values in `attributes`) -------------------------------
 SHAPES = ("circle", "square", "triangle")
 COLORS = ("red", "green", "blue", "yellow", "magenta", "cyan")
@@ -58,7 +60,6 @@ POSITION_PHRASES = {
     (1, 2): "at the bottom",
     (2, 2): "at the bottom right",
 }
-SPLITS = ("train", "validation", "test")
 # Share of attribute sets hashed to each split (in SPLITS order).
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 MIN_IMAGE_SIZE = 32  # Below this a small object is too few pixels to keep a recognisable shape.
