@@ -92,7 +92,7 @@ TOKEN_GRIDS = {"grid8": dict(extra_downsample=False, levels=None),  # None: fsq.
 # row is a group already.
 DIRECTION_GROUP_ROWS = {"smoke": 2, "demo": 4, "cpu_hour": 4, "small": 4}
 # CPU sizes: one XLA device per core of the README's 2-core host (mesh.cpu_devices), so the
-# tokenizer's small convolutions run data-parallel: 5.8 -> 8.5 steps/s (1.46x), about 2 min off
+# tokenizer's small convolutions run data-parallel: 5.8 -> 8.4 steps/s (1.45x), about 2 min off
 # the demo, while the model's steps run at the same speed on 1 or 2 devices (4 devices:
 # tokenizer 9.0, model 19% slower; bench/results/cpu_devices.json).
 CPU_DEVICES = {"demo": 2, "cpu_hour": 2}

@@ -148,7 +148,7 @@ def split_cpu_host(num_devices: int) -> None:
 
     Why: one XLA CPU device spreads an op over cores with its intra-op thread pool, which small
     convolutions use poorly (the demo's FSQ tokenizer: 1.17x from a second core); as data
-    parallel over 2 devices its step runs 1.46x faster on 2 cores, while the transformer runs
+    parallel over 2 devices its step runs 1.45x faster on 2 cores, while the transformer runs
     at the same speed either way (bench/results/cpu_devices.json). Only the CPU backend reads the
     setting, so accelerator runs ignore it. It must be set before JAX starts its backends: when
     they are running already (a notebook that used JAX) the run goes on with the devices it has.
