@@ -203,9 +203,16 @@ def _pick_steps(manager, directory, step: int | None) -> list[int]:
 
 
 def restore_config(directory: str, step: int | None = None) -> dict:
-    """The config JSON stored next to the newest checkpoint (or `step`): what the run was
-    trained with."""
+    """The config JSON stored next to the newest readable checkpoint (or `step`): what the run
+    was trained with. An unreadable newest one falls back to the previous, as the params do
+    (restore_state_items), so a run killed mid-save still loads."""
     manager = make_manager(directory, keep=1, read_only=True)
-    step = _pick_steps(manager, directory, step)[0]
-    restored = manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))
-    return json.loads(json.dumps(restored[CONFIG]))
+    for found in _pick_steps(manager, directory, step):
+        try:
+            restored = manager.restore(found, args=ocp.args.Composite(
+                **{CONFIG: ocp.args.JsonRestore()}))
+            return json.loads(json.dumps(restored[CONFIG]))
+        except Exception as e:  # noqa: BLE001
+            logging.warning("config of the checkpoint at step %d in %s is unreadable (%s); trying "
+                            "the previous one", found, directory, e)
+    raise MissingArtifactError(f"no checkpoint in {directory} has a readable config")

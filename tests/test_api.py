@@ -108,6 +108,24 @@ def test_load_a_given_step_and_a_missing_one(workdir, run):
         mmjax.load(os.path.join(workdir, "nowhere"))
 
 
+def test_load_falls_back_from_an_unreadable_newest_checkpoint(workdir, tmp_path):
+    """A run killed while saving leaves a newest step whose config and state cannot be read;
+    load takes the previous one (as the trainer's resume does) instead of a raw orbax error."""
+    import shutil
+    import mmjax
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    ckpts = os.path.join(copy, "model", "checkpoints")
+    steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit())
+    assert len(steps) >= 2
+    newest = os.path.join(ckpts, str(steps[-1]))
+    with open(os.path.join(newest, "config", "metadata"), "w") as f:
+        f.write("{not json")
+    with open(os.path.join(newest, "state", "manifest.ocdbt"), "wb") as f:
+        f.write(b"\0" * 16)
+    assert mmjax.load(copy).step == steps[-2]
+
+
 def test_sampling_reads_the_average_unless_told_otherwise(workdir, run):
     """A run that kept an EMA (train.ema_decay > 0) samples and scores it by default; the
     sample stage records which weights it scored; sample.weights='raw' reads the last iterate."""
