@@ -375,7 +375,7 @@ def run_share(s: Settings) -> dict:
     first = next(units, None)
     parts = _open_staging(s)
     started, totals, logged, mine = time.time(), _Counter(), [0], []
-    for k, unit in enumerate(itertools.chain([first] if first else [], units)):
+    for k, unit in enumerate(itertools.chain([] if first is None else [first], units)):
         if k % s.process_count != s.process_index:
             continue
         mine.append(unit.uid)
