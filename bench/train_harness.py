@@ -26,7 +26,7 @@ HEADS = ("targets", "rows", "all")  # where TimedTrainStep runs the heads
 
 
 def image_tokens_per_image(config) -> int:
-    """FSQ tokens per image: (image_size / 2^(len(fsq.channels) - 1))^2, as the tokenizer makes."""
+    """FSQ tokens per image: (image_size / the tokenizer's downsampling factor)^2."""
     return config_validation.image_side(config) ** 2
 
 

@@ -16,7 +16,7 @@ ARG = SIZE[,OPTION...]
 """
 import math
 
-from mmjax import config_defaults
+from mmjax import config_defaults, config_validation
 
 # Backbone sizes. Rows of model.max_seq_len tokens hold whole caption<->image documents.
 MODEL_SIZES = {
@@ -184,7 +184,7 @@ def _edits(c, size: str) -> None:
     c.data.num_validation = 16 if size == "smoke" else 128
     c.data.num_test = 16 if size == "smoke" else 256
     c.data.max_caption_len = EDIT_INSTRUCTION_LEN
-    side = c.data.image_size // 2 ** (len(c.fsq.channels) - 1)
+    side = config_validation.image_side(c)
     longest = layout.edit_document_length([EDIT_INSTRUCTION_LEN] * shapes_edits.CHAIN_EDITS,
                                           side * side)
     c.model.max_seq_len = -(-longest // 8) * 8

@@ -78,6 +78,9 @@ def fsq_config() -> ml_collections.ConfigDict:
     c.vq_reseed = 0  # VQ: reseed a code unused this many consecutive steps from encoder outputs (0 = off; needs EMA).
     c.vq_l2 = False  # VQ: compare l2-normalised latents and codes (cosine assignment, ViT-VQGAN).
     c.channels = (32, 64)  # Conv widths per resolution; len(channels) - 1 = number of 2x downsamples.
+    c.patch_size = 1  # Pixels per side folded into channels before the first conv (space-to-depth)
+    # and unfolded after the last; 2 drops the full-resolution level, whose narrow convs XLA CPU
+    # trains slowly. Pixels per token side = patch_size * 2**(len(channels) - 1).
     c.num_res_blocks = 1  # Residual blocks per resolution in encoder and decoder.
     c.norm_groups = 8  # GroupNorm groups in encoder/decoder; must divide every entry of channels.
     c.loss = "l2"  # Reconstruction loss: "l2" or "l1+l2".

@@ -144,10 +144,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError(f"config.fsq.levels={_get(config, 'fsq.levels')!r}: {levels_error}")
     _require(config, "fsq.channels", lambda v: len(v) > 0 and all(c > 0 for c in v),
              "needs at least one positive width")
+    _require(config, "fsq.patch_size", lambda v: int(v) == v and v >= 1,
+             "must be a positive integer (pixels per side folded into channels)")
     _require(config, "data.image_size",
-             lambda v: v % (2 ** (len(_get(config, "fsq.channels")) - 1)) == 0
-             if "fsq" in config else True,
-             "must be divisible by the FSQ downsampling factor 2**(len(fsq.channels)-1)")
+             lambda v: v % _downsample_factor(config) == 0 if "fsq" in config else True,
+             "must be divisible by the FSQ downsampling factor "
+             "fsq.patch_size * 2**(len(fsq.channels)-1)")
     _nonneg(config, ["fsq.num_res_blocks", "fsq.l1_weight"])
     _require(config, "fsq.norm_groups",
              lambda v: int(v) == v and v >= 1 and all(c % v == 0 for c in _get(config, "fsq.channels")),
@@ -263,7 +265,7 @@ def image_token_codes(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
     """The ModelConfig of a full config (its `model` block, the image tokens' codes as
     `image_token_codes` says, the image grid's side: data.image_size over the tokenizer's
-    2**(len(fsq.channels) - 1) downsampling, and the packer's image tokens per row)."""
+    downsampling factor, and the packer's image tokens per row)."""
     side = image_side(config)
     levels, dim = image_token_codes(config)
     vq_dim = dim if config.fsq.get("quantizer", "fsq") == "vq" else 0
@@ -275,9 +277,14 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
 
 
 def image_side(config: ml_collections.ConfigDict) -> int:
-    """Image tokens per side: data.image_size over the tokenizer's 2**(len(fsq.channels) - 1)
-    downsampling."""
-    return int(config.data.image_size) // 2 ** (len(config.fsq.channels) - 1)
+    """Image tokens per side: data.image_size over the tokenizer's downsampling factor."""
+    return int(config.data.image_size) // _downsample_factor(config)
+
+
+def _downsample_factor(config: ml_collections.ConfigDict) -> int:
+    """Pixels per token side of the config's tokenizer (autoencoder.downsample_factor)."""
+    from mmjax.tokenizers.autoencoder import downsample_factor
+    return downsample_factor(config.fsq.channels, int(config.fsq.get("patch_size", 1)))
 
 
 def direction_group_rows(config: ml_collections.ConfigDict) -> int:
@@ -307,8 +314,7 @@ def target_capacity(config: ml_collections.ConfigDict) -> TargetCapacity:
 def _from_packer(config: ml_collections.ConfigDict, bound: str):
     """A static per-row bound of the config's packer (packing's for caption/image pairs,
     edit_packing's for data.name="shapes_edits"): `bound`(model.max_seq_len,
-    data.max_caption_len, image tokens per image = (data.image_size / 2**(len(fsq.channels)
-    - 1))**2), its ValueError as one ConfigError naming the fields."""
+    data.max_caption_len, image tokens per image = image_side**2), its ValueError as one ConfigError naming the fields."""
     from mmjax.data import edit_packing
     side = image_side(config)
     seq_len, caption = int(config.model.max_seq_len), int(config.data.max_caption_len)

@@ -98,6 +98,8 @@ def test_sample_block_rules_live_in_the_validator_only():
     ("fsq.l1_weight", -1.0, "must be >= 0"),
     ("fsq.norm_groups", 3, "dividing every width in fsq.channels"),
     ("fsq.norm_groups", 0, "dividing every width in fsq.channels"),
+    ("fsq.patch_size", 0, "must be a positive integer"),
+    ("fsq.patch_size", -2, "must be a positive integer"),
     ("model.rope_theta", 0.0, "must be > 0"),
     ("model.norm_eps", -1.0, "must be > 0"),
     ("objective.direction_redraws", 0, "must be a positive integer"),
@@ -149,5 +151,10 @@ def test_image_positions_field_and_image_side():
     config.model.image_positions = "learned_2d"
     side = config.data.image_size // 2 ** (len(config.fsq.channels) - 1)
     assert config_validation.model_config(config, 50).image_side == side
+    config.fsq.patch_size = 2  # folds 2x2 pixels first: half the tokens per side
+    assert config_validation.model_config(config, 50).image_side == side // 2
+    config.fsq.patch_size = 3  # 32 px is not a multiple of 3 * 2**(len(channels) - 1)
+    with pytest.raises(config_validation.ConfigError, match=r"data.image_size=32.*fsq.patch_size"):
+        config_validation.validate(config)
     with pytest.raises(config_validation.ConfigError, match="sample.noise_aug"):
         config_validation.sample_settings(dict(config.sample, noise_aug=-0.1))

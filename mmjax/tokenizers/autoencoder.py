@@ -1,12 +1,18 @@
 """Conv autoencoder around FSQ: the image tokenizer (Flax Linen, pure, no I/O).
 
-encoder: conv stem -> per resolution [2x strided-conv downsample (all but the first), residual
-blocks (GroupNorm + swish)] -> GroupNorm, swish, 1x1 conv to `dim = len(levels)` channels.
+encoder: [pixel-unshuffle by `patch_size`] conv stem -> per resolution [2x strided-conv
+downsample (all but the first), residual blocks (GroupNorm + swish)] -> GroupNorm, swish, 1x1
+conv to `dim = len(levels)` channels.
 FSQ: bound + round with a straight-through gradient (`mmjax.tokenizers.fsq`).
-decoder: the mirror image, upsampling by nearest-neighbour resize + 3x3 conv.
+decoder: the mirror image, upsampling by nearest-neighbour resize + 3x3 conv, the last conv
+making `3 * patch_size**2` channels that pixel-shuffle back to RGB.
 
 Each entry of `channels` beyond the first halves the resolution, so a 32x32 image with
-`channels=(32, 64, 64)` becomes an 8x8 grid of FSQ codes (64 image tokens).
+`channels=(32, 64, 64)` becomes an 8x8 grid of FSQ codes (64 image tokens). `patch_size=2` folds
+each 2x2 pixel block into 12 channels before the first conv instead (space-to-depth, the
+patchify stem of ViT-style tokenizers), so there is no full-resolution level at all: on CPU that
+level costs far more of a step than its FLOPs share, because XLA runs the backward pass of a
+narrow 3x3 convolution slowly (`python -m bench.tokenizer_width`).
 
 Pixels are float in [-1, 1] inside the model (`images_to_float` / `float_to_images` convert from
 and to uint8). The decoder's last conv is linear: `__call__` returns the *unclipped* output so
@@ -50,6 +56,31 @@ def float_to_images(x):
     return xp.round((x + 1.0) * 127.5).astype(xp.uint8)
 
 
+def downsample_factor(channels: Sequence[int], patch_size: int = 1) -> int:
+    """Pixels per token side: the pixel-unshuffle's `patch_size` times one 2x per width beyond
+    the first. The one home of that rule (config validation, the stages and the API read it)."""
+    return int(patch_size) * 2 ** (len(channels) - 1)
+
+
+def space_to_depth(x, patch: int):
+    """[B, H, W, C] -> [B, H/p, W/p, p*p*C]: each p x p pixel block becomes one position's channels
+    (row-major within the block, then C), the inverse of `depth_to_space`."""
+    if patch == 1:
+        return x
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // patch, patch, w // patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h // patch, w // patch, patch * patch * c)
+
+
+def depth_to_space(x, patch: int):
+    """[B, h, w, p*p*C] -> [B, h*p, w*p, C]: the inverse of `space_to_depth`."""
+    if patch == 1:
+        return x
+    b, h, w, c = x.shape
+    x = x.reshape(b, h, w, patch, patch, c // (patch * patch)).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h * patch, w * patch, c // (patch * patch))
+
+
 # ---- layers with logical axis names ------------------------------------------------------------
 def _conv(features: int, kernel: int, strides: int = 1, *, in_name: str = "conv_in",
           out_name: str = "conv_out", zero_init: bool = False, name: str | None = None) -> nn.Conv:
@@ -85,15 +116,18 @@ class ResBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """float images [B, H, W, 3] -> pre-quantisation latents [B, H/f, W/f, dim], f = 2**(len(channels)-1)."""
+    """float images [B, H, W, 3] -> pre-quantisation latents [B, H/f, W/f, dim],
+    f = downsample_factor(channels, patch_size)."""
 
     channels: Sequence[int]
     num_res_blocks: int
     dim: int
     groups: int
+    patch_size: int = 1
 
     @nn.compact
     def __call__(self, x):
+        x = space_to_depth(x, self.patch_size)
         x = _conv(self.channels[0], 3, in_name="pixel", name="stem")(x)
         for level, width in enumerate(self.channels):
             if level > 0:
@@ -110,6 +144,7 @@ class Decoder(nn.Module):
     channels: Sequence[int]
     num_res_blocks: int
     groups: int
+    patch_size: int = 1
 
     @nn.compact
     def __call__(self, z):
@@ -121,7 +156,8 @@ class Decoder(nn.Module):
                 x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest-neighbour 2x
                 x = _conv(self.channels[level - 1], 3, name=f"up_{level}")(x)
         x = nn.swish(_norm(self.groups, name="norm_out")(x))
-        return _conv(3, 3, out_name="pixel", name="to_pixel")(x)
+        x = _conv(3 * self.patch_size ** 2, 3, out_name="pixel", name="to_pixel")(x)
+        return depth_to_space(x, self.patch_size)
 
 
 class FSQAutoencoder(nn.Module):
@@ -131,11 +167,14 @@ class FSQAutoencoder(nn.Module):
     channels: tuple[int, ...]
     num_res_blocks: int = 1
     norm_groups: int = 8
+    patch_size: int = 1
 
     def setup(self):
-        _check_architecture(self.levels, self.channels, self.num_res_blocks, self.norm_groups)
-        self.encoder = Encoder(self.channels, self.num_res_blocks, len(self.levels), self.norm_groups)
-        self.decoder = Decoder(self.channels, self.num_res_blocks, self.norm_groups)
+        _check_architecture(self.levels, self.channels, self.num_res_blocks, self.norm_groups,
+                            self.patch_size)
+        self.encoder = Encoder(self.channels, self.num_res_blocks, len(self.levels), self.norm_groups,
+                               self.patch_size)
+        self.decoder = Decoder(self.channels, self.num_res_blocks, self.norm_groups, self.patch_size)
 
     @property
     def quantizer(self) -> FSQ:
@@ -143,8 +182,8 @@ class FSQAutoencoder(nn.Module):
 
     @property
     def downsample(self) -> int:
-        """Pixels per token side, 2**(len(channels) - 1)."""
-        return 2 ** (len(self.channels) - 1)
+        """Pixels per token side (`downsample_factor`)."""
+        return downsample_factor(self.channels, self.patch_size)
 
     @property
     def codebook_size(self) -> int:
@@ -177,8 +216,10 @@ class FSQAutoencoder(nn.Module):
         return self.decode(codes, clip=False), codes
 
 
-def _check_architecture(levels, channels, num_res_blocks, norm_groups) -> None:
+def _check_architecture(levels, channels, num_res_blocks, norm_groups, patch_size=1) -> None:
     FSQ(levels)  # validates levels
+    if int(patch_size) != patch_size or patch_size < 1:
+        raise ValueError(f"fsq.patch_size={patch_size}: must be a positive integer.")
     if len(channels) < 1 or any(int(c) < 1 for c in channels):
         raise ValueError(f"fsq.channels={tuple(channels)}: need at least one positive width.")
     if num_res_blocks < 0:
@@ -193,7 +234,8 @@ def _as_float_images(images, factor: int):
         raise ValueError(f"images must be [B, H, W, 3], got shape {images.shape}.")
     if images.shape[1] % factor or images.shape[2] % factor:
         raise ValueError(f"image size {images.shape[1]}x{images.shape[2]} is not divisible by the "
-                         f"tokenizer's downsampling factor {factor} (2**(len(fsq.channels)-1)).")
+                         f"tokenizer's downsampling factor {factor} "
+                         "(fsq.patch_size * 2**(len(fsq.channels)-1)).")
     if images.dtype == jnp.uint8:
         return images_to_float(jnp.asarray(images))
     if not jnp.issubdtype(images.dtype, jnp.floating):
@@ -217,7 +259,8 @@ def autoencoder_from_config(cfg):
     return FSQAutoencoder(levels=tuple(int(v) for v in f.levels),
                           channels=tuple(int(v) for v in f.channels),
                           num_res_blocks=int(f.num_res_blocks),
-                          norm_groups=int(f.get("norm_groups", 8)))
+                          norm_groups=int(f.get("norm_groups", 8)),
+                          patch_size=int(f.get("patch_size", 1)))
 
 
 def init_params(model: FSQAutoencoder, rng, image_size: int, batch_size: int = 1):

@@ -197,13 +197,17 @@ class VQAutoencoder(nn.Module):
     channels: tuple[int, ...]
     num_res_blocks: int = 1
     norm_groups: int = 8
+    patch_size: int = 1
 
     def setup(self):
         from mmjax.tokenizers import autoencoder as ae
-        ae._check_architecture((2,), self.channels, self.num_res_blocks, self.norm_groups)
+        ae._check_architecture((2,), self.channels, self.num_res_blocks, self.norm_groups,
+                               self.patch_size)
         s = self.settings
-        self.encoder = ae.Encoder(self.channels, self.num_res_blocks, s.dim, self.norm_groups)
-        self.decoder = ae.Decoder(self.channels, self.num_res_blocks, self.norm_groups)
+        self.encoder = ae.Encoder(self.channels, self.num_res_blocks, s.dim, self.norm_groups,
+                                  self.patch_size)
+        self.decoder = ae.Decoder(self.channels, self.num_res_blocks, self.norm_groups,
+                                  self.patch_size)
         shape = (s.codebook_size, s.dim)
         init = nn.initializers.normal(1.0)
         if s.ema:  # init_ema_state's layout, as a Flax collection
@@ -222,7 +226,8 @@ class VQAutoencoder(nn.Module):
     # The code width is `settings.dim`; `downsample` as in FSQAutoencoder.
     @property
     def downsample(self) -> int:
-        return 2 ** (len(self.channels) - 1)
+        from mmjax.tokenizers import autoencoder as ae
+        return ae.downsample_factor(self.channels, self.patch_size)
 
     @property
     def codebook_size(self) -> int:
@@ -275,7 +280,8 @@ def vq_autoencoder_from_config(cfg) -> VQAutoencoder:
     return VQAutoencoder(settings=settings_from_config(f),
                          channels=tuple(int(v) for v in f.channels),
                          num_res_blocks=int(f.num_res_blocks),
-                         norm_groups=int(f.get("norm_groups", 8)))
+                         norm_groups=int(f.get("norm_groups", 8)),
+                         patch_size=int(f.get("patch_size", 1)))
 
 
 def vq_loss_fn(model: VQAutoencoder, variables: dict, batch: dict[str, Any], rng, cfg,
