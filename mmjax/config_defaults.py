@@ -77,7 +77,8 @@ def fsq_config() -> ml_collections.ConfigDict:
     c.vq_ema_decay = 0.99  # VQ: codebook EMA decay; 0 = codebook learned by gradient (codebook loss).
     c.vq_reseed = 0  # VQ: reseed a code unused this many consecutive steps from encoder outputs (0 = off; needs EMA).
     c.vq_l2 = False  # VQ: compare l2-normalised latents and codes (cosine assignment, ViT-VQGAN).
-    c.channels = (32, 64)  # Conv widths per resolution; len(channels) - 1 = number of 2x downsamples.
+    c.channels = (32, 64, 64)  # Conv widths per resolution; len(channels) - 1 = number of 2x downsamples
+    # (with 32-px images: an 8x8 grid, 64 tokens, so a caption<->image document fits a 128-token row).
     c.patch_size = 1  # Pixels per side folded into channels before the first conv (space-to-depth)
     # and unfolded after the last; 2 drops the full-resolution level, whose narrow convs XLA CPU
     # trains slowly. Pixels per token side = patch_size * 2**(len(channels) - 1).

@@ -165,6 +165,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(config, "train.batch_size", lambda v: v % groups == 0,
              f"must be a multiple of objective.direction_group_rows={groups} (a batch holds whole "
              "direction groups)")
+    if "model" in config and "fsq" in config:  # a document longer than a row: now, not after
+        _from_packer(config, "row_target_capacity")  # the data and tokenizer stages have run
     if _get_or(config, "sample.weights") == "ema" and not _get_or(config, "train.ema_decay", 0) > 0:
         raise ConfigError("config.sample.weights='ema' needs train.ema_decay > 0 (the run keeps "
                           "no average of its params otherwise)")

@@ -26,3 +26,14 @@ def test_grid_conflicts_are_refused(arg, message):
     with pytest.raises(ValueError, match=message):
         mot_shapes.get_config(arg)
 
+
+
+@pytest.mark.parametrize("arg, document", [("demo", "one document"), ("demo,edits", "an edit document")])
+def test_a_row_too_short_for_one_document_fails_in_validate(arg, document):
+    """This once surfaced only in the model stage, after the data and tokenizer stages had run
+    (minutes of work on the demo, hours on a pod)."""
+    config = mot_shapes.get_config(arg)
+    config.model.max_seq_len = 40
+    with pytest.raises(config_validation.ConfigError,
+                       match=rf"config\.model\.max_seq_len=40: {document} .* is longer than"):
+        config_validation.validate(config)
