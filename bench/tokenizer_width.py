@@ -7,9 +7,10 @@
 Why: XLA CPU runs the backward pass of a 3x3 convolution at a fraction of its forward rate, so the
 tokenizer's full-resolution level (32x32 pixels) costs far more of a step than its FLOPs share;
 narrowing that level is what let the demo train its tokenizer 1.5x longer in the same time
-(configs/mot_shapes.py), and folding 2x2 pixels into channels (`fsq.patch_size=2`) removes it. Each measurement is its own `--mode=tokenizer` process from a fresh
-workdir (bench.common.run_stage), the variants alternate within each round so that load drifting
-on the host hits them alike, and steps/s leaves out the first logged interval (the compile).
+(configs/mot_shapes.py), and folding 2x2 pixels into channels (`fsq.patch_size=2`) removes it.
+Each measurement is its own `--mode=tokenizer` process from a fresh workdir
+(bench.common.run_stage), the variants alternate within each round so that load drifting on the
+host hits them alike, and steps/s leaves out the first logged interval (the compile).
 Writes bench/results/tokenizer_width.json.
 """
 from __future__ import annotations

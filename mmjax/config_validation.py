@@ -316,7 +316,8 @@ def target_capacity(config: ml_collections.ConfigDict) -> TargetCapacity:
 def _from_packer(config: ml_collections.ConfigDict, bound: str):
     """A static per-row bound of the config's packer (packing's for caption/image pairs,
     edit_packing's for data.name="shapes_edits"): `bound`(model.max_seq_len,
-    data.max_caption_len, image tokens per image = image_side**2), its ValueError as one ConfigError naming the fields."""
+    data.max_caption_len, image tokens per image = image_side**2), its ValueError as one
+    ConfigError naming the fields."""
     from mmjax.data import edit_packing
     side = image_side(config)
     seq_len, caption = int(config.model.max_seq_len), int(config.data.max_caption_len)

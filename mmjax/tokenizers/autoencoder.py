@@ -172,9 +172,10 @@ class FSQAutoencoder(nn.Module):
     def setup(self):
         _check_architecture(self.levels, self.channels, self.num_res_blocks, self.norm_groups,
                             self.patch_size)
-        self.encoder = Encoder(self.channels, self.num_res_blocks, len(self.levels), self.norm_groups,
+        self.encoder = Encoder(self.channels, self.num_res_blocks, len(self.levels),
+                               self.norm_groups, self.patch_size)
+        self.decoder = Decoder(self.channels, self.num_res_blocks, self.norm_groups,
                                self.patch_size)
-        self.decoder = Decoder(self.channels, self.num_res_blocks, self.norm_groups, self.patch_size)
 
     @property
     def quantizer(self) -> FSQ:
