@@ -26,6 +26,7 @@ from mmjax.objectives import ObjectiveConfig
 from mmjax.sampling import SampleSettings
 from mmjax.targets import TargetCapacity
 from mmjax.tokenizers import fsq
+from mmjax.tokenizers.autoencoder import downsample_factor
 
 
 class ConfigError(InputError):
@@ -285,7 +286,6 @@ def image_side(config: ml_collections.ConfigDict) -> int:
 
 def _downsample_factor(config: ml_collections.ConfigDict) -> int:
     """Pixels per token side of the config's tokenizer (autoencoder.downsample_factor)."""
-    from mmjax.tokenizers.autoencoder import downsample_factor
     return downsample_factor(config.fsq.channels, int(config.fsq.get("patch_size", 1)))
 
 
