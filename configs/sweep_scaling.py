@@ -73,7 +73,8 @@ def get_config(arg: str = "tiny"):
     c.shared = {
         "data": dict(num_train=s["num_train"], num_validation=s["num_val"],
                      num_test=s["num_val"]),
-        # 2**(len(channels)-1) downsampling (fsq.patch_size 1): 32x32 images -> 4x4 = 16 tokens with 4 channels.
+        # 2**(len(channels)-1) downsampling (fsq.patch_size 1): 32x32 images -> 4x4 = 16 tokens
+        # with 4 channels.
         "fsq": dict(channels=s["channels"]),
         "tokenizer_train": dict(steps=s["tok_steps"], batch_size=32,
                                 warmup_steps=s["tok_steps"] // 10,
