@@ -26,7 +26,7 @@ from mmjax.objectives import ObjectiveConfig
 from mmjax.sampling import SampleSettings
 from mmjax.targets import TargetCapacity
 from mmjax.tokenizers import fsq
-from mmjax.tokenizers.autoencoder import downsample_factor
+from mmjax.tokenizers.autoencoder import DOWNSAMPLE_RULE, downsample_factor
 
 
 class ConfigError(InputError):
@@ -149,8 +149,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              "must be a positive integer (pixels per side folded into channels)")
     _require(config, "data.image_size",
              lambda v: v % _downsample_factor(config) == 0 if "fsq" in config else True,
-             "must be divisible by the FSQ downsampling factor "
-             "fsq.patch_size * 2**(len(fsq.channels)-1)")
+             f"must be divisible by the FSQ downsampling factor {DOWNSAMPLE_RULE}")
     _nonneg(config, ["fsq.num_res_blocks", "fsq.l1_weight"])
     _require(config, "fsq.norm_groups",
              lambda v: int(v) == v and v >= 1 and all(c % v == 0 for c in _get(config, "fsq.channels")),

@@ -56,6 +56,9 @@ def float_to_images(x):
     return xp.round((x + 1.0) * 127.5).astype(xp.uint8)
 
 
+DOWNSAMPLE_RULE = "fsq.patch_size * 2**(len(fsq.channels)-1)"  # what downsample_factor computes
+
+
 def downsample_factor(channels: Sequence[int], patch_size: int = 1) -> int:
     """Pixels per token side: the pixel-unshuffle's `patch_size` times one 2x per width beyond
     the first. The one home of that rule (config validation, the stages and the API read it)."""
@@ -235,8 +238,7 @@ def _as_float_images(images, factor: int):
         raise ValueError(f"images must be [B, H, W, 3], got shape {images.shape}.")
     if images.shape[1] % factor or images.shape[2] % factor:
         raise ValueError(f"image size {images.shape[1]}x{images.shape[2]} is not divisible by the "
-                         f"tokenizer's downsampling factor {factor} "
-                         "(fsq.patch_size * 2**(len(fsq.channels)-1)).")
+                         f"tokenizer's downsampling factor {factor} ({DOWNSAMPLE_RULE}).")
     if images.dtype == jnp.uint8:
         return images_to_float(jnp.asarray(images))
     if not jnp.issubdtype(images.dtype, jnp.floating):
