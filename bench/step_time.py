@@ -1,9 +1,11 @@
 """Train step time, tokens/s, MFU and FLOPs executed vs counted vs model size (configs/mot_shapes.py).
 
   python -m bench.step_time --sizes=smoke,demo,small                 # CPU
+  python -m bench.step_time --sizes=demo --rows_from=/tmp/mmjax_demo  # the demo's own rows
   python -m bench.step_time --sizes=base,300m,1b --batch_size=32     # accelerator (bf16, remat)
 
-Synthetic packed batches (bench/train_harness.py) go through the trainer's own jitted step
+Synthetic packed batches (bench/train_harness.py), or with --rows_from=WORKDIR the packed train
+rows of a finished run (its captions' own lengths, so its own padding), go through the trainer's own jitted step
 (`train.build_setup`: AdamW, clipping, sharding from the rules table), compiled ahead of time.
 
 Primary figures count REAL tokens (padding excluded): real_tokens_per_s, model_tflops_per_s and
@@ -37,7 +39,7 @@ from absl import app, flags
 
 from bench.common import load_config, write_results
 from bench.train_harness import HEADS, TimedTrainStep, mesh_from_flag, summarize, \
-    synthetic_rows, token_stats
+    synthetic_rows, token_stats, workdir_rows
 from mmjax import config_validation, flops
 
 FLAGS = flags.FLAGS
@@ -55,6 +57,9 @@ flags.DEFINE_list("heads", ["targets"], "Head variants per size, timed in altern
                   "(heads at the packer's target capacity, image targets per direction group), "
                   "rows (one image per document of every row: the capacity before direction "
                   "groups) and/or all (every position, masked).")
+flags.DEFINE_string("rows_from", "", "A finished workdir of the sizes' config (e.g. the README "
+                    "demo's): time its own packed train rows instead of synthetic ones, so "
+                    "padding is the data's (train_harness.workdir_rows).")
 flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s per device for MFU (0: from device kind).")
 flags.DEFINE_string("out", None, "Output JSON (default bench/results/step_time.json).")
 
@@ -102,9 +107,13 @@ def flops_at_slots(model_cfg, batch_size: int, seq: int, capacity) -> float:
 
 def run_size(size: str, mesh) -> list[dict]:
     config = size_config(size)
-    vocab = int(config.data.sp_vocab_size)
     bs, seq = int(config.train.batch_size), int(config.model.max_seq_len)
-    batches = [synthetic_rows(config, bs, vocab, seed=s) for s in range(2)]
+    if FLAGS.rows_from:
+        pairs = [workdir_rows(config, FLAGS.rows_from, bs, block=b) for b in range(2)]
+        batches, vocab = [b for b, _ in pairs], pairs[0][1]
+    else:
+        vocab = int(config.data.sp_vocab_size)
+        batches = [synthetic_rows(config, bs, vocab, seed=s) for s in range(2)]
     stats = token_stats(batches[0])
     tstats = target_stats(batches[0])
     variants = [h for h in HEADS if h in FLAGS.heads]
@@ -127,6 +136,7 @@ def run_size(size: str, mesh) -> list[dict]:
         at_slots = flops_at_slots(model_cfg, bs, seq, r.capacity)
         rows.append({
             "size": size, "options": FLAGS.options, "heads": h,
+            "rows": f"packed train rows of {FLAGS.rows_from}" if FLAGS.rows_from else "synthetic",
             "capacity": None if r.capacity is None else dataclasses.asdict(r.capacity),
             "batch_size": bs, "seq_len": seq,
             "dtype": config.model.dtype, "remat": config.model.remat,

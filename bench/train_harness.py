@@ -18,8 +18,11 @@ import numpy as np
 from mmjax import config_validation, parallel, train
 from mmjax.data import packing
 from mmjax.models import mot
+from mmjax.stages.common import text_tokenizer
+from mmjax.stages.model import build_task
 from mmjax.tasks.multimodal import MultimodalTask
 from mmjax.tokenizers.fsq import FSQ
+from mmjax.workdir import Workdir
 
 SPECIAL = packing.SpecialIds(bos=1, eos=2, boi=3, eoi=4, uncond=5)
 HEADS = ("targets", "rows", "all")  # where TimedTrainStep runs the heads
@@ -66,6 +69,29 @@ def synthetic_rows(config, num_rows: int, vocab_size: int, *, seed: int = 0,
         pick = rng.random(len(image)) < third_modality_fraction
         batch["modality"][tuple(image[pick].T)] = 2
     return batch
+
+
+def workdir_rows(config, workdir: str, num_rows: int, *, block: int = 0) -> tuple[dict, int]:
+    """([num_rows, max_seq_len] packed training rows of a finished workdir, its text vocab size).
+
+    Why: the synthetic captions' lengths are drawn between half and all of
+    `data.max_caption_len`, while the data's own captions can be much shorter (the demo's fill
+    96-token rows to 73%, not 88%), and padding is what separates FLOPs executed from FLOPs
+    counted on real tokens. These are the rows the model stage trains on: rows
+    [block * num_rows, (block + 1) * num_rows) of its packed train set, whole direction groups
+    when num_rows is a multiple of objective.direction_group_rows, as the trainer's batches are.
+    """
+    wd = Workdir.from_config(config, workdir)
+    task = build_task(config, wd)
+    ds = task.dataset("train", train=True)
+    start = block * num_rows
+    if start + num_rows > len(ds):
+        raise ValueError(f"{workdir}: {len(ds)} packed train rows, fewer than block {block} of "
+                         f"{num_rows} needs")
+    rows = [ds[i] for i in range(start, start + num_rows)]
+    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]
+             if np.asarray(rows[0][k]).dtype != object}
+    return batch, text_tokenizer(wd).vocab_size
 
 
 def token_stats(batch) -> dict[str, float]:
