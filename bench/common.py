@@ -53,15 +53,18 @@ def steady_rates(run_dir: str) -> list[float]:
     return rates[1:] or rates
 
 
-def run_stage(config: str, workdir: str, mode: str, *overrides: str) -> None:
+def run_stage(config: str, workdir: str, mode: str, *overrides: str,
+              env: dict[str, str] | None = None) -> None:
     """One `mmjax` process (its own device count, its own compile) running `mode` of `config` in
-    `workdir`; its output goes to <workdir>/<mode>.log, and a failure raises with its tail."""
+    `workdir`, with `env` added to this process's environment; its output goes to
+    <workdir>/<mode>.log, and a failure raises with its tail."""
     os.makedirs(workdir, exist_ok=True)
     log_path = os.path.join(workdir, f"{mode}.log")
     with open(log_path, "w") as log:
         done = subprocess.run([sys.executable, "-m", "mmjax.main", f"--config={config}",
                                f"--workdir={workdir}", f"--mode={mode}", *overrides],
-                              stdout=log, stderr=subprocess.STDOUT)
+                              stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, **(env or {})})
     if done.returncode:
         with open(log_path) as log:
             raise RuntimeError(f"--mode={mode} in {workdir} failed: {log.read()[-600:]}")
@@ -96,10 +99,11 @@ def build_stage_inputs(config: str, base: str) -> None:
 
 
 def timed_stage(config: str, base: str, workdir: str, stage: str, steps: int,
-                *overrides: str) -> dict:
+                *overrides: str, env: dict[str, str] | None = None) -> dict:
     """Trains `stage` ("tokenizer" or "model") of `config` for `steps` in a fresh `workdir` that
-    starts from copies of `base`'s finished inputs, in its own `mmjax` process. Returns its
-    steps/s after the compile and the process's CPU time and minor page faults (getrusage)."""
+    starts from copies of `base`'s finished inputs, in its own `mmjax` process (its environment
+    plus `env`). Returns its steps/s after the compile and the process's CPU time and minor page
+    faults (getrusage)."""
     import resource
     import shutil
     shutil.rmtree(workdir, ignore_errors=True)
@@ -109,7 +113,7 @@ def timed_stage(config: str, base: str, workdir: str, stage: str, steps: int,
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     run_stage(config, workdir, stage, f"--config.{block}.steps={steps}",
               f"--config.{block}.log_every={LOG_EVERY}", f"--config.{block}.checkpoint_every={steps}",
-              f"--config.{block}.eval_batches=1", *overrides)
+              f"--config.{block}.eval_batches=1", *overrides, env=env)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {"steps_per_sec": stage_steps_per_sec(os.path.join(workdir, stage)),
             "user_s": after.ru_utime - before.ru_utime,
@@ -118,15 +122,17 @@ def timed_stage(config: str, base: str, workdir: str, stage: str, steps: int,
 
 
 def alternating_runs(config: str, base: str, workdir: str, stage: str, steps: int,
-                     settings: dict[str, tuple[str, ...]], rounds: int) -> dict[str, list[dict]]:
-    """`timed_stage` runs of `stage` under each of `settings` (name: config overrides), the
+                     settings: dict[str, tuple[str, ...]], rounds: int,
+                     envs: dict[str, dict[str, str]] | None = None) -> dict[str, list[dict]]:
+    """`timed_stage` runs of `stage` under each of `settings` (name: config overrides; `envs`:
+    name: environment variables, for what only the environment sets, such as XLA_FLAGS), the
     settings alternating within each of `rounds` rounds, so that load drifting on the host hits
     them alike. Returns each setting's runs in round order."""
     runs = {name: [] for name in settings}
     for _ in range(rounds):
         for name, overrides in settings.items():
             run = timed_stage(config, base, os.path.join(workdir, f"{stage}_{name}"), stage, steps,
-                              *overrides)
+                              *overrides, env=(envs or {}).get(name))
             runs[name].append(run)
             print(f"{stage} {name}: {run['steps_per_sec']:.2f} steps/s, user {run['user_s']:.0f} s,"
                   f" system {run['system_s']:.0f} s", flush=True)
