@@ -191,3 +191,30 @@ def test_sample_settings_bench_scores_as_the_sample_stage(workdir, run):
         sample_settings.settings_for(run, "typo", {"cfgscale": 1.5})
     with pytest.raises(app.UsageError, match="NAME:FIELD=VALUE"):
         sample_settings.parse_setting("cfg_scale=1.5")
+
+
+def test_step_time_bench_times_the_runs_own_rows(workdir, run, tmp_path):
+    """bench.step_time --rows_from times the packed train rows the model stage trained on (their
+    padding, not the synthetic captions'), and a block past the train set is one clear error."""
+    import json
+
+    from bench.train_harness import workdir_rows
+    batch, vocab = workdir_rows(run.config, workdir, 4, block=1)
+    assert vocab == run.tokenizer.vocab_size
+    assert batch["tokens"].shape == (4, run.config.model.max_seq_len)
+    real = float(np.mean(batch["segment_ids"] > 0))
+    assert 0 < real < 1  # the smoke rows hold padding
+    with pytest.raises(ValueError, match="packed train rows, fewer than block"):
+        workdir_rows(run.config, workdir, 4, block=10**6)
+    out = tmp_path / "step_time.json"
+    env = child_env()
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    res = subprocess.run([sys.executable, "-m", "bench.step_time", "--sizes=smoke",
+                          f"--rows_from={workdir}", "--batch_size=4", "--steps=1", "--warmup=1",
+                          f"--out={out}"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["runs"]
+    first, _ = workdir_rows(run.config, workdir, 4, block=0)
+    assert row["rows"] == f"packed train rows of {workdir}"
+    assert row["real_fraction"] == pytest.approx(float(np.mean(first["segment_ids"] > 0)))
