@@ -2,7 +2,7 @@
 
 Usage: python -m mmjax.main --config=configs/mot_shapes.py:ARG --workdir=DIR [--mode=pipeline]
 ARG = SIZE[,OPTION...]
-  SIZE:    smoke (seconds; tests) | demo (README; 14-21 min on 2 idle CPU cores, by host)
+  SIZE:    smoke (seconds; tests) | demo (README; 12-21 min on 2 idle CPU cores, by host)
            | cpu_hour (the demo model trained 5x longer: about an hour on 2 CPU cores) | small
            | base | 300m | 1b (accelerators; bf16, remat)
   OPTIONS: discrete (FSQ-index head instead of the flow head) | dense (one modality)
@@ -47,8 +47,8 @@ TRAIN_SIZES = {
     # and 3600 steps take about the time 2400 took. Its reconstruction ceiling (whole prompts on
     # the 512 test images) is then 97.1% (90.2% after 2400 steps; 32 channels: 89-94% after
     # 2400), and the model on its tokens learns faster: 75.2% whole prompts after 3800 steps
-    # (seed 0; 62.3% on the 32-channel tokenizer), so the model trains 3000 steps: ~14 min
-    # estimated on the faster 2-core host, ~21 min from stage times on the slower one
+    # (seed 0; 62.3% on the 32-channel tokenizer), so the model trains 3000 steps: 12 min 19 s
+    # end to end on a 2-core Zen 4 host, 21 min 21 s on an AVX2-only one
     # (tokenizer_width_2026_12_07 in bench/results/ablation_demo.json). A 2x2 pixel-unshuffle
     # stem instead of that level (fsq.patch_size=2, channels (32, 64, 64)) steps 2.3x as fast,
     # but 6000 of its steps (~6 min) reach 33.7 dB / 96.1%, and the model on those tokens gets
