@@ -5,8 +5,9 @@
   python -m bench.step_time --sizes=base,300m,1b --batch_size=32     # accelerator (bf16, remat)
 
 Synthetic packed batches (bench/train_harness.py), or with --rows_from=WORKDIR the packed train
-rows of a finished run (its captions' own lengths, so its own padding), go through the trainer's own jitted step
-(`train.build_setup`: AdamW, clipping, sharding from the rules table), compiled ahead of time.
+rows of a finished run (its captions' own lengths, so its own padding), go through the trainer's
+own jitted step (`train.build_setup`: AdamW, clipping, sharding from the rules table), compiled
+ahead of time.
 
 Primary figures count REAL tokens (padding excluded): real_tokens_per_s, model_tflops_per_s and
 mfu = real tokens/s x counted FLOPs per token / (peak x devices), peak from --peak_tflops or the

@@ -75,11 +75,12 @@ def workdir_rows(config, workdir: str, num_rows: int, *, block: int = 0) -> tupl
     """([num_rows, max_seq_len] packed training rows of a finished workdir, its text vocab size).
 
     Why: the synthetic captions' lengths are drawn between half and all of
-    `data.max_caption_len`, while the data's own captions can be much shorter (the demo's fill
-    96-token rows to 73%, not 88%), and padding is what separates FLOPs executed from FLOPs
-    counted on real tokens. These are the rows the model stage trains on: rows
-    [block * num_rows, (block + 1) * num_rows) of its packed train set, whole direction groups
-    when num_rows is a multiple of objective.direction_group_rows, as the trainer's batches are.
+    `data.max_caption_len`, while the data's own captions can be much shorter (the demo's
+    captions fill its 96-token rows to 73%, synthetic ones to 88%), and padding is what
+    separates FLOPs executed from FLOPs counted on real tokens. These are the rows the model
+    stage trains on: rows [block * num_rows, (block + 1) * num_rows) of its packed train set,
+    whole direction groups when num_rows is a multiple of objective.direction_group_rows, as the
+    trainer's batches are.
     """
     wd = Workdir.from_config(config, workdir)
     task = build_task(config, wd)

@@ -266,10 +266,12 @@ def test_checkpoint_restores_onto_a_smaller_mesh(reference, full_run, tmp_path):
         assert len(x.sharding.device_set) == 2
         # float32 sums in another order on the other mesh, and Adam divides each entry's update
         # by its own gradient scale, so an entry with a near-zero gradient moves by up to ~lr per
-        # step on rounding alone (seen: 1.3e-6 at lr 3e-3, CPU at -O0). 0.1% of lr is far below
-        # what another batch or lost optimizer state would change (O(lr) per entry).
+        # step on rounding alone (seen at lr 3e-3: 1.3e-6 on an AVX2 CPU at -O0, 3.2e-6 in one
+        # entry of 2048 on an AVX-512 one). 1% of lr is still far below what another batch or
+        # lost optimizer state would change (O(lr) in most entries: fresh Adam moments make
+        # every update ~lr * sign(gradient)).
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4,
-                                   atol=1e-3 * config.train.lr)
+                                   atol=1e-2 * config.train.lr)
 
 
 def test_bad_mesh_configs_name_the_field(reference):
