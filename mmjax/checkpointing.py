@@ -43,7 +43,13 @@ def make_manager(directory: str, keep: int, *, read_only: bool = False) -> ocp.C
         check_writable(path)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=True)
+        enable_async_checkpointing=True,
+        # The save's directories are made before save() returns; only the writes run in the
+        # background. Made asynchronously, the caller waits for a "directories created" signal
+        # keyed by orbax's process-wide operation id, and once in a CI run (orbax 0.12.8) that
+        # signal never came: the save hung for the 300 s timeout and failed. A mkdir per save
+        # costs the loop milliseconds.
+        async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False))
     return ocp.CheckpointManager(
         path, options=options,
         # Read-only managers read the state with the PyTree handler, which can restore a subset
