@@ -18,7 +18,6 @@ import numpy as np
 from mmjax import config_validation, parallel, train
 from mmjax.data import packing
 from mmjax.models import mot
-from mmjax.stages.common import text_tokenizer
 from mmjax.stages.model import build_task
 from mmjax.tasks.multimodal import MultimodalTask
 from mmjax.tokenizers.fsq import FSQ
@@ -82,8 +81,7 @@ def workdir_rows(config, workdir: str, num_rows: int, *, block: int = 0) -> tupl
     whole direction groups when num_rows is a multiple of objective.direction_group_rows, as the
     trainer's batches are.
     """
-    wd = Workdir.from_config(config, workdir)
-    task = build_task(config, wd)
+    task = build_task(config, Workdir.from_config(config, workdir))
     ds = task.dataset("train", train=True)
     start = block * num_rows
     if start + num_rows > len(ds):
@@ -92,7 +90,7 @@ def workdir_rows(config, workdir: str, num_rows: int, *, block: int = 0) -> tupl
     rows = [ds[i] for i in range(start, start + num_rows)]
     batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]
              if np.asarray(rows[0][k]).dtype != object}
-    return batch, text_tokenizer(wd).vocab_size
+    return batch, task.model.vocab_size
 
 
 def token_stats(batch) -> dict[str, float]:
