@@ -25,4 +25,5 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sample.cfg_schedule": ("constant", "linear"),
     "sample.weights": ("auto", "ema", "raw"),
     "data.long_captions": ("truncate", "drop", "error"),
+    "data.packing": ("fixed", "first_fit"),
 }

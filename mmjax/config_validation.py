@@ -19,7 +19,7 @@ import ml_collections
 
 from mmjax import image_heads
 from mmjax.choices import CHOICES
-from mmjax.data import contract, packing
+from mmjax.data import contract, first_fit, packing
 from mmjax.errors import InputError
 from mmjax.models.config import ModelConfig
 from mmjax.objectives import ObjectiveConfig
@@ -140,6 +140,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                  "does not exist (an .npz of pytorch-fid's InceptionV3 weights, or '' for no FID)")
     if "long_captions" in config.data:
         _one_of(config, "data.long_captions")
+    if "packing" in config.data:
+        _one_of(config, "data.packing")
+        _nonneg(config, ["data.row_image_slots", "data.pack_lookahead"])
+        _require(config, "data.packing", lambda v: v == "fixed" or config.data.name != "shapes_edits",
+                 "must be 'fixed' for edit documents (data.name='shapes_edits')")
     levels_error = _fsq_levels_error(_get(config, "fsq.levels")) if "fsq" in config else None
     if levels_error:
         raise ConfigError(f"config.fsq.levels={_get(config, 'fsq.levels')!r}: {levels_error}")
@@ -167,6 +172,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              "direction groups)")
     if "model" in config and "fsq" in config:  # a document longer than a row: now, not after
         _from_packer(config, "row_target_capacity")  # the data and tokenizer stages have run
+        if first_fit_packing(config):
+            row_image_slots(config)
     if _get_or(config, "sample.weights") == "ema" and not _get_or(config, "train.ema_decay", 0) > 0:
         raise ConfigError("config.sample.weights='ema' needs train.ema_decay > 0 (the run keeps "
                           "no average of its params otherwise)")
@@ -227,12 +234,14 @@ def _fields(cls, block: str, cfg, skip: Sequence[str] = ()) -> dict[str, Any]:
 
 
 def model_block(model_cfg: Mapping, vocab_size: int, fsq_levels: Sequence[int],
-                image_side: int = 0, vq_dim: int = 0, image_capacity: int = 0) -> ModelConfig:
+                image_side: int = 0, vq_dim: int = 0, image_capacity: int = 0,
+                bucket_rows: int = 1) -> ModelConfig:
     """The checked, frozen ModelConfig of a `model` block, a text vocabulary and the image
     tokens' index levels (FSQ levels, or (K,) with `vq_dim` > 0 for a learned codebook of K
     codes of width vq_dim), the image grid's side in tokens, which
     model.image_positions="learned_2d" needs, and the packer's image tokens per row at most
-    (`image_capacity`, 0 = unknown: the MoT buckets' size)."""
+    (`image_capacity`, 0 = unknown: the MoT buckets' size), averaged over each `bucket_rows`
+    consecutive rows."""
     if isinstance(vocab_size, bool) or int(vocab_size) != vocab_size or vocab_size <= 0:
         raise ConfigError(f"vocab_size={vocab_size!r}: must be a positive integer")
     levels_error = _fsq_levels_error(fsq_levels)
@@ -244,14 +253,14 @@ def model_block(model_cfg: Mapping, vocab_size: int, fsq_levels: Sequence[int],
                           f"(image_side={image_side!r}): build it with config_validation.model_config")
     kw = _fields(ModelConfig, "model", model_cfg,
                  skip=("head", "vocab_size", "fsq_levels", "image_side", "vq_dim",
-                       "image_capacity"))
+                       "image_capacity", "bucket_rows"))
     kinds = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
     cast = {"int": int, "float": float, "bool": bool, "str": str}
     kw = {k: cast[kinds[k]](v) for k, v in kw.items()}
     return ModelConfig(**kw, head=image_heads.get(model_cfg["image_head"]),
                        vocab_size=int(vocab_size), fsq_levels=fsq.FSQ(fsq_levels).levels,
                        image_side=int(image_side), vq_dim=int(vq_dim),
-                       image_capacity=int(image_capacity))
+                       image_capacity=int(image_capacity), bucket_rows=int(bucket_rows))
 
 
 def image_token_codes(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...], int]:
@@ -271,11 +280,34 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
     side = image_side(config)
     levels, dim = image_token_codes(config)
     vq_dim = dim if config.fsq.get("quantizer", "fsq") == "vq" else 0
+    bucket_rows = 1
     try:  # 0 (no MoT buckets) when no document fits a row: target_capacity reports that layout
-        image_capacity = _from_packer(config, "row_image_capacity")
+        if first_fit_packing(config):
+            image_capacity, bucket_rows = row_image_slots(config), direction_group_rows(config)
+        else:
+            image_capacity = _from_packer(config, "row_image_capacity")
     except ConfigError:
         image_capacity = 0
-    return model_block(config.model, vocab_size, levels, side, vq_dim, image_capacity)
+    return model_block(config.model, vocab_size, levels, side, vq_dim, image_capacity, bucket_rows)
+
+
+def first_fit_packing(config: ml_collections.ConfigDict) -> bool:
+    """Whether the config packs caption/image documents first-fit (data.packing)."""
+    return _get_or(config, "data.packing", "fixed") == "first_fit"
+
+
+def row_image_slots(config: ml_collections.ConfigDict) -> int:
+    """data.row_image_slots of a first_fit config (0: first_fit.default_image_slots), checked
+    against the longest document (ConfigError naming the fields)."""
+    seq_len, caption = int(config.model.max_seq_len), int(config.data.max_caption_len)
+    per_image = image_side(config) ** 2
+    slots = int(config.data.row_image_slots) or first_fit.default_image_slots(seq_len, caption, per_image)
+    try:
+        first_fit.check_image_slots(seq_len, caption, per_image, slots)
+    except ValueError as e:
+        raise ConfigError(f"config.data.row_image_slots={config.data.row_image_slots}: {e} "
+                          f"(model.max_seq_len, data.max_caption_len, {per_image} image tokens)") from None
+    return slots
 
 
 def image_side(config: ml_collections.ConfigDict) -> int:
@@ -307,6 +339,12 @@ def target_capacity(config: ml_collections.ConfigDict) -> TargetCapacity:
     if config.data.name == "shapes_edits":  # no direction draw: the one-row bound
         return TargetCapacity(image=image, text=text)
     groups, per_image = direction_group_rows(config), image_side(config) ** 2
+    if first_fit_packing(config):
+        seq_len, caption = int(config.model.max_seq_len), int(config.data.max_caption_len)
+        cap = first_fit.t2i_per_group(float(config.objective.t2i_prob), groups,
+                                      row_image_slots(config), per_image)
+        return TargetCapacity(image=cap * per_image, group=groups,
+                              text=first_fit.row_text_targets(seq_len, caption, per_image))
     image = packing.group_image_targets(float(config.objective.t2i_prob),
                                         groups * (image // per_image), per_image)
     return TargetCapacity(image=image, text=text, group=groups)

@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 CAPACITY_FIELDS = ("data.max_caption_len, data.image_size / fsq.channels, model.max_seq_len, "
-                   "objective.t2i_prob, objective.direction_group_rows")
+                   "objective.t2i_prob, objective.direction_group_rows, data.packing, "
+                   "data.row_image_slots")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,10 @@ directions are stratified over groups of `group_rows` consecutive rows (`draw_di
 group holds a fixed number of text->image documents up to one and the image heads need room for
 only that many (`target_capacity`; the trainer shuffles rows in these groups). Rows are therefore a
 pure function of their index, which keeps grain's iterator checkpoints exact. An example's direction
-is fixed by its index: pack a shuffled, repeated parent to redraw it every epoch.
+is fixed by its index: pack a shuffled, repeated parent to redraw it every epoch. With
+`packing="first_fit"` (data.packing) a plan drawn once from the examples' lengths and directions
+says which examples each row holds instead (mmjax/data/first_fit.py), so rows hold as many
+documents as fit and stay a pure function of their index.
 """
 from __future__ import annotations
 
@@ -30,9 +33,12 @@ import grain
 import numpy as np
 
 from mmjax import layout
+from mmjax.choices import CHOICES
+from mmjax.data import first_fit
 from mmjax.layout import IMAGE, SPECIAL_TOKENS, TEXT, SpecialIds, document_length, special_ids  # noqa: F401
 
 DIRECTIONS = ("t2i", "i2t")
+PACKINGS = CHOICES["data.packing"]  # see PackedDataset
 # Keys of build_document's output ([n] arrays, `codes`/`code_targets` [n, d]).
 DOC_KEYS = ("tokens", "codes", "modality", "positions", "text_targets", "text_mask", "code_targets",
             "index_targets", "image_mask", "image_block", "image_pos")
@@ -196,14 +202,31 @@ def draw_direction(seed: int, example_index: int, t2i_prob: float, caption_dropo
     at random places in the group (one draw per group). `group_documents=1` is an independent
     draw per example. Caption dropout is drawn per example.
     """
-    group, place = divmod(int(example_index), int(group_documents))
-    rng = np.random.default_rng([int(seed), group])
+    t2i, drop = draw_directions(seed, [example_index], t2i_prob, caption_dropout, group_documents)
+    return ("t2i" if t2i[0] else "i2t"), bool(drop[0])
+
+
+def draw_directions(seed: int, example_indices: Sequence[int], t2i_prob: float,
+                    caption_dropout: float, group_documents: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(is text->image [n], caption dropped [n]) of many examples, as `draw_direction` draws
+    them one by one: one group draw per group touched, one dropout draw per text->image example
+    (what the first-fit planner needs for every example of a split)."""
+    indices = np.asarray(example_indices, np.int64).reshape(-1)
+    groups, places = np.divmod(indices, int(group_documents))
     whole, extra = t2i_split(t2i_prob, group_documents)
-    count = whole + int(rng.random() < extra)
-    t2i = rng.permutation(int(group_documents))[place] < count
-    drop = t2i and bool(np.random.default_rng([int(seed), int(example_index), 1]).random()
-                        < caption_dropout)
-    return ("t2i" if t2i else "i2t"), drop
+    unique, which = np.unique(groups, return_inverse=True)
+    counts = np.zeros(len(unique), np.int64)
+    orders = np.zeros((len(unique), int(group_documents)), np.int64)
+    for k, group in enumerate(unique):
+        rng = np.random.default_rng([int(seed), int(group)])
+        counts[k] = whole + int(rng.random() < extra)
+        orders[k] = rng.permutation(int(group_documents))
+    t2i = orders[which, places] < counts[which]
+    drop = np.zeros(len(indices), bool)
+    if caption_dropout > 0:
+        for j in np.flatnonzero(t2i):
+            drop[j] = np.random.default_rng([int(seed), int(indices[j]), 1]).random() < caption_dropout
+    return t2i, drop
 
 
 class RowPacker(grain.MapDataset):
@@ -216,6 +239,7 @@ class RowPacker(grain.MapDataset):
     """
 
     group_rows = 1  # rows per direction group (PackedDataset stratifies its directions over it)
+    bucket_rows = 1  # rows that share the MoT buckets' bound (ModelConfig.bucket_rows)
 
     def __len__(self) -> int:
         return -(-len(self._parent) // self.docs_per_row)
@@ -223,13 +247,15 @@ class RowPacker(grain.MapDataset):
     def __str__(self) -> str:
         return f"{type(self).__name__}(seq_len={self._seq_len}, docs_per_row={self.docs_per_row})"
 
+    def row_examples(self, index: int) -> Sequence[int]:
+        """The parent examples row `index` (in [0, len)) packs, in order."""
+        first = index * self.docs_per_row
+        return range(first, min(first + self.docs_per_row, len(self._parent)))
+
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self.slice(index)
-        index = int(index) % len(self)
-        first = index * self.docs_per_row
-        last = min(first + self.docs_per_row, len(self._parent))
-        docs = [self.document(i) for i in range(first, last)]
+        docs = [self.document(int(i)) for i in self.row_examples(int(index) % len(self))]
         return pack_documents(docs, self._seq_len, self.code_dim)
 
 
@@ -238,13 +264,22 @@ class PackedDataset(RowPacker):
 
     Parent elements: {"caption_ids": int [max_caption_len] (padded), "caption_len": int,
     "image_indices": int [n]}. Output rows: the PACKED_KEYS arrays of docs/INTERFACES.md.
+
+    `packing` (data.packing): "fixed" packs docs_per_row consecutive examples per row; "first_fit"
+    packs each direction group's rows as full as their lengths allow (mmjax/data/first_fit.py),
+    with `image_slots` image tokens per row in a group's image bucket and up to `lookahead`
+    documents passed over before a group closes. `caption_lengths` [len(parent)] spares
+    first_fit reading every parent example to plan its rows.
     """
 
     def __init__(self, parent: grain.MapDataset, *, seq_len: int, special: SpecialIds,
                  index_to_code: Callable[[np.ndarray], np.ndarray] | np.ndarray, t2i_prob: float,
                  caption_dropout: float, seed: int, t2i_caption_loss: bool = True,
-                 group_rows: int = 1):
+                 group_rows: int = 1, packing: str = "fixed", image_slots: int = 0,
+                 lookahead: int = 16, caption_lengths: np.ndarray | None = None):
         super().__init__(parent)
+        if packing not in PACKINGS:
+            raise ValueError(f"packing={packing!r} must be one of {PACKINGS}")
         if int(group_rows) < 1:
             raise ValueError(f"group_rows={group_rows} must be >= 1")
         if not 0.0 <= t2i_prob <= 1.0 or not 0.0 <= caption_dropout <= 1.0:
@@ -275,6 +310,39 @@ class PackedDataset(RowPacker):
         self._seq_len, self._special, self._index_to_code = seq_len, special, index_to_code
         self._t2i_prob, self._caption_dropout, self._seed = t2i_prob, caption_dropout, seed
         self._t2i_caption_loss = bool(t2i_caption_loss)
+        self.packing, self.bucket_rows, self._plan = packing, 1, None
+        if packing == "first_fit":
+            self._plan_first_fit(image_slots, lookahead, caption_lengths)
+
+    def _plan_first_fit(self, image_slots: int, lookahead: int,
+                        caption_lengths: np.ndarray | None) -> None:
+        """Plans the rows (first_fit.plan_rows) and sets the bounds they obey."""
+        seq_len, n_img = self._seq_len, self._num_image
+        image_slots = int(image_slots) or first_fit.default_image_slots(seq_len, self._max_caption, n_img)
+        first_fit.check_image_slots(seq_len, self._max_caption, n_img, image_slots)
+        if caption_lengths is None:
+            caption_lengths = [int(self._parent[i]["caption_len"]) for i in range(len(self._parent))]
+        caption_lengths = np.asarray(caption_lengths, np.int64)
+        if caption_lengths.shape != (len(self._parent),):
+            raise ValueError(f"caption_lengths {caption_lengths.shape} must be [{len(self._parent)}]")
+        t2i, dropped = draw_directions(self._seed, np.arange(len(self._parent)), self._t2i_prob,
+                                       self._caption_dropout, self.group_documents)
+        lengths = np.where(dropped, 1, caption_lengths) + n_img + SPECIAL_TOKENS
+        cap = first_fit.t2i_per_group(self._t2i_prob, self.group_rows, image_slots, n_img)
+        self._plan = first_fit.plan_rows(lengths, t2i, seq_len=seq_len, group_rows=self.group_rows,
+                                         num_image_tokens=n_img, image_slots=image_slots,
+                                         t2i_cap=cap, lookahead=int(lookahead))
+        self.target_capacity = (cap * n_img, first_fit.row_text_targets(seq_len, self._max_caption, n_img))
+        self.image_capacity, self.bucket_rows = image_slots, self.group_rows
+
+    def __len__(self) -> int:
+        return super().__len__() if self._plan is None else len(self._plan[0]) - 1
+
+    def row_examples(self, index: int) -> Sequence[int]:
+        if self._plan is None:
+            return super().row_examples(index)
+        starts, examples = self._plan
+        return examples[starts[index]:starts[index + 1]]
 
     def document(self, example_index: int) -> dict[str, np.ndarray]:
         """The document built from parent example `example_index`."""

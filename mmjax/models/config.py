@@ -61,6 +61,10 @@ class ModelConfig:
     # config_validation.model_config); 0 = unknown. With two modalities it sizes the static
     # buckets of mot_impl "buckets" (and "auto" on CPU) for full-length rows (mot.make_bucket_routing).
     image_capacity: int = 0
+    # Consecutive rows whose image tokens together obey image_capacity x bucket_rows (and text
+    # the rest): 1 for the fixed packer's per-row bound, objective.direction_group_rows for
+    # data.packing="first_fit", whose groups share their buckets (mot.bucket_blocks).
+    bucket_rows: int = 1
 
     @property
     def image_head(self) -> str:

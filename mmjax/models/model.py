@@ -223,14 +223,14 @@ class MultimodalLM(nn.Module):
         tile = self.cfg.mot_tile
         impl = self.mot_impl_for(b, t, cached=kv_layers is not None)
         if impl == "buckets":
+            blocks = mot.bucket_blocks(b, self.cfg.bucket_rows, mot.routing_shards(b, impl))
             routing = mot.make_bucket_routing(modality, batch["segment_ids"] > 0,
-                                              self.cfg.image_capacity,
-                                              mot.routing_shards(b, impl))
+                                              self.cfg.image_capacity, blocks)
             if _is_concrete(routing.overflow) and bool(np.asarray(routing.overflow).any()):
                 raise ValueError(f"rows hold more image tokens than image_capacity="
-                                 f"{self.cfg.image_capacity} per row allows (or more text than "
-                                 f"the rest of their {t} positions); rows must come from the "
-                                 "config's packer")
+                                 f"{self.cfg.image_capacity} per row allows over each "
+                                 f"{self.cfg.bucket_rows} row(s) (or more text than the rest of "
+                                 f"their {t} positions); rows must come from the config's packer")
         else:
             routing = mot.make_routing(modality, self.num_modalities, mot.routing_shards(b, impl),
                                        tile if impl == "tiled" else None)
@@ -254,10 +254,10 @@ class MultimodalLM(nn.Module):
     def mot_impl_for(self, batch: int, length: int, cached: bool = False) -> str:
         """The grouped-compute path (mot.resolve_impl) a call of [batch, length] runs: the static
         buckets only for packed rows they are sized for (two modalities, a known image capacity,
-        full-length rows, no KV cache: decode chunks are not packed rows)."""
+        full-length rows in whole bucket groups, no KV cache: decode chunks are not packed rows)."""
         c = self.cfg
         fit = (c.num_modalities == 2 and c.image_capacity > 0 and not cached
-               and length == c.max_seq_len)
+               and length == c.max_seq_len and batch % c.bucket_rows == 0)
         return mot.resolve_impl(c.mot_impl, batch * length, c.mot_tile, fit)
 
     # ---- forward -----------------------------------------------------------------------------

@@ -86,6 +86,17 @@ def routing_shards(batch_size: int, impl: str) -> int:
     return math.gcd(int(shape.get("data", 1)) * int(shape.get("fsdp", 1)), int(batch_size))
 
 
+def bucket_blocks(batch_size: int, bucket_rows: int, shards: int) -> int:
+    """Row blocks the static buckets sort within: the `shards` data shards when each holds whole
+    bucket groups (every `bucket_rows` consecutive rows obey the bound only together), else one
+    block per group, which stays exact when a group straddles two devices (its gathers then
+    cross them)."""
+    if batch_size % bucket_rows:
+        raise ValueError(f"a batch of {batch_size} rows does not split into bucket groups of "
+                         f"{bucket_rows} rows (objective.direction_group_rows must divide every batch)")
+    return shards if (batch_size // shards) % bucket_rows == 0 else batch_size // bucket_rows
+
+
 def make_routing(modality: jax.Array, num_modalities: int, shards: int = 1,
                  tile: int | None = None) -> Routing:
     """Stable sort of each batch shard's tokens by modality id (padded to whole tiles if `tile`).
@@ -117,7 +128,8 @@ def make_bucket_routing(modality: jax.Array, real: jax.Array, image_capacity: in
     first B_s (T - C) sorted rows take the text weights and the last B_s C the image weights,
     with two contiguous slices.
 
-    Why: the packer bounds the image tokens of a row (`image_capacity`, from its layout), and
+    Why: the packer bounds the image tokens of a row (`image_capacity`, from its layout; the
+    first-fit packer bounds them over a group of rows, which `bucket_blocks` keeps in one shard), and
     padding (`real` False: segment 0) belongs to no modality, so it can fill whichever bucket has
     room: real text lands in [0, n_text) and real images in [n - n_image, n), inside their
     buckets whenever the shard holds n_text <= B_s (T - C) and n_image <= B_s C, which every row

@@ -99,6 +99,14 @@ def packed_dataset(config, workdir, tokenizer, split: str, *, train: bool) -> gr
         order = order.shuffle(seed=int(config.data.seed))
     parent = order.map(lambda i: examples[i % n])
     obj = config.objective
+    packing_kw = {}
+    if config_validation.first_fit_packing(config):  # plans from the scan's lengths, not records
+        found = _scan(config, workdir, tokenizer, split, int(config.data.max_caption_len),
+                      long_caption_policy(config))
+        lengths = np.array([len(ids) for ids in found.fitted], np.int64)
+        packing_kw = dict(packing="first_fit", image_slots=config_validation.row_image_slots(config),
+                          lookahead=int(config.data.pack_lookahead),
+                          caption_lengths=lengths[np.array([order[i] for i in range(len(order))]) % n])
     return packing.PackedDataset(
         parent, seq_len=int(config.model.max_seq_len), special=packing.special_ids(tokenizer),
         # The lookup, not the table: an FSQ grid of 2^24+ codes (4x4-token images want wide codes)
@@ -107,7 +115,7 @@ def packed_dataset(config, workdir, tokenizer, split: str, *, train: bool) -> gr
         t2i_prob=float(obj.t2i_prob), caption_dropout=float(obj.caption_dropout) if train else 0.0,
         seed=int(config.data.seed) + (0 if train else 1),
         t2i_caption_loss=bool(obj.t2i_caption_loss),
-        group_rows=config_validation.direction_group_rows(config))
+        group_rows=config_validation.direction_group_rows(config), **packing_kw)
 
 
 class MultimodalTask:
@@ -170,10 +178,13 @@ class MultimodalTask:
                 f"packed {split} rows hold up to {image} image targets per {ds.group_rows} rows "
                 f"and {text} text targets per row, more than the heads' capacity "
                 f"{self.capacity} from the config ({targets_lib.CAPACITY_FIELDS})")
-        if self.model.cfg.image_capacity and ds.image_capacity > self.model.cfg.image_capacity:
+        if self.model.cfg.image_capacity and (
+                ds.image_capacity > self.model.cfg.image_capacity
+                or ds.bucket_rows != self.model.cfg.bucket_rows):
             raise config_validation.ConfigError(
-                f"packed {split} rows hold up to {ds.image_capacity} image tokens, more than the "
-                f"MoT buckets' {self.model.cfg.image_capacity} from the config "
+                f"packed {split} rows hold up to {ds.image_capacity} image tokens per row over "
+                f"{ds.bucket_rows} row(s), more than the MoT buckets' "
+                f"{self.model.cfg.image_capacity} over {self.model.cfg.bucket_rows} from the config "
                 f"({targets_lib.CAPACITY_FIELDS})")
         return ds
 
