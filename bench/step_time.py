@@ -2,6 +2,7 @@
 
   python -m bench.step_time --sizes=smoke,demo,small                 # CPU
   python -m bench.step_time --sizes=demo --rows_from=/tmp/mmjax_demo  # the demo's own rows
+  python -m bench.step_time --sizes=demo --rows_from=/tmp/mmjax_demo --packings=fixed,first_fit
   python -m bench.step_time --sizes=base,300m,1b --batch_size=32     # accelerator (bf16, remat)
 
 Synthetic packed batches (bench/train_harness.py), or with --rows_from=WORKDIR the packed train
@@ -26,7 +27,8 @@ FLOPs per step, three figures:
 --heads=targets,rows,all runs each size with the heads at their target capacity (today's
 objective: image slots per direction group), at one image per document of every row (before
 direction groups) and at all positions, masked (`capacity=None`), timed in alternation in one
-run, so the before/after ratios do not depend on load drifting.
+run, so the before/after ratios do not depend on load drifting; --packings=fixed,first_fit does
+the same for two data.packing layouts of one workdir's data.
 Writes bench/results/step_time.json (with the git commit).
 """
 from __future__ import annotations
@@ -58,6 +60,8 @@ flags.DEFINE_list("heads", ["targets"], "Head variants per size, timed in altern
                   "(heads at the packer's target capacity, image targets per direction group), "
                   "rows (one image per document of every row: the capacity before direction "
                   "groups) and/or all (every position, masked).")
+flags.DEFINE_list("packings", [], "data.packing values to time side by side on rows of the same "
+                  "data; empty: the config's.")
 flags.DEFINE_string("rows_from", "", "A finished workdir of the sizes' config (e.g. the README "
                     "demo's): time its own packed train rows instead of synthetic ones, so "
                     "padding is the data's (train_harness.workdir_rows).")
@@ -106,37 +110,49 @@ def flops_at_slots(model_cfg, batch_size: int, seq: int, capacity) -> float:
     return 3.0 * forward
 
 
-def run_size(size: str, mesh) -> list[dict]:
-    config = size_config(size)
-    bs, seq = int(config.train.batch_size), int(config.model.max_seq_len)
+def size_batches(config) -> tuple[list[dict], int]:
+    """Two batches of the config's packed rows (the workdir's own with --rows_from, else
+    synthetic) and the text vocabulary size."""
+    bs = int(config.train.batch_size)
     if FLAGS.rows_from:
         pairs = [workdir_rows(config, FLAGS.rows_from, bs, block=b) for b in range(2)]
-        batches, vocab = [b for b, _ in pairs], pairs[0][1]
-    else:
-        vocab = int(config.data.sp_vocab_size)
-        batches = [synthetic_rows(config, bs, vocab, seed=s) for s in range(2)]
-    stats = token_stats(batches[0])
-    tstats = target_stats(batches[0])
-    variants = [h for h in HEADS if h in FLAGS.heads]
-    runners = {h: TimedTrainStep(config, vocab, batches, mesh, FLAGS.warmup, heads=h)
-               for h in variants}
-    times = {h: [] for h in variants}
+        return [b for b, _ in pairs], pairs[0][1]
+    vocab = int(config.data.sp_vocab_size)
+    return [synthetic_rows(config, bs, vocab, seed=s) for s in range(2)], vocab
+
+
+def run_size(size: str, mesh) -> list[dict]:
+    base = size_config(size)
+    bs, seq = int(base.train.batch_size), int(base.model.max_seq_len)
+    packings = FLAGS.packings or [str(base.data.packing)]
+    configs, data, runners = {}, {}, {}
+    for p in packings:  # every packing's rows from the same data, timed side by side
+        configs[p] = base.copy_and_resolve_references()
+        configs[p].data.packing = p
+        data[p] = size_batches(configs[p])
+    variants = [(p, h) for p in packings for h in HEADS if h in FLAGS.heads]
+    for p, h in variants:
+        batches, vocab = data[p]
+        runners[p, h] = TimedTrainStep(configs[p], vocab, batches, mesh, FLAGS.warmup, heads=h)
+    times = {v: [] for v in variants}
     for _ in range(FLAGS.steps):  # round-robin: the variants see the same load
-        for h in variants:
-            times[h].append(runners[h].time_one())
-    model_cfg = config_validation.model_config(config, vocab)
-    counts = flops.param_counts(model_cfg)
-    per_token = flops.flops_per_token(model_cfg, seq, tstats["image_target_fraction"],
-                                      text_fraction=tstats["text_target_fraction"])
-    counted = per_token["train"] * tstats["real_tokens"]
+        for v in variants:
+            times[v].append(runners[v].time_one())
     peak = peak_flops()
     rows = []
-    for h in variants:
-        r, timing = runners[h], summarize(times[h])
+    for p, h in variants:
+        config, (batches, vocab) = configs[p], data[p]
+        stats, tstats = token_stats(batches[0]), target_stats(batches[0])
+        model_cfg = config_validation.model_config(config, vocab)
+        counts = flops.param_counts(model_cfg)
+        per_token = flops.flops_per_token(model_cfg, seq, tstats["image_target_fraction"],
+                                          text_fraction=tstats["text_target_fraction"])
+        counted = per_token["train"] * tstats["real_tokens"]
+        r, timing = runners[p, h], summarize(times[p, h])
         real_per_s = tstats["real_tokens"] / timing["step_s"]
         at_slots = flops_at_slots(model_cfg, bs, seq, r.capacity)
         rows.append({
-            "size": size, "options": FLAGS.options, "heads": h,
+            "size": size, "options": FLAGS.options, "heads": h, "packing": p,
             "rows": f"packed train rows of {FLAGS.rows_from}" if FLAGS.rows_from else "synthetic",
             "capacity": None if r.capacity is None else dataclasses.asdict(r.capacity),
             "batch_size": bs, "seq_len": seq,
@@ -160,8 +176,9 @@ def run_size(size: str, mesh) -> list[dict]:
                                                        mesh.size),
             "final_loss": r.loss,
         })
-    for r in rows[1:]:  # the older placements against the first variant, from one run
-        rows[0][f"step_s_{r['heads']}_over_{rows[0]['heads']}"] = r["step_s"] / rows[0]["step_s"]
+    label = (lambda r: r["heads"]) if len(packings) == 1 else (lambda r: f"{r['packing']}_{r['heads']}")
+    for r in rows[1:]:  # the other variants against the first, from one run
+        rows[0][f"step_s_{label(r)}_over_{label(rows[0])}"] = r["step_s"] / rows[0]["step_s"]
     return rows
 
 
@@ -175,7 +192,7 @@ def main(_):
         for r in run_size(size, mesh):
             rows.append(r)
             mfu = "" if r["mfu"] is None else f", MFU {100 * r['mfu']:.1f}%"
-            print(f"{size} heads={r['heads']}: {r['step_s'] * 1e3:.1f} ms/step, "
+            print(f"{size} {r['packing']} heads={r['heads']}: {r['step_s'] * 1e3:.1f} ms/step, "
                   f"{r['real_tokens_per_s']:.0f} real tok/s{mfu}, FLOPs executed/counted "
                   f"{r['executed_over_counted']:.3f}", flush=True)
         write_results("step_time", {"mesh": dict(mesh.shape), "peak_flops": peak_flops(),

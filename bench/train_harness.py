@@ -4,14 +4,17 @@ Why synthetic: step time depends on shapes and on the modality layout, not on wh
 say, so the benchmarks skip the tokenizer and data preparation. The rows still come from the
 real packer (`mmjax.data.packing`) with the layout the task would produce: documents of
 `data.max_caption_len` caption tokens (a random length between half and all of them) and
-`(data.image_size / downsample)^2` FSQ image tokens, as many per row as fit, directions drawn
-as the packer draws them (`objective.t2i_prob`, stratified over `objective.direction_group_rows`). The train step is the trainer's own (`train.build_setup`).
+`(data.image_size / downsample)^2` FSQ image tokens, as many per row as the config's
+`data.packing` puts there, directions drawn as the packer draws them (`objective.t2i_prob`,
+stratified over `objective.direction_group_rows`). The train step is the trainer's own
+(`train.build_setup`).
 """
 from __future__ import annotations
 
 import statistics
 import time
 
+import grain
 import jax
 import numpy as np
 
@@ -47,14 +50,55 @@ def synthetic_rows(config, num_rows: int, vocab_size: int, *, seed: int = 0,
         raise ValueError(f"a document ({doc_len} tokens) does not fit model.max_seq_len={seq_len}")
     fsq = FSQ(tuple(config.fsq.levels))
     rng = np.random.default_rng(seed)
+    batch = (_first_fit_rows(config, num_rows, vocab_size, fsq, rng, seed)
+             if config_validation.first_fit_packing(config)
+             else _fixed_rows(config, num_rows, vocab_size, fsq, rng, seed))
+    if third_modality_fraction > 0:
+        image = np.argwhere(batch["modality"] == 1)
+        pick = rng.random(len(image)) < third_modality_fraction
+        batch["modality"][tuple(image[pick].T)] = 2
+    return batch
+
+
+def _caption(rng, vocab_size: int, max_caption: int) -> np.ndarray:
+    """Random caption ids, between half and all of max_caption_len tokens long."""
+    return rng.integers(5, vocab_size, size=int(rng.integers(max_caption // 2, max_caption + 1)))
+
+
+def _first_fit_rows(config, num_rows: int, vocab_size: int, fsq, rng, seed: int) -> dict:
+    """Rows of data.packing="first_fit": random examples through the real first-fit packer
+    (as many as fill num_rows rows at the fewest documents per row)."""
+    seq_len, max_caption = int(config.model.max_seq_len), int(config.data.max_caption_len)
+    n_img = image_tokens_per_image(config)
+    examples = []
+    for _ in range(num_rows * (seq_len // packing.document_length(1, n_img))):
+        caption = np.zeros(max_caption, np.int32)
+        ids = _caption(rng, vocab_size, max_caption)
+        caption[:len(ids)] = ids
+        examples.append({"caption_ids": caption, "caption_len": np.int32(len(ids)),
+                         "image_indices": rng.integers(0, fsq.codebook_size, n_img)})
+    ds = packing.PackedDataset(
+        grain.MapDataset.source(examples), seq_len=seq_len, special=SPECIAL,
+        index_to_code=fsq.indices_to_codes, t2i_prob=float(config.objective.t2i_prob),
+        caption_dropout=0.0, seed=seed, group_rows=config_validation.direction_group_rows(config),
+        packing="first_fit", image_slots=config_validation.row_image_slots(config),
+        lookahead=int(config.data.pack_lookahead))
+    rows = [ds[r] for r in range(num_rows)]
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def _fixed_rows(config, num_rows: int, vocab_size: int, fsq, rng, seed: int) -> dict:
+    """Rows of data.packing="fixed": seq_len // (longest document) random documents each."""
+    seq_len, max_caption = int(config.model.max_seq_len), int(config.data.max_caption_len)
+    n_img = image_tokens_per_image(config)
+    doc_len = packing.document_length(max_caption, n_img)
     per_row = seq_len // doc_len
     group_documents = config_validation.direction_group_rows(config) * per_row
     rows = []
     for r in range(num_rows):
         docs = []
         for j in range(per_row):
-            caption = rng.integers(5, vocab_size, size=int(rng.integers(max_caption // 2,
-                                                                        max_caption + 1)))
+            caption = _caption(rng, vocab_size, max_caption)
             indices = rng.integers(0, fsq.codebook_size, size=n_img)
             direction, _ = packing.draw_direction(seed, r * per_row + j,
                                                   float(config.objective.t2i_prob), 0.0,
@@ -62,12 +106,7 @@ def synthetic_rows(config, num_rows: int, vocab_size: int, *, seed: int = 0,
             docs.append(packing.build_document(caption, indices, fsq.indices_to_codes(indices),
                                                direction, SPECIAL))
         rows.append(packing.pack_documents(docs, seq_len, fsq.dim))
-    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-    if third_modality_fraction > 0:
-        image = np.argwhere(batch["modality"] == 1)
-        pick = rng.random(len(image)) < third_modality_fraction
-        batch["modality"][tuple(image[pick].T)] = 2
-    return batch
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 def workdir_rows(config, workdir: str, num_rows: int, *, block: int = 0) -> tuple[dict, int]:
@@ -147,6 +186,9 @@ class TimedTrainStep:
         if heads == "all":
             task.capacity = None
         elif heads == "rows":
+            if config_validation.first_fit_packing(config):
+                raise ValueError("heads='rows' is the fixed packer's one-row bound; "
+                                 "data.packing=first_fit rows have no fixed documents per row")
             row = config.copy_and_resolve_references()
             row.objective.t2i_prob, row.objective.direction_group_rows = 1.0, 1
             task.capacity = config_validation.target_capacity(row)

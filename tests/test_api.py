@@ -211,10 +211,15 @@ def test_step_time_bench_times_the_runs_own_rows(workdir, run, tmp_path):
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     res = subprocess.run([sys.executable, "-m", "bench.step_time", "--sizes=smoke",
                           f"--rows_from={workdir}", "--batch_size=4", "--steps=1", "--warmup=1",
-                          f"--out={out}"], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=600)
+                          "--packings=fixed,first_fit", f"--out={out}"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    (row,) = json.loads(out.read_text())["runs"]
+    row, first_fit = json.loads(out.read_text())["runs"]
     first, _ = workdir_rows(run.config, workdir, 4, block=0)
-    assert row["rows"] == f"packed train rows of {workdir}"
+    assert row["rows"] == f"packed train rows of {workdir}" and row["packing"] == "fixed"
     assert row["real_fraction"] == pytest.approx(float(np.mean(first["segment_ids"] > 0)))
+    assert first_fit["packing"] == "first_fit" and "step_s_first_fit_targets_over_fixed_targets" in row
+    config = run.config.copy_and_resolve_references()
+    config.data.packing = "first_fit"
+    planned, _ = workdir_rows(config, workdir, 4, block=0)
+    assert first_fit["real_fraction"] == pytest.approx(float(np.mean(planned["segment_ids"] > 0)))
