@@ -92,9 +92,12 @@ def test_direction_groups_from_config():
     assert config_validation.target_capacity(config) == targets.TargetCapacity(192, 31, 4)
     config.objective.t2i_prob = 0.8  # 3.2 of 4 documents: room for 4
     assert config_validation.target_capacity(config) == targets.TargetCapacity(256, 31, 4)
-    # grid4 (the demo's): 16-token images, 48-token documents, 2 per row: a group of 4 rows holds
-    # 8 documents, 5.6 of them text->image, so room for 6 images of 16 targets
+    # grid4: 16-token images, 48-token documents, 2 per row under the fixed packer: a group of 4
+    # rows holds 8 documents, 5.6 of them text->image, so room for 6 images of 16 targets; the
+    # demo's first-fit groups admit 4 x 45 // 16 = 11 documents, so room for ceil(7.7) = 8
     grid4 = mot_shapes.get_config("demo")
+    assert config_validation.target_capacity(grid4) == targets.TargetCapacity(128, 62, 4)
+    grid4.data.packing = "fixed"
     assert config_validation.target_capacity(grid4) == targets.TargetCapacity(96, 62, 4)
     config.train.batch_size = 18
     with pytest.raises(config_validation.ConfigError,
