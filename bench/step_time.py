@@ -198,13 +198,13 @@ def main(_):
         write_results("step_time", {"mesh": dict(mesh.shape), "peak_flops": peak_flops(),
                                     "steps": FLAGS.steps, "command": " ".join(sys.argv),
                                     "runs": rows}, FLAGS.out, quiet=True)
-    header = (f"{'size':<6} {'heads':<7} {'params':>10} {'GFLOP/tok':>9} {'batch':>5} "
+    header = (f"{'size':<6} {'packing':<9} {'heads':<7} {'params':>10} {'GFLOP/tok':>9} {'batch':>5} "
               f"{'ms/step':>9} {'real tok/s':>10} {'exec/cnt':>8} {'exec/slots':>10} "
               f"{'slots/cnt':>9} {'MFU':>6}")
     print(header)
     for r in rows:
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        print(f"{r['size']:<6} {r['heads']:<7} {r['params_total']:>10,} "
+        print(f"{r['size']:<6} {r['packing']:<9} {r['heads']:<7} {r['params_total']:>10,} "
               f"{r['train_flops_per_token'] / 1e9:>9.3f} {r['batch_size']:>5} "
               f"{r['step_s'] * 1e3:>9.1f} {r['real_tokens_per_s']:>10.0f} "
               f"{r['executed_over_counted']:>8.3f} {r['executed_over_at_slots']:>10.3f} "
