@@ -64,7 +64,10 @@ def data_config() -> ml_collections.ConfigDict:
     # "fixed": every row holds model.max_seq_len // (longest possible document) documents, so
     # shorter captions leave padding | "first_fit": each group of objective.direction_group_rows
     # rows is filled first-fit with as many documents as their lengths allow (mmjax/data/
-    # first_fit.py; the demo's rows go from 74% to 86% real tokens). Edit documents use "fixed".
+    # first_fit.py; the demo's rows go from 74% to 86% real tokens). It pays where captions are
+    # often much shorter than max_caption_len; where a row cannot take one more document anyway
+    # it packs as "fixed" does, with larger head capacities (captions of 14-28 of 28 tokens:
+    # 84.0% real against 85.2%). Edit documents use "fixed".
     c.packing = "fixed"
     # first_fit: image tokens per row, summed over a direction group (the MoT image bucket; the
     # rest of the row is the text bucket). 0 = the image share of a document with a caption of
