@@ -103,6 +103,12 @@ def test_first_fit_rows_hold_each_example_once_as_its_document():
             np.testing.assert_array_equal(row["tokens"][row["segment_ids"] == seg], want["tokens"])
             seen.append(int(example))
     assert sorted(seen) == list(range(40))
+    slots = np.concatenate([packed[r]["segment_ids"] for r in range(len(packed))])
+    fixed_slots = np.concatenate([fixed[r]["segment_ids"] for r in range(len(fixed))])
+    assert packed.fill == pytest.approx({"real_fraction": np.mean(slots > 0),
+                                         "fixed_real_fraction": np.mean(fixed_slots > 0),
+                                         "documents_per_row": 40 / len(packed)})
+    assert fixed.fill is None
     # A pure function of the index: a second dataset (caption lengths given, not read) agrees.
     lengths = np.array([int(examples[i]["caption_len"]) for i in range(40)])
     again = _first_fit(examples, caption_lengths=lengths)

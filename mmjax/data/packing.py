@@ -240,6 +240,7 @@ class RowPacker(grain.MapDataset):
 
     group_rows = 1  # rows per direction group (PackedDataset stratifies its directions over it)
     bucket_rows = 1  # rows that share the MoT buckets' bound (ModelConfig.bucket_rows)
+    fill: dict | None = None  # first_fit: real-token shares, here and under the fixed packer
 
     def __len__(self) -> int:
         return -(-len(self._parent) // self.docs_per_row)
@@ -334,6 +335,12 @@ class PackedDataset(RowPacker):
                                          t2i_cap=cap, lookahead=int(lookahead))
         self.target_capacity = (cap * n_img, first_fit.row_text_targets(seq_len, self._max_caption, n_img))
         self.image_capacity, self.bucket_rows = image_slots, self.group_rows
+        # What to watch when choosing data.packing and data.row_image_slots (the task logs it):
+        # the share of slots that hold tokens here and under the fixed packer.
+        fixed_rows = -(-len(lengths) // self.docs_per_row)
+        self.fill = {"real_fraction": float(lengths.sum()) / (len(self) * seq_len),
+                     "fixed_real_fraction": float(lengths.sum()) / (fixed_rows * seq_len),
+                     "documents_per_row": len(lengths) / len(self)}
 
     def __len__(self) -> int:
         return super().__len__() if self._plan is None else len(self._plan[0]) - 1

@@ -171,6 +171,11 @@ class MultimodalTask:
             raise RuntimeError("this MultimodalTask was built without data=(workdir, tokenizer)")
         workdir, tokenizer = self._data
         ds = packed_dataset(self.config, workdir, tokenizer, split, train=train)
+        if ds.fill:
+            logging.info("%s rows (data.packing=first_fit, %d image slots per row): %.1f%% real "
+                         "tokens, %.2f documents per row; the fixed packer would hold %.1f%%",
+                         split, ds.image_capacity, 100 * ds.fill["real_fraction"],
+                         ds.fill["documents_per_row"], 100 * ds.fill["fixed_real_fraction"])
         image, text = ds.target_capacity
         if image > self.capacity.image or text > self.capacity.text \
                 or ds.group_rows != self.capacity.group:  # a layout the config misreads
