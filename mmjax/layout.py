@@ -56,6 +56,12 @@ def document_length(caption_len: int, num_image_tokens: int) -> int:
     return caption_len + num_image_tokens + SPECIAL_TOKENS
 
 
+def longest_document(max_caption_len: int, num_image_tokens: int) -> int:
+    """Tokens of the longest possible document: what the packers size rows by (a dropped
+    caption is one <uncond> token, so even a dataset without captions needs one)."""
+    return document_length(max(int(max_caption_len), 1), int(num_image_tokens))
+
+
 def t2i_parts(caption: Sequence[int], image: Sequence[int], s: SpecialIds) -> list:
     """`<bos> caption <boi> img <eoi> <eos>` as (tokens, modality) runs (caption may be empty)."""
     return [([s.bos], TEXT), (caption, TEXT), ([s.boi], TEXT), (image, IMAGE),

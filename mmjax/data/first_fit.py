@@ -29,7 +29,7 @@ import math
 
 import numpy as np
 
-from mmjax.layout import SPECIAL_TOKENS, document_length
+from mmjax.layout import SPECIAL_TOKENS, document_length, longest_document
 
 
 def default_image_slots(seq_len: int, max_caption_len: int, num_image_tokens: int) -> int:
@@ -37,7 +37,7 @@ def default_image_slots(seq_len: int, max_caption_len: int, num_image_tokens: in
     document that is image when its caption is half of max_caption_len, the middle of the
     range the lengths can take, kept inside check_image_slots' range."""
     typical = document_length(max(int(max_caption_len), 1) / 2, int(num_image_tokens))
-    longest = document_length(max(int(max_caption_len), 1), int(num_image_tokens))
+    longest = longest_document(max_caption_len, num_image_tokens)
     share = round(int(seq_len) * int(num_image_tokens) / typical)
     return min(max(int(num_image_tokens), share), int(seq_len) - (longest - int(num_image_tokens)))
 
@@ -45,7 +45,7 @@ def default_image_slots(seq_len: int, max_caption_len: int, num_image_tokens: in
 def check_image_slots(seq_len: int, max_caption_len: int, num_image_tokens: int,
                       image_slots: int) -> None:
     """ValueError unless one longest document fits a row and its buckets."""
-    longest = document_length(max(int(max_caption_len), 1), int(num_image_tokens))
+    longest = longest_document(max_caption_len, num_image_tokens)
     if longest > seq_len:
         raise ValueError(f"one document ({max_caption_len} caption + {num_image_tokens} image + "
                          f"{SPECIAL_TOKENS} special tokens = {longest}) is longer than "
@@ -68,7 +68,7 @@ def t2i_per_group(t2i_prob: float, group_rows: int, image_slots: int,
 def row_text_targets(seq_len: int, max_caption_len: int, num_image_tokens: int) -> int:
     """Most text targets one row holds: k documents hold at most k x (longest - image - 1) (each
     document's tokens but its image and first token) and at most seq_len - k x (image + 1)."""
-    longest = document_length(max(int(max_caption_len), 1), int(num_image_tokens))
+    longest = longest_document(max_caption_len, num_image_tokens)
     shortest = document_length(1, int(num_image_tokens))
     per_doc, rest = longest - num_image_tokens - 1, num_image_tokens + 1
     return max(min(k * per_doc, seq_len - k * rest) for k in range(1, seq_len // shortest + 1))

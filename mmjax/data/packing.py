@@ -148,7 +148,7 @@ def row_target_capacity(seq_len: int, max_caption_len: int, num_image_tokens: in
     (seq_len // (num_image_tokens + 4) documents) would hold for any packer but is looser when
     captions are long; this one is exact for the packer we have, which uses this same function.
     """
-    longest = document_length(max(int(max_caption_len), 1), int(num_image_tokens))
+    longest = layout.longest_document(max_caption_len, num_image_tokens)
     if longest > seq_len:
         raise ValueError(f"one document ({max_caption_len} caption + {num_image_tokens} image + "
                          f"{SPECIAL_TOKENS} special tokens = {longest}) is longer than seq_len={seq_len}")
@@ -291,7 +291,7 @@ class PackedDataset(RowPacker):
         self._max_caption = int(np.asarray(first["caption_ids"]).shape[-1])
         self._num_image = int(np.asarray(first["image_indices"]).reshape(-1).shape[0])
         # A dropped caption is one <uncond> token, so even an empty-caption dataset fits it.
-        self.max_doc_len = document_length(max(self._max_caption, 1), self._num_image)
+        self.max_doc_len = layout.longest_document(self._max_caption, self._num_image)
         if self.max_doc_len > seq_len:
             raise ValueError(
                 f"one document ({self._max_caption} caption + {self._num_image} image + {SPECIAL_TOKENS} special "
