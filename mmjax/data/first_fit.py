@@ -32,14 +32,20 @@ import numpy as np
 from mmjax.layout import SPECIAL_TOKENS, document_length, longest_document
 
 
+def image_slot_range(seq_len: int, max_caption_len: int, num_image_tokens: int) -> tuple[int, int]:
+    """(fewest, most) image slots per row that leave room for one longest document: its image
+    in the image bucket and its text (caption and special tokens) in the rest of the row."""
+    longest = longest_document(max_caption_len, num_image_tokens)
+    return int(num_image_tokens), int(seq_len) - (longest - int(num_image_tokens))
+
+
 def default_image_slots(seq_len: int, max_caption_len: int, num_image_tokens: int) -> int:
     """Image tokens per row (the image bucket) when data.row_image_slots is 0: the share of a
     document that is image when its caption is half of max_caption_len, the middle of the
-    range the lengths can take, kept inside check_image_slots' range."""
+    range the lengths can take, kept inside image_slot_range."""
     typical = document_length(max(int(max_caption_len), 1) / 2, int(num_image_tokens))
-    longest = longest_document(max_caption_len, num_image_tokens)
-    share = round(int(seq_len) * int(num_image_tokens) / typical)
-    return min(max(int(num_image_tokens), share), int(seq_len) - (longest - int(num_image_tokens)))
+    fewest, most = image_slot_range(seq_len, max_caption_len, num_image_tokens)
+    return min(max(fewest, round(int(seq_len) * int(num_image_tokens) / typical)), most)
 
 
 def check_image_slots(seq_len: int, max_caption_len: int, num_image_tokens: int,
@@ -50,10 +56,10 @@ def check_image_slots(seq_len: int, max_caption_len: int, num_image_tokens: int,
         raise ValueError(f"one document ({max_caption_len} caption + {num_image_tokens} image + "
                          f"{SPECIAL_TOKENS} special tokens = {longest}) is longer than "
                          f"seq_len={seq_len}")
-    if not num_image_tokens <= image_slots <= seq_len - (longest - num_image_tokens):
+    fewest, most = image_slot_range(seq_len, max_caption_len, num_image_tokens)
+    if not fewest <= image_slots <= most:
         raise ValueError(f"row_image_slots={image_slots} must leave room for one longest document: "
-                         f"between {num_image_tokens} image and {seq_len} - "
-                         f"{longest - num_image_tokens} text tokens")
+                         f"between {fewest} image and {seq_len} - {seq_len - most} text tokens")
 
 
 def t2i_per_group(t2i_prob: float, group_rows: int, image_slots: int,
